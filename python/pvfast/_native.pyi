@@ -1,0 +1,202 @@
+"""Type stub of pvfast._native: the emulated Ultravisor (Rust, PyO3).
+
+This file is the contract between the Rust core (rust/pvfast-core, glue in rust/pvfast-py)
+and the Python KVM layer (python/pvfast). Users never import _native directly.
+
+Conventions
+-----------
+* Every UVC method returns a tuple starting with ``(cc, rc, rrc)``: cc 0 = success (rc 0x0001),
+  cc 1 = error with the UV's rc/rrc. UV errors are *never* Python exceptions.
+* Every UVC execution, successful or failed or injected, adds one to ``stats()[name]``.
+* ``inject_failure`` makes the next N executions of one UVC return (1, rc, rrc) and change nothing.
+* Addresses: ``gaddr`` is a guest absolute address inside the configuration's guest storage
+  (the Region it was created with); ``paddr`` is a host absolute address (``region.base + offset``).
+* Python misuse (negative numbers, ints that do not fit u64, wrong types) raises ``TypeError`` /
+  ``ValueError`` / ``OverflowError`` naming the argument; out-of-range or unaligned addresses given
+  to a UVC are UV errors (rc), not exceptions.
+* Methods marked "GIL released" run their heavy part inside ``py.detach``.
+"""
+
+from typing import Final
+
+build_profile: Final[str]  # "release" or "debug"
+PAGE_SIZE: Final[int]  # 4096
+BATCH_PAGES: Final[int]  # 32: present pages per batch of an interruptible walk (GATHER_GET_PAGES)
+RC_EXECUTED: Final[int]  # 0x0001
+RC_INV_CMD: Final[int]  # 0x0002
+RC_INV_STATE: Final[int]  # 0x0003
+RC_INV_LEN: Final[int]  # 0x0005
+RC_NEED_DESTROY: Final[int]  # 0x8000 flag in a Create Config rc
+RC_INV_GUEST_HANDLE: Final[int]  # 0x0020
+RC_INV_CPU_HANDLE: Final[int]  # 0x0021
+RC_APQN_BOUND: Final[int]  # 0x0104 (Destroy-Fast refused: AP queues still bound)
+RC_PAGE_NOT_ACCESSIBLE: Final[int]  # 0x010a (import/unpack: page not mapped; kernel faults in and retries)
+
+class SecureStorageAccess(Exception):
+    """Raised by Region.read/write when the host touches a SECURE page (a kernel bug in the caller)."""
+
+class CancelToken:
+    """A fatal-signal flag shared between threads. Walks check it once per batch."""
+
+    def __init__(self) -> None: ...
+    def set(self) -> None: ...
+    def clear(self) -> None: ...
+    def is_set(self) -> bool: ...
+
+class Region:
+    """Guest storage: an anonymous mapping reserved up front (MAP_NORESERVE), registered with a UV.
+
+    Untouched pages cost no RAM. Page metadata (4 bytes/page) is also a lazily-zeroed mapping.
+    """
+
+    @property
+    def size(self) -> int: ...  # bytes
+    @property
+    def pages(self) -> int: ...
+    @property
+    def base(self) -> int: ...  # host absolute address of offset 0 (page aligned, unique per UV)
+    @property
+    def id(self) -> int: ...
+    def present_pages(self) -> int: ...  # pages touched so far ("present PTEs")
+    def page_state(self, index: int) -> tuple[str, int]:
+        """("nonsecure" | "secure" | "shared" | "exported" | "orphaned", owner handle or 0).
+
+        "orphaned" = secure or shared page whose configuration was removed by Destroy-Fast
+        (owner = the dead handle). IndexError for an index out of range.
+        """
+    def state_counts(self) -> dict[str, int]:
+        """Counts of pages per state over the region (keys as page_state, plus "present")."""
+    def read(self, offset: int, size: int, *, as_config: int = 0) -> bytes:
+        """Read bytes. as_config=0 is the host's view: SECURE (and orphaned-secure) pages raise
+        SecureStorageAccess; EXPORTED pages return ciphertext; SHARED pages return plaintext.
+        as_config=h is guest h's view: pages must be NONSECURE, or SECURE/SHARED owned by h
+        (else SecureStorageAccess). Touches (makes present) the pages read. ValueError out of range."""
+    def write(self, offset: int, data: bytes, *, as_config: int = 0) -> None:
+        """Write bytes with the same access rules as read. Touches the pages."""
+    def touch(self, offset: int, size: int) -> int:
+        """First-touch pages (host page fault): make them present, content zero. GIL released.
+        Returns the number of pages that became present."""
+
+class Ultravisor:
+    """One emulated Ultravisor (one per emulated host). Thread-safe; frozen."""
+
+    def __init__(
+        self,
+        *,
+        destroy_fast: bool = True,  # installed-call bit 23
+        feature_misc: bool = True,  # feature bit 0 (MSB-0)
+        feature_aiv: bool = True,  # feature bit 1
+        dump: bool = True,  # installed-call bits 24..27
+        max_guests: int = 4096,
+        max_cpus: int = 248,
+        legacy_destroy_rc: bool = False,  # destroy-page on a NONSECURE page answers rc 0x107/rrc 0xd
+        threads: int = 0,  # rayon threads for walks; 0 = number of CPUs
+    ) -> None: ...
+    # ---- inspection (not UVCs; do not count) ----
+    def info(self) -> dict[str, int | tuple[int, int, int, int]]:
+        """uv_info: inst_calls_list (4 u64 words, MSB-0 bits), uv_feature_indications,
+        guest_base_stor_len, guest_virt_base_stor_len, guest_virt_var_stor_len, guest_cpu_stor_len,
+        max_guest_cpu_id, max_num_sec_conf, max_sec_stor_addr, conf_dump_storage_state_len,
+        conf_dump_finalize_len."""
+    def stats(self) -> dict[str, int]: ...  # keyed by Uvc member name (e.g. "DESTR_SEC_STOR")
+    def reset_stats(self) -> None: ...
+    def config_handles(self) -> set[int]: ...
+    def cpu_handles(self, handle: int) -> set[int]: ...  # KeyError if no such config
+    def secure_pages(self, handle: int | None = None) -> int:
+        """Pages that are SECURE, SHARED or ORPHANED and owned by handle (any owner if None).
+        A dead (fast-destroyed) handle still counts its orphaned pages. O(1)."""
+    def donated_bytes(self) -> int: ...  # storage currently donated to the UV (configs + CPUs)
+    def inject_failure(self, uvc: int, rc: int, rrc: int = 0, count: int = 1) -> None:
+        """ValueError for an unknown UVC code, rc == 0x0001, or count < 1."""
+    def clear_failures(self) -> None: ...
+    def create_region(self, size: int) -> Region:
+        """ValueError unless size is a positive multiple of PAGE_SIZE. OSError if mmap fails."""
+    def release_region(self, region: Region) -> None:
+        """Unmap and unregister (the mm is gone). Pages still secure at that point are reported
+        by the return of mm_teardown, not here; afterwards every access raises ValueError."""
+    # ---- UVCs (single calls) ----
+    def query(self) -> tuple[int, int, int]: ...  # QUI 0x0001
+    def create_config(
+        self, region: Region, *, guest_len: int, asce: int, sca: int, base_stor_len: int, var_stor_len: int
+    ) -> tuple[int, int, int, int]:
+        """0x0100 -> (cc, rc, rrc, handle). handle is 0 on failure unless rc has 0x8000 set.
+        Refused: ASCE origin already used by a live config, too many configs, guest_len 0 or not
+        1 MiB aligned or above the region size, donations shorter than info() says."""
+    def destroy_config(self, handle: int) -> tuple[int, int, int]:
+        """0x0101: refused while the config has CPUs. Cleans (zeroes, NONSECURE) every remaining
+        page of the config (GIL released, parallel), returns its donations, frees its ASCE."""
+    def destroy_config_fast(self, handle: int) -> tuple[int, int, int]:
+        """0x0102: only if destroy_fast is installed (else rc INV_CMD). Refused while it has CPUs.
+        Frees the config and donations at once; its pages become ORPHANED (O(1), no walk)."""
+    def create_cpu(self, handle: int, *, num: int, stor_len: int) -> tuple[int, int, int, int]:
+        """0x0120 -> (cc, rc, rrc, cpu_handle)."""
+    def destroy_cpu(self, cpu_handle: int) -> tuple[int, int, int]: ...  # 0x0121
+    def convert_to_secure(self, handle: int, gaddr: int) -> tuple[int, int, int]:
+        """0x0200 import one page: NONSECURE -> SECURE(handle). Fresh/foreign content is zeroed;
+        a page EXPORTED by the same config is decrypted and integrity-checked. rc 0x010a if the
+        page is not present. A SHARED page of another config is taken over only with MISC."""
+    def convert_from_secure(self, paddr: int) -> tuple[int, int, int]:
+        """0x0201 export: SECURE/SHARED/ORPHANED -> EXPORTED(owner), content encrypted in place."""
+    def destroy_page(self, paddr: int) -> tuple[int, int, int]:
+        """0x0202: SECURE/SHARED/ORPHANED -> NONSECURE, content zeroed. No-op success on a
+        NONSECURE page. Refused while the owner config has CPUs."""
+    def pin_shared(self, paddr: int) -> tuple[int, int, int]: ...  # 0x0341, only SHARED pages
+    def unpin_shared(self, handle: int, gaddr: int) -> tuple[int, int, int]: ...  # 0x0342
+    def set_shared_access(self, handle: int, gaddr: int) -> tuple[int, int, int]: ...  # 0x1000
+    def remove_shared_access(self, handle: int, gaddr: int) -> tuple[int, int, int]: ...  # 0x1001
+    def set_sec_parms(self, handle: int, header: bytes) -> tuple[int, int, int]: ...  # 0x0300
+    def unpack(self, handle: int, gaddr: int, tweak0: int, tweak1: int) -> tuple[int, int, int]: ...  # 0x0301
+    def verify(self, handle: int) -> tuple[int, int, int]: ...  # 0x0302
+    def prepare_reset(self, handle: int) -> tuple[int, int, int]: ...  # 0x0320
+    def unshare_all(self, handle: int) -> tuple[int, int, int]: ...  # 0x0340
+    def dump_init(self, handle: int) -> tuple[int, int, int]: ...  # 0x0400
+    def dump_conf_stor_state(self, handle: int, gaddr: int) -> tuple[int, int, int, bytes]:
+        """0x0401: conf_dump_storage_state_len bytes for the 1 MiB at gaddr."""
+    def dump_cpu(self, cpu_handle: int) -> tuple[int, int, int, bytes]: ...  # 0x0402
+    def dump_complete(self, handle: int) -> tuple[int, int, int, bytes]:
+        """0x0403: conf_dump_finalize_len bytes."""
+    def call(self, uvcb: bytes) -> tuple[int, bytes]:
+        """Raw dispatcher: a UVCB as laid out in spec §1.4 (big-endian, 8-byte header
+        len/cmd/rc/rrc). Returns (cc, updated block). Wrong len -> rc 0x0005, unknown or
+        uninstalled cmd -> rc 0x0002. Never raises for any byte string."""
+    # ---- kernel-side range helpers (one call per range, GIL released) ----
+    def destroy_walk(
+        self, region: Region, start_page: int = 0, end_page: int | None = None, cancel: CancelToken | None = None
+    ) -> tuple[int, int, bool, int]:
+        """__s390_uv_destroy_range: issue destroy-page (counted) on every *present* page of
+        [start, end), results ignored, in parallel batches of BATCH_PAGES present pages; skips
+        regions holding no secure page via the summary (still counting their present pages as
+        UVCs). With cancel: checked after every batch; when set, stop and return interrupted.
+        Returns (present_pages_visited, pages_destroyed, interrupted, resume_page)."""
+    def import_range(
+        self, handle: int, region: Region, start_page: int, npages: int, *, export_first: bool
+    ) -> tuple[int, int, int, int, int]:
+        """A protected guest (config handle) touches pages; per page, as the kernel fault paths do:
+        not present -> first-touch (no UVC); NONSECURE/EXPORTED -> (export 0x0201 first if
+        export_first, result ignored) + import 0x0200; SECURE/ORPHANED of another config ->
+        secure-storage violation: destroy 0x0202, on failure export 0x0201, then import as above;
+        SHARED of another config -> (export first if export_first) + import (the UV takes a shared
+        page over only with MISC; otherwise the import fails). Own pages: nothing.
+        Returns (imports, exports, destroys, failed_pages, first_failure_rc); a page whose import
+        failed is left as it was and the walk goes on."""
+    def make_accessible_range(self, region: Region, start_page: int, npages: int) -> tuple[int, int]:
+        """Host or a non-protected guest touches pages: for each SECURE/SHARED/ORPHANED page,
+        pin-shared (0x0341) and if that fails export (0x0201). Returns (pinned, exported)."""
+    def unpack_range(
+        self,
+        handle: int,
+        region: Region,
+        addr: int,
+        size: int,
+        tweak: int,
+        *,
+        export_first: bool,
+        cancel: CancelToken | None = None,
+    ) -> tuple[str, int, int, int]:
+        """KVM_PV_UNPACK's loop: per page 0x0301 with tweak0=tweak, tweak1=offset (export first
+        if asked). rc 0x010a -> fault the page in; if cancel is set return "eagain"; else retry.
+        Other UV error -> "einval". Returns (status "ok"|"eagain"|"einval"|"efault", rc, rrc of
+        the last unpack UVC, pages_done)."""
+    def mm_teardown(self, region: Region) -> tuple[int, int]:
+        """exit_mmap of a protected mm: for every present SECURE/SHARED/ORPHANED page destroy
+        (0x0202), on failure export (0x0201). Returns (destroyed, exported)."""
