@@ -1,0 +1,75 @@
+"""pvfast: an emulated s390 Ultravisor and KVM protected-VM interface, with asynchronous destroy.
+
+Start with ``pvfast.Host()``; see README.md and docs/ARCHITECTURE.md.
+"""
+
+from __future__ import annotations
+
+from . import _native
+from .constants import (
+    KVM_CAP_S390_PROTECTED,
+    KVM_CAP_S390_PROTECTED_ASYNC_DISABLE,
+    KVM_CAP_S390_PROTECTED_DUMP,
+    KVM_CHECK_EXTENSION,
+    KVM_PV_ASYNC_CLEANUP_PERFORM,
+    KVM_PV_ASYNC_CLEANUP_PREPARE,
+    KVM_PV_DISABLE,
+    KVM_PV_DUMP,
+    KVM_PV_ENABLE,
+    KVM_PV_INFO,
+    KVM_PV_PREP_RESET,
+    KVM_PV_SET_SEC_PARMS,
+    KVM_PV_UNPACK,
+    KVM_PV_UNSHARE_ALL,
+    KVM_PV_VERIFY,
+    KVM_S390_PV_COMMAND,
+    KVM_S390_PV_CPU_COMMAND,
+    PAGE_SIZE,
+    Cap,
+    PvCmd,
+    PvDumpSubcmd,
+    PvInfoId,
+    Uvc,
+)
+from .errors import PvError
+from .host import Host, UltravisorView
+from .kvm import PvResult, PvState, Vm
+from .mm import AddressSpace, Process
+
+__version__ = "0.1.0"
+build_profile: str = _native.build_profile
+
+__all__ = [
+    "KVM_CAP_S390_PROTECTED",
+    "KVM_CAP_S390_PROTECTED_ASYNC_DISABLE",
+    "KVM_CAP_S390_PROTECTED_DUMP",
+    "KVM_CHECK_EXTENSION",
+    "KVM_PV_ASYNC_CLEANUP_PERFORM",
+    "KVM_PV_ASYNC_CLEANUP_PREPARE",
+    "KVM_PV_DISABLE",
+    "KVM_PV_DUMP",
+    "KVM_PV_ENABLE",
+    "KVM_PV_INFO",
+    "KVM_PV_PREP_RESET",
+    "KVM_PV_SET_SEC_PARMS",
+    "KVM_PV_UNPACK",
+    "KVM_PV_UNSHARE_ALL",
+    "KVM_PV_VERIFY",
+    "KVM_S390_PV_COMMAND",
+    "KVM_S390_PV_CPU_COMMAND",
+    "PAGE_SIZE",
+    "AddressSpace",
+    "Cap",
+    "Host",
+    "Process",
+    "PvCmd",
+    "PvDumpSubcmd",
+    "PvError",
+    "PvInfoId",
+    "PvResult",
+    "PvState",
+    "UltravisorView",
+    "Uvc",
+    "Vm",
+    "build_profile",
+]

@@ -1,0 +1,54 @@
+"""Exceptions of the Python API: PvError for the ioctl's errno, plus rc/rrc as QEMU logs them."""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+from .constants import PvCmd
+
+
+def _cmd_label(cmd: int) -> str:
+    try:
+        return f"KVM_PV_{PvCmd(cmd).name}"
+    except ValueError:
+        return "unknown"
+
+
+class PvError(OSError):
+    """A failed KVM_S390_PV_COMMAND: ``errno`` plus the UV rc/rrc copied back to user space."""
+
+    cmd: PvCmd | int
+    rc: int
+    rrc: int
+    data: bytes | None
+
+    def __init__(self, err: int, cmd: int, rc: int, rrc: int, data: bytes | None = None) -> None:
+        super().__init__(err, os.strerror(err))
+        try:
+            self.cmd = PvCmd(cmd)
+        except ValueError:
+            self.cmd = cmd
+        self.rc = rc
+        self.rrc = rrc
+        self.data = data
+
+    def __str__(self) -> str:
+        return (
+            f"KVM PV command {int(self.cmd)} ({_cmd_label(int(self.cmd))}) failed: "
+            f"header rc {self.rc:x} rrc {self.rrc:x} IOCTL rc: {-(self.errno or 0)}"
+        )
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (type(self), (self.errno, int(self.cmd), self.rc, self.rrc, self.data))
+
+
+EINVAL = _errno.EINVAL
+EFAULT = _errno.EFAULT
+ENOTTY = _errno.ENOTTY
+ENOMEM = _errno.ENOMEM
+EIO = _errno.EIO
+EAGAIN = _errno.EAGAIN
+EINTR = _errno.EINTR
+ENXIO = _errno.ENXIO
+EOPNOTSUPP = _errno.EOPNOTSUPP

@@ -1,0 +1,51 @@
+"""The guest address space's top-level table (arch/s390/mm/gmap.c): ASCE type, table list, replace_asce."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .constants import ASCE_TYPE_BITS, CRST_TABLE_SIZE, asce_type_for_limit
+from .errors import EINVAL, ENOMEM
+
+if TYPE_CHECKING:
+    from .host import Host
+
+
+class Gmap:
+    """A gmap: top-level CRST table (16 KiB) whose origin the UV records as the guest ASCE."""
+
+    def __init__(self, host: Host, limit: int) -> None:
+        self.host = host
+        self.asce_type = asce_type_for_limit(limit)
+        table = host.kalloc("crst", CRST_TABLE_SIZE)
+        assert table is not None  # gmap creation is not a PV path; allocation failures are not injected here
+        self.table = table
+        self.listed: set[int] = {table}
+        self.guest_handle = 0  # v6.2: copy of kvm->arch.pv.handle for the fault handlers
+
+    @property
+    def asce(self) -> int:
+        # origin | designation type | table length (full length for the type)
+        return self.table | ASCE_TYPE_BITS[self.asce_type] | 0x3
+
+    def unlist_old_asce(self) -> None:
+        """s390_unlist_old_asce: gmap teardown will not free the current top table (idempotent)."""
+        self.listed.discard(self.table)
+
+    def replace_asce(self) -> int:
+        """s390_replace_asce: unlist the old top table, then install a copy (Δ6.4 refuses segment ASCEs)."""
+        self.unlist_old_asce()
+        if self.asce_type == "segment":
+            return -EINVAL
+        new = self.host.kalloc("crst", CRST_TABLE_SIZE)
+        if new is None:
+            return -ENOMEM
+        self.listed.add(new)
+        self.table = new
+        return 0
+
+    def free(self) -> None:
+        """gmap_remove: free every listed table; unlisted (leaked or set-aside) tables stay."""
+        for table in self.listed:
+            self.host.kfree(table)
+        self.listed.clear()

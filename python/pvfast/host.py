@@ -1,0 +1,262 @@
+"""The emulated machine: kvm module parameters, capabilities, sysfs, and the Ultravisor view."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from . import _native
+from ._util import check_bool, check_int
+from .constants import (
+    BIT_UV_FEAT_AIV,
+    BIT_UV_FEAT_MISC,
+    BIT_UVC_CMD_DESTROY_SEC_CONF_FAST,
+    BIT_UVC_CMD_DUMP_COMPLETE,
+    BIT_UVC_CMD_DUMP_CONF_STOR_STATE,
+    BIT_UVC_CMD_DUMP_CPU,
+    BIT_UVC_CMD_DUMP_INIT,
+    Cap,
+    Uvc,
+    test_bit_inv,
+)
+
+if TYPE_CHECKING:
+    from .kvm import Vm
+    from .mm import Process
+
+_SYSFS_ASYNC_DESTROY = "/sys/module/kvm/parameters/async_destroy"
+
+
+class LeakEntry(dict):  # type: ignore[type-arg]
+    """One resource the kernel intentionally leaked (spec §2.6): kind, addr, size, handle, vm."""
+
+
+class UltravisorView:
+    """``host.uv``: the emulated Ultravisor, for inspection and fault injection."""
+
+    def __init__(self, native: _native.Ultravisor) -> None:
+        self.native = native
+
+    def stats(self) -> dict[str, int]:
+        """UVCs issued so far (failed and injected-failure calls count too), by ``Uvc`` name."""
+        return self.native.stats()
+
+    def reset_stats(self) -> None:
+        self.native.reset_stats()
+
+    def config_handles(self) -> set[int]:
+        """Handles of the configurations that exist in the UV now."""
+        return self.native.config_handles()
+
+    def secure_pages(self, handle: int | None = None) -> int:
+        """Pages the host cannot read in plaintext (secure, shared-secure, orphaned) of ``handle``."""
+        if handle is not None:
+            check_int("handle", handle, bits=64)
+        return self.native.secure_pages(handle)
+
+    def inject_failure(self, uvc: int, rc: int, *, rrc: int = 0, count: int = 1) -> None:
+        """Make the next ``count`` executions of ``uvc`` fail (cc 1) with rc/rrc, changing nothing."""
+        check_int("uvc", uvc, bits=16)
+        try:
+            Uvc(uvc)
+        except ValueError:
+            raise ValueError(f"uvc: unknown UVC command code {uvc:#x}") from None
+        check_int("rc", rc, bits=16)
+        check_int("rrc", rrc, bits=16)
+        check_int("count", count, bits=31)
+        if rc == 0x0001:
+            raise ValueError("rc: 0x0001 means success; an injected failure needs another rc")
+        if count < 1:
+            raise ValueError("count: must be at least 1")
+        self.native.inject_failure(int(uvc), rc, rrc, count)
+
+    def clear_failures(self) -> None:
+        self.native.clear_failures()
+
+    def info(self) -> dict[str, Any]:
+        return self.native.info()
+
+    def donated_bytes(self) -> int:
+        return self.native.donated_bytes()
+
+
+class Host:
+    """One booted machine: a kvm module loaded with ``async_destroy`` and a UV with its features."""
+
+    def __init__(
+        self,
+        *,
+        async_destroy: int = 1,
+        prot_virt: bool = True,
+        destroy_fast: bool = True,
+        feature_misc: bool = True,
+        feature_aiv: bool = True,
+        dump: bool = True,
+        use_gisa: bool = True,
+        walk_threads: int = 0,
+    ) -> None:
+        if isinstance(async_destroy, bool):
+            async_destroy = int(async_destroy)
+        check_int("async_destroy", async_destroy, bits=32, signed=True)
+        for name, value in (
+            ("prot_virt", prot_virt),
+            ("destroy_fast", destroy_fast),
+            ("feature_misc", feature_misc),
+            ("feature_aiv", feature_aiv),
+            ("dump", dump),
+            ("use_gisa", use_gisa),
+        ):
+            check_bool(name, value)
+        check_int("walk_threads", walk_threads, bits=16)
+        native = _native.Ultravisor(
+            destroy_fast=bool(destroy_fast),
+            feature_misc=bool(feature_misc),
+            feature_aiv=bool(feature_aiv),
+            dump=bool(dump),
+            threads=walk_threads,
+        )
+        object.__setattr__(self, "_frozen", False)
+        self.uv = UltravisorView(native)
+        self._params: Mapping[str, int] = MappingProxyType({"async_destroy": int(async_destroy)})
+        self.async_destroy = int(async_destroy)
+        self.prot_virt = bool(prot_virt)
+        self.use_gisa = bool(use_gisa)
+        self.uv_info: dict[str, Any] = native.info()
+        inst = tuple(self.uv_info["inst_calls_list"])
+        feat = int(self.uv_info["uv_feature_indications"])
+        self.destroy_fast_available = test_bit_inv(BIT_UVC_CMD_DESTROY_SEC_CONF_FAST, inst)
+        self.feature_misc = test_bit_inv(BIT_UV_FEAT_MISC, feat)
+        self.feature_aiv = test_bit_inv(BIT_UV_FEAT_AIV, feat)
+        self.dump_available = all(
+            test_bit_inv(b, inst)
+            for b in (BIT_UVC_CMD_DUMP_INIT, BIT_UVC_CMD_DUMP_CONF_STOR_STATE, BIT_UVC_CMD_DUMP_CPU, BIT_UVC_CMD_DUMP_COMPLETE)
+        )
+        self._lock = threading.Lock()
+        self._next_pid = 1000
+        self._next_kaddr = 0x1_0000_0000
+        self._kmem: dict[int, tuple[str, int]] = {}
+        self._alloc_failures = 0
+        self.processes: list[Process] = []
+        self.ledger: dict[int, LeakEntry] = {}
+        object.__setattr__(self, "_frozen", True)
+
+    # -- module parameters (0444: read-only after load) --
+    @property
+    def module_params(self) -> Mapping[str, int]:
+        """The kvm module parameters as sysfs shows them; read-only after load (0444)."""
+        return self._params
+
+    @module_params.setter
+    def module_params(self, value: object) -> None:
+        raise PermissionError("kvm module parameters are 0444: set them when creating the Host")
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in ("async_destroy", "prot_virt") and getattr(self, "_frozen", False):
+            raise PermissionError(f"{name} is a load-time setting of the emulated host")
+        object.__setattr__(self, name, value)
+
+    def read_sysfs(self, path: str) -> str:
+        """The text the kernel shows in a sysfs file this emulation knows."""
+        if not isinstance(path, str):
+            raise TypeError(f"path: expected str, got {type(path).__name__}")
+        files = self._sysfs()
+        if path not in files:
+            raise FileNotFoundError(2, "No such file or directory", path)
+        return files[path]
+
+    def sysfs_paths(self) -> list[str]:
+        return sorted(self._sysfs())
+
+    def _sysfs(self) -> dict[str, str]:
+        info = self.uv_info
+        files = {
+            _SYSFS_ASYNC_DESTROY: f"{self.async_destroy}\n",
+            "/sys/firmware/uv/prot_virt_host": f"{int(self.prot_virt)}\n",
+        }
+        if self.prot_virt:
+            q = "/sys/firmware/uv/query/"
+            files[q + "facilities"] = "".join(f"{w:x}\n" for w in info["inst_calls_list"])
+            files[q + "feature_indications"] = f"{info['uv_feature_indications']:x}\n"
+            files[q + "max_cpus"] = f"{info['max_guest_cpu_id'] + 1}\n"
+            files[q + "max_guests"] = f"{info['max_num_sec_conf']}\n"
+            files[q + "max_address"] = f"{info['max_sec_stor_addr']:x}\n"
+        return files
+
+    # -- KVM_CHECK_EXTENSION on the system fd --
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION: 180 → prot_virt, 217 → prot_virt and dump UVCs, 224 → async_destroy && prot_virt."""
+        check_int("cap", cap, bits=64, signed=True)
+        if cap == Cap.S390_PROTECTED:
+            return int(self.prot_virt)
+        if cap == Cap.S390_PROTECTED_DUMP:
+            return int(self.prot_virt and self.dump_available)
+        if cap == Cap.S390_PROTECTED_ASYNC_DISABLE:
+            return int(bool(self.async_destroy) and self.prot_virt)
+        return 0
+
+    # -- processes --
+    def spawn_process(self, name: str = "qemu") -> Process:
+        from .mm import AddressSpace, Process
+
+        if not isinstance(name, str):
+            raise TypeError(f"name: expected str, got {type(name).__name__}")
+        return Process(self, AddressSpace(self), name)
+
+    def create_vm(self, memory_size: int, vcpus: int = 1) -> Vm:
+        """A VM in a new process; the process exits when the VM is closed."""
+        proc = self.spawn_process()
+        try:
+            vm = proc.create_vm(memory_size, vcpus)
+        except BaseException:
+            proc.exit()
+            raise
+        proc._exit_with_last_vm = True
+        return vm
+
+    def _new_pid(self) -> int:
+        with self._lock:
+            self._next_pid += 1
+            return self._next_pid
+
+    # -- kernel memory: donations and page tables, so leaks can be accounted --
+    def inject_alloc_failure(self, count: int = 1) -> None:
+        """Make the next ``count`` kernel allocations of the PV code fail (-ENOMEM paths)."""
+        check_int("count", count, bits=31)
+        with self._lock:
+            self._alloc_failures += count
+
+    def kalloc(self, kind: str, size: int) -> int | None:
+        with self._lock:
+            if self._alloc_failures:
+                self._alloc_failures -= 1
+                return None
+            addr = self._next_kaddr
+            self._next_kaddr += max(size, 4096) + 4096
+            self._kmem[addr] = (kind, size)
+            return addr
+
+    def kfree(self, addr: int) -> None:
+        if addr:
+            with self._lock:
+                self._kmem.pop(addr, None)
+                self.ledger.pop(addr, None)
+
+    def leak(self, addr: int, vm: Vm | None, handle: int = 0) -> None:
+        """Record a resource the kernel leaves to the UV (spec §2.6)."""
+        if not addr:
+            return
+        with self._lock:
+            kind, size = self._kmem.get(addr, ("unknown", 0))
+            self.ledger[addr] = LeakEntry(kind=kind, addr=addr, size=size, handle=handle, vm=id(vm) if vm else 0)
+
+    def leaked(self) -> list[LeakEntry]:
+        """Every resource currently on the leak ledger (all VMs of this host)."""
+        with self._lock:
+            return list(self.ledger.values())
+
+    def kernel_memory(self) -> int:
+        """Bytes of kernel memory (donations, SIDA pages, top tables) currently allocated."""
+        with self._lock:
+            return sum(size for _, size in self._kmem.values())

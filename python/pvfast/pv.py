@@ -1,0 +1,378 @@
+"""arch/s390/kvm/pv.c: create/destroy of secure configurations and CPUs, set-aside, cleanup-all.
+
+Function names follow the kernel (``kvm_s390_pv_`` prefix dropped). Every function takes the VM and
+an ``UvRc`` standing for the ``u16 *rc, u16 *rrc`` pointers; callers that pass "dummy" pointers
+pass a fresh ``UvRc()``. Teardown ordering, counter protocol and leaks follow spec §2.6, §3, §4.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .constants import (
+    ASYNC_RRC,
+    PAGE_SIZE,
+    SZ_1M,
+    SZ_2G,
+    UVC_RC_DESTROY_FAST_APQN,
+    UVC_RC_EXECUTED,
+    UVC_RC_NEED_DESTROY,
+)
+from .errors import EAGAIN, EFAULT, EINTR, EINVAL, EIO, ENOMEM
+
+if TYPE_CHECKING:
+    from .kvm import Vcpu, Vm
+
+log = logging.getLogger("pvfast.kvm_uv")
+
+
+class UvRc:
+    """The rc/rrc pair a UV call writes through (``u16 *rc, u16 *rrc``)."""
+
+    __slots__ = ("rc", "rrc")
+
+    def __init__(self, rc: int = 0, rrc: int = 0) -> None:
+        self.rc = rc
+        self.rrc = rrc
+
+    def set(self, rc: int, rrc: int) -> None:
+        self.rc = rc
+        self.rrc = rrc
+
+
+@dataclass
+class AsideRecord:
+    """struct pv_vm_to_be_destroyed. A Destroy-Fast record is all zero (handle 0)."""
+
+    handle: int = 0
+    stor_base: int = 0
+    stor_var: int = 0
+    old_gmap_table: int = 0
+
+    @property
+    def fast(self) -> bool:
+        return self.handle == 0
+
+
+def uv_event(vm: Vm, fmt: str, *args: object) -> None:
+    """KVM_UV_EVENT: the kvm-uv debug feature, as Python logging on ``pvfast.kvm_uv``."""
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("vm %s: " + fmt, vm.name, *args)
+
+
+# ---------------------------------------------------------------------------------------------
+# vCPUs
+# ---------------------------------------------------------------------------------------------
+
+
+def destroy_cpu(vm: Vm, vcpu: Vcpu, rc: UvRc) -> int:
+    """kvm_s390_pv_destroy_cpu: UVC 0x0121; leak the donation on failure; always clear the state."""
+    cc = 0
+    host = vm.host
+    if vcpu.pv_handle:
+        cc, r, rr = vm.uv.destroy_cpu(vcpu.pv_handle)
+        rc.set(r, rr)
+        uv_event(vm, "PROTVIRT DESTROY VCPU %d: rc %x rrc %x", vcpu.id, r, rr)
+        if cc:
+            log.warning("vm %s: destroying secure CPU %d failed: rc %x rrc %x", vm.name, vcpu.id, r, rr)
+            host.leak(vcpu.stor_base, vm, vcpu.pv_handle)
+    if not cc:
+        host.kfree(vcpu.stor_base)
+    host.kfree(vcpu.sida)
+    vcpu.clear_pv()
+    return EIO if cc else 0  # the kernel's quirk: a positive EIO; callers only test non-zero
+
+
+def create_cpu(vm: Vm, vcpu: Vcpu, rc: UvRc) -> int:
+    """kvm_s390_pv_create_cpu: donate CPU storage and a SIDA page, UVC 0x0120."""
+    host = vm.host
+    if vcpu.pv_handle:
+        return -EINVAL
+    stor = host.kalloc("cpu_stor", vm.host.uv_info["guest_cpu_stor_len"])
+    if stor is None:
+        return -ENOMEM
+    sida = host.kalloc("sida", PAGE_SIZE)
+    if sida is None:
+        host.kfree(stor)
+        return -ENOMEM
+    vcpu.stor_base = stor
+    vcpu.sida = sida
+    cc, r, rr, cpu_handle = vm.uv.create_cpu(
+        vm.pv.handle, num=vcpu.id, stor_len=vm.host.uv_info["guest_cpu_stor_len"]
+    )
+    rc.set(r, rr)
+    uv_event(vm, "PROTVIRT CREATE VCPU: cpu %d handle %x rc %x rrc %x", vcpu.id, cpu_handle, r, rr)
+    vcpu.pv_handle = cpu_handle if not cc else 0
+    if cc:
+        destroy_cpu(vm, vcpu, UvRc())
+        return -EIO
+    vcpu.pv_handle_config = vm.pv.handle
+    vcpu.sdf = 2
+    return 0
+
+
+def cpus_from_pv(vm: Vm, rc: UvRc) -> int:
+    """kvm_s390_cpus_from_pv: destroy every secure CPU, report the first failure, never stop early."""
+    ret = 0
+    dummy = UvRc()
+    for vcpu in vm.vcpu_list:
+        with vcpu.mutex:
+            err = destroy_cpu(vm, vcpu, dummy)
+        if err and not ret:
+            rc.set(dummy.rc, dummy.rrc)
+            ret = -EIO
+    if not ret and vm.host.use_gisa:
+        vm.gisa_enabled = True
+    return ret
+
+
+def cpus_to_pv(vm: Vm, rc: UvRc) -> int:
+    """kvm_s390_cpus_to_pv: a secure CPU for every vCPU; on failure undo them all."""
+    if not vm.host.feature_aiv:
+        vm.gisa_enabled = False
+    for vcpu in vm.vcpu_list:
+        with vcpu.mutex:
+            err = create_cpu(vm, vcpu, rc)
+        if err:
+            cpus_from_pv(vm, UvRc())
+            return err
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# configurations
+# ---------------------------------------------------------------------------------------------
+
+
+def dealloc_vm(vm: Vm) -> None:
+    """kvm_s390_pv_dealloc_vm: free both donations and clear the PV state."""
+    vm.host.kfree(vm.pv.stor_base)
+    vm.host.kfree(vm.pv.stor_var)
+    vm.pv.clear_state()
+
+
+def init_vm(vm: Vm, rc: UvRc) -> int:
+    """kvm_s390_pv_init_vm: donations, Create Config; handle and counter set whatever the result."""
+    host = vm.host
+    info = host.uv_info
+    base_len = info["guest_base_stor_len"]
+    base = host.kalloc("stor_base", base_len)
+    if base is None:
+        return -ENOMEM
+    guest_len = vm.memory_size  # end of the highest memslot
+    npages_1m = guest_len // SZ_1M
+    vlen = -(-(info["guest_virt_var_stor_len"] * npages_1m) // PAGE_SIZE) * PAGE_SIZE
+    vlen += info["guest_virt_base_stor_len"]
+    var = host.kalloc("stor_var", vlen)
+    if var is None:
+        host.kfree(base)
+        return -ENOMEM
+    vm.pv.stor_base = base
+    vm.pv.stor_var = var
+    vm.pv.guest_len = guest_len
+    cc, r, rr, handle = vm.uv.create_config(
+        vm.region, guest_len=guest_len, asce=vm.gmap.asce, sca=vm.sca, base_stor_len=base_len, var_stor_len=vlen
+    )
+    rc.set(r, rr)
+    vm.pv.handle = handle
+    vm.mm.protected_inc()
+    uv_event(vm, "PROTVIRT CREATE VM: handle %x len %x rc %x rrc %x", handle, guest_len, r, rr)
+    if cc:
+        if r & UVC_RC_NEED_DESTROY:
+            deinit_vm(vm, UvRc())
+        else:
+            vm.mm.protected_dec()
+            dealloc_vm(vm)
+        return -EIO
+    vm.gmap.guest_handle = handle
+    if not vm.mmu_notifier_registered:
+        vm.mmu_notifier_registered = True
+        vm.mm.notifiers.append(vm)
+    return 0
+
+
+def deinit_vm(vm: Vm, rc: UvRc) -> int:
+    """kvm_s390_pv_deinit_vm: Destroy Config of the current VM; no memory walk."""
+    cc, r, rr = vm.uv.destroy_config(vm.pv.handle)
+    rc.set(r, rr)
+    vm.gmap.guest_handle = 0
+    if not cc:
+        vm.mm.protected_dec()
+        dealloc_vm(vm)
+    else:
+        # Intended leak: the UV may still use the donations and the top table.
+        vm.host.leak(vm.pv.stor_base, vm, vm.pv.handle)
+        vm.host.leak(vm.pv.stor_var, vm, vm.pv.handle)
+        old_table = vm.gmap.table
+        vm.gmap.replace_asce()
+        vm.host.leak(old_table, vm, vm.pv.handle)
+        log.warning("vm %s: destroying the secure configuration failed: rc %x rrc %x", vm.name, r, rr)
+    uv_event(vm, "PROTVIRT DESTROY VM: rc %x rrc %x", r, rr)
+    return -EIO if cc else 0
+
+
+def deinit_vm_fast(vm: Vm, rc: UvRc | None) -> int:
+    """kvm_s390_pv_deinit_vm_fast: Destroy-Fast (0x0102); the counter is left to the caller."""
+    cc, r, rr = vm.uv.destroy_config_fast(vm.pv.handle)
+    if rc is not None:
+        rc.set(r, rr)
+    vm.gmap.guest_handle = 0  # v6.2: zeroed whatever the result
+    if not cc:
+        dealloc_vm(vm)
+    uv_event(vm, "PROTVIRT DESTROY VM FAST: rc %x rrc %x", r, rr)
+    if cc and r != UVC_RC_DESTROY_FAST_APQN:  # Δ6.6: no warning for APQNs still bound
+        log.warning("vm %s: Destroy-Fast failed: rc %x rrc %x", vm.name, r, rr)
+    return -EIO if cc else 0
+
+
+def dispose_one_leftover(vm: Vm, rec: AsideRecord, rc: UvRc) -> int:
+    """kvm_s390_pv_dispose_one_leftover: fast records only drop the count; slow ones Destroy Config."""
+    if rec.fast:
+        vm.mm.protected_dec()
+        return 0
+    cc, r, rr = vm.uv.destroy_config(rec.handle)
+    rc.set(r, rr)
+    uv_event(vm, "PROTVIRT DESTROY LEFTOVER VM: handle %x rc %x rrc %x", rec.handle, r, rr)
+    if cc:
+        log.warning("vm %s: destroying a leftover configuration failed: rc %x rrc %x", vm.name, r, rr)
+        for addr in (rec.stor_base, rec.stor_var, rec.old_gmap_table):
+            vm.host.leak(addr, vm, rec.handle)
+        return cc
+    vm.host.kfree(rec.stor_base)
+    vm.host.kfree(rec.old_gmap_table)
+    vm.host.kfree(rec.stor_var)
+    vm.mm.protected_dec()
+    return 0
+
+
+def destroy_lower_2g(vm: Vm) -> None:
+    """Synchronous, non-interruptible destroy of guest absolute [0, 2 GiB) (every memslot below 2 GiB)."""
+    end_page = min(vm.memory_size, SZ_2G) // PAGE_SIZE
+    vm.uv.destroy_walk(vm.region, 0, end_page, None)
+
+
+def set_aside(vm: Vm, rc: UvRc) -> int:
+    """kvm_s390_pv_set_aside (v6.2 + Δ6.4): keep the old VM for PERFORM; clean [0, 2 GiB) now."""
+    if vm.pv.set_aside is not None:
+        return -EINVAL
+    if vm.gmap.asce_type == "segment":  # Δ6.4: a segment ASCE cannot be replaced
+        return -EINVAL
+    if vm.host.kalloc("aside_record", 64) is None:
+        return -ENOMEM
+    rec = AsideRecord()
+    if vm.host.destroy_fast_available:
+        res = deinit_vm_fast(vm, rc)
+        if res:
+            return res
+    else:
+        rec = AsideRecord(
+            handle=vm.pv.handle, stor_base=vm.pv.stor_base, stor_var=vm.pv.stor_var, old_gmap_table=vm.gmap.table
+        )
+        vm.gmap.guest_handle = 0
+        if vm.gmap.replace_asce():
+            # The old table was unlisted before the failure and nobody points to it now.
+            vm.host.leak(rec.old_gmap_table, vm, rec.handle)
+            return -ENOMEM
+    destroy_lower_2g(vm)
+    vm.pv.clear_state()
+    vm.pv.set_aside = rec
+    rc.set(UVC_RC_EXECUTED, ASYNC_RRC)
+    uv_event(vm, "PROTVIRT SET ASIDE: handle %x fast %d", rec.handle, int(rec.fast))
+    return 0
+
+
+def deinit_aside_vm(vm: Vm, rc: UvRc) -> int:
+    """kvm_s390_pv_deinit_aside_vm (PERFORM): claim under the lock, walk without it, dispose."""
+    with vm.lock:
+        rec = vm.pv.set_aside
+        vm.pv.set_aside = None
+        if rec is not None:
+            vm.pv.performing += 1
+    if rec is None:
+        return -EINVAL
+    ret = 0
+    try:
+        vm.perform_started.set()
+        finished = vm.mm.destroy_range(vm.process.fatal_signal)
+        if finished:
+            if dispose_one_leftover(vm, rec, rc):
+                ret = -EIO
+            return ret
+        with vm.lock:
+            vm.pv.need_cleanup.insert(0, rec)  # list_add: at the head
+        rc.set(UVC_RC_EXECUTED, ASYNC_RRC)
+        uv_event(vm, "PROTVIRT ASYNC CLEANUP interrupted: handle %x queued as leftover", rec.handle)
+        return 0
+    finally:
+        with vm.lock:
+            vm.pv.performing -= 1
+
+
+def deinit_cleanup_all(vm: Vm, rc: UvRc) -> int:
+    """kvm_s390_pv_deinit_cleanup_all (Δ6.5): current VM, set-aside, leftovers, then the zap."""
+    mm = vm.mm
+    if not mm.protected_inc_not_zero():
+        return 0
+    rc.rc = UVC_RC_EXECUTED
+    cc = 0
+    need_zap = False
+    if vm.pv.handle:
+        cc = deinit_vm(vm, rc)
+        need_zap = True
+    if vm.pv.set_aside is not None:
+        vm.pv.need_cleanup.insert(0, vm.pv.set_aside)
+        vm.pv.set_aside = None
+    tmp = UvRc()
+    while vm.pv.need_cleanup:
+        rec = vm.pv.need_cleanup.pop(0)
+        need_zap = True
+        if dispose_one_leftover(vm, rec, tmp):
+            cc = 1
+            if rc.rc == UVC_RC_EXECUTED:  # first error wins; a failed current-VM destroy comes first
+                rc.set(tmp.rc, tmp.rrc)
+    if need_zap and mm.mmget_not_zero():
+        mm.destroy_range(None)
+        mm.mmput()
+    mm.protected_dec()
+    return -EIO if cc else 0
+
+
+def mmu_notifier_release(vm: Vm) -> None:
+    """kvm_s390_pv_mmu_notifier_release: CPUs gone, then Destroy-Fast if available; count untouched."""
+    r = cpus_from_pv(vm, UvRc())
+    if not r and vm.host.destroy_fast_available and vm.pv.handle:
+        deinit_vm_fast(vm, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# image and simple commands
+# ---------------------------------------------------------------------------------------------
+
+
+def export_before_import(vm: Vm) -> bool:
+    """should_export_before_import for a real import: not with MISC, else iff count > 1."""
+    return not vm.host.feature_misc and vm.mm.protected_count > 1
+
+
+def unpack(vm: Vm, addr: int, size: int, tweak: int, rc: UvRc) -> int:
+    """kvm_s390_pv_unpack: page by page; a fatal signal stops it only where the kernel retries."""
+    if addr % PAGE_SIZE or not size or size % PAGE_SIZE:
+        return -EINVAL
+    status, r, rr, done = vm.uv.unpack_range(
+        vm.pv.handle,
+        vm.region,
+        addr,
+        size,
+        tweak,
+        export_first=export_before_import(vm),
+        cancel=vm.process.fatal_signal,
+    )
+    if status != "ok" or done:
+        rc.set(r, rr)
+    if status == "ok":
+        uv_event(vm, "PROTVIRT VM UNPACK: successful rc %x rrc %x", r, rr)
+        return 0
+    uv_event(vm, "PROTVIRT VM UNPACK: failed addr %x rc %x rrc %x", addr + done * PAGE_SIZE, r, rr)
+    return {"eagain": -EAGAIN, "einval": -EINVAL, "efault": -EFAULT, "eintr": -EINTR}.get(status, -EINVAL)
