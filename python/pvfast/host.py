@@ -141,6 +141,9 @@ class Host:
         self.processes: list[Process] = []
         self.ledger: dict[int, LeakEntry] = {}
         object.__setattr__(self, "_frozen", True)
+        from .vmm import _register_host
+
+        _register_host(self)
 
     # -- module parameters (0444: read-only after load) --
     @property

@@ -1,0 +1,134 @@
+"""QEMU-shaped helpers (target/s390x/kvm/pv.c, hw/s390x/s390-virtio-ccw.c): protect and unprotect.
+
+``unprotect`` is QEMU's ``s390_machine_unprotect``: try the asynchronous path (memory limit above
+2 GiB, capability 224 read on every call, PREPARE, then a detached thread named ``async_cleanup``
+issuing PERFORM), else DISABLE. Failures are logged with QEMU's line on the ``pvfast.vmm`` logger.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from .constants import SZ_2G, Cap, PvCmd
+from .errors import PvError
+
+if TYPE_CHECKING:
+    from .host import Host
+    from .image import Image
+    from .kvm import PvResult, Vm
+
+log = logging.getLogger("pvfast.vmm")
+
+_hosts: weakref.WeakSet[Host] = weakref.WeakSet()
+
+
+def _register_host(host: Host) -> None:
+    _hosts.add(host)
+
+
+@atexit.register
+def _shutdown_all() -> None:
+    """Interpreter exit: every live process gets a fatal signal and exits, so in-flight PERFORM
+    walks stop within a batch, their records go to need_cleanup, and teardown cleans everything."""
+    for host in list(_hosts):
+        for proc in list(host.processes):
+            if proc.alive:
+                try:
+                    proc.kill()
+                except Exception:  # noqa: BLE001 - best effort at interpreter exit
+                    log.exception("teardown of process %s at interpreter exit failed", proc.pid)
+
+
+class AsyncCleanupThread(threading.Thread):
+    """QEMU's detached ``async_cleanup`` thread: one PERFORM; on failure QEMU exits (status 1)."""
+
+    def __init__(self, vm: Vm, *, hold: threading.Event | None, exit_on_error: bool) -> None:
+        super().__init__(name="async_cleanup", daemon=True)
+        self.vm = vm
+        self.hold = hold
+        self.exit_on_error = exit_on_error
+        self.result: PvResult | None = None
+        self.error: PvError | None = None
+        self.entered = threading.Event()
+
+    def run(self) -> None:
+        if self.hold is not None:
+            self.hold.wait()  # "thread created, ioctl not yet entered": the double-reboot window
+        self.entered.set()
+        try:
+            self.result = self.vm.pv_command(PvCmd.ASYNC_CLEANUP_PERFORM)
+        except PvError as err:
+            self.error = err
+            log.error("%s", err)
+            if self.exit_on_error:
+                self.vm.process.exit()  # QEMU's *_exit flavour: exit(1) of the whole VMM
+        except ValueError as err:  # the process died meanwhile: the thread died with it
+            log.debug("async_cleanup ended with its process: %s", err)
+
+
+def try_disable_async(vm: Vm, *, hold: threading.Event | None = None, exit_on_error: bool = True) -> AsyncCleanupThread | None:
+    """s390_pv_vm_try_disable_async: the thread running PERFORM, or None if QEMU would not go async."""
+    if vm.memory_limit <= SZ_2G:
+        return None
+    if not vm.host.check_extension(Cap.S390_PROTECTED_ASYNC_DISABLE):
+        return None
+    try:
+        vm.pv_command(PvCmd.ASYNC_CLEANUP_PREPARE)
+    except PvError as err:
+        log.error("%s", err)
+        return None
+    thread = AsyncCleanupThread(vm, hold=hold, exit_on_error=exit_on_error)
+    thread.start()
+    return thread
+
+
+def unprotect(vm: Vm, *, hold: threading.Event | None = None, exit_on_error: bool = True) -> AsyncCleanupThread | None:
+    """s390_machine_unprotect: async teardown when possible (returns the thread), else DISABLE.
+
+    ``hold``: the async_cleanup thread waits for this event before entering the ioctl, which makes
+    QEMU's double-reboot race reproducible (see docs/EXAMPLES.md). ``exit_on_error``: a failing
+    PERFORM or DISABLE exits the VMM process, as QEMU does.
+    """
+    thread = try_disable_async(vm, hold=hold, exit_on_error=exit_on_error)
+    if thread is not None:
+        return thread
+    try:
+        vm.pv_command(PvCmd.DISABLE)
+    except PvError as err:
+        log.error("%s", err)
+        if exit_on_error:
+            vm.process.exit()
+        raise
+    return None
+
+
+def protect(vm: Vm, image: Image, *, load: bool = True) -> None:
+    """s390_machine_protect: load the image, ENABLE, SET_SEC_PARMS, UNPACK each component, VERIFY.
+
+    On a failure after ENABLE, QEMU unprotects (async first) and reports the error; so does this.
+    """
+    if load:
+        for comp in image.components:
+            vm.host_write(comp.addr, comp.data)  # the IPL loads the encrypted image into guest memory
+    vm.pv_command(PvCmd.ENABLE)
+    try:
+        vm.pv_command(PvCmd.SET_SEC_PARMS, header=image.header)
+        for comp in image.components:
+            vm.pv_command(PvCmd.UNPACK, addr=comp.addr, size=len(comp.data), tweak=comp.tweak)
+        vm.pv_command(PvCmd.VERIFY)
+    except PvError:
+        thread = unprotect(vm, exit_on_error=False)
+        if thread is not None:
+            thread.join()
+        raise
+
+
+def reboot(vm: Vm, image: Image, **kwargs: Any) -> AsyncCleanupThread | None:
+    """A guest re-IPL of a protected guest: unprotect, then boot the image protected again."""
+    thread = unprotect(vm, **kwargs)
+    protect(vm, image)
+    return thread

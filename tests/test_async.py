@@ -1,0 +1,478 @@
+"""Asynchronous destroy: PREPARE (§3.8), PERFORM (§3.9), cleanup-all (§4.5), signals, exit (§4.7-4.8)."""
+
+from __future__ import annotations
+
+import errno
+import threading
+
+import pytest
+
+import pvfast
+from pvfast import PvCmd, PvError, Uvc, vmm
+
+from .conftest import GiB, MiB, enable
+
+PREPARE = PvCmd.ASYNC_CLEANUP_PREPARE
+PERFORM = PvCmd.ASYNC_CLEANUP_PERFORM
+HIGH = 2 * GiB  # first guest address above the range PREPARE cleans itself
+
+
+def raises_errno(err: int):
+    return pytest.raises(PvError, match=f"IOCTL rc: -{err}$")
+
+
+def protected_vm(host: pvfast.Host, size: int = 3 * GiB, vcpus: int = 2, low: int = 8 * MiB, high: int = 8 * MiB):
+    """A protected VM whose guest has made ``low`` bytes below 2 GiB and ``high`` above secure."""
+    vm = host.create_vm(size, vcpus=vcpus)
+    enable(vm)
+    if low:
+        vm.guest_access(0, low)
+    if high:
+        vm.guest_access(HIGH, high)
+    return vm
+
+
+def assert_fully_clean(host: pvfast.Host) -> None:
+    """Invariant 13: no secure or orphaned page, no configuration, nothing leaked."""
+    assert host.uv.secure_pages() == 0
+    assert host.uv.config_handles() == set()
+    assert host.leaked() == []
+
+
+# ---------------------------------------------------------------- PREPARE
+
+
+def test_prepare_success_state(any_host):
+    host = any_host
+    vm = protected_vm(host)
+    old = vm.pv_state().handle
+    res = vm.pv_command(PREPARE)
+    assert (res.rc, res.rrc) == (1, 42)
+    st = vm.pv_state()
+    assert st.handle == 0 and not st.protected and st.set_aside
+    assert not any(st.vcpu_handles) and not st.service_irq_masked
+    assert st.protected_count == 1  # the set-aside VM still counts (spec §3.8 g)
+    assert st.set_aside_fast == host.destroy_fast_available
+    # [0, 2 GiB) is clean now; the high pages still belong to the old configuration
+    assert host.uv.secure_pages(old) == 8 * MiB // 4096
+    for page in (0, 100, 2047):
+        assert vm.region.page_state(page)[0] == "nonsecure"
+    kind = "orphaned" if host.destroy_fast_available else "secure"
+    assert vm.region.page_state(HIGH // 4096)[0] == kind
+    stats = host.uv.stats()
+    assert stats.get("DESTROY_SEC_CONF_FAST", 0) == int(host.destroy_fast_available)
+    assert stats.get("DESTROY_SEC_CONF", 0) == 0
+    assert (old in host.uv.config_handles()) == (not host.destroy_fast_available)
+
+
+def test_prepare_preconditions():
+    host = pvfast.Host()
+    vm = host.create_vm(3 * GiB)
+    with raises_errno(errno.EINVAL) as ei:
+        vm.pv_command(PREPARE, rc=9, rrc=9)  # not protected
+    assert (ei.value.rc, ei.value.rrc) == (9, 9)
+    host0 = pvfast.Host(async_destroy=0)
+    vm0 = protected_vm(host0)
+    with raises_errno(errno.EINVAL):
+        vm0.pv_command(PREPARE)
+    assert vm0.pv_state().protected and all(vm0.pv_state().vcpu_handles)  # nothing happened
+    with raises_errno(errno.EINVAL):
+        vm0.pv_command(PERFORM)
+
+
+def test_prepare_refused_for_segment_asce_after_cpus_are_gone(host):
+    vm = host.create_vm(2 * GiB, vcpus=2)
+    enable(vm)
+    handle = vm.pv_state().handle
+    with raises_errno(errno.EINVAL) as ei:
+        vm.pv_command(PREPARE)
+    assert (ei.value.rc, ei.value.rrc) == (0x0001, 0)  # rc/rrc from the CPU destroys
+    st = vm.pv_state()
+    assert st.handle == handle and not any(st.vcpu_handles) and not st.service_irq_masked
+    assert vm.pv_command(PvCmd.DISABLE).rc == 1  # DISABLE works for small VMs
+    assert_fully_clean(host)
+
+
+def test_second_prepare_fails_until_perform_claims(any_host):
+    host = any_host
+    vm = protected_vm(host)
+    vm.pv_command(PREPARE)
+    enable(vm)
+    handle2 = vm.pv_state().handle
+    assert vm.pv_state().protected_count == 2
+    with raises_errno(errno.EINVAL):
+        vm.pv_command(PREPARE)
+    st = vm.pv_state()
+    assert st.handle == handle2 and not any(st.vcpu_handles)  # CPUs were already made non-protected
+    assert st.set_aside and not st.service_irq_masked
+    # DISABLE tears down the current VM and the set-aside one
+    assert vm.pv_command(PvCmd.DISABLE).rc == 1
+    st = vm.pv_state()
+    assert not st.set_aside and st.need_cleanup == 0 and st.protected_count == 0
+    assert host.uv.secure_pages() == 0 and host.uv.config_handles() == set()
+
+
+def test_prepare_destroy_fast_failure_keeps_vm_protected():
+    host = pvfast.Host()
+    vm = protected_vm(host)
+    handle = vm.pv_state().handle
+    host.uv.inject_failure(Uvc.DESTROY_SEC_CONF_FAST, 0x0104)
+    with raises_errno(errno.EIO) as ei:
+        vm.pv_command(PREPARE)
+    assert ei.value.rc == 0x0104
+    st = vm.pv_state()
+    assert st.handle == handle and not st.set_aside and not st.service_irq_masked
+    assert st.guest_handle == 0  # v6.2 zeroes gmap->guest_handle anyway
+    assert host.uv.stats().get("DESTROY_SEC_CONF", 0) == 0  # no fallback inside PREPARE
+    vm.pv_command(PvCmd.DISABLE)
+    assert_fully_clean(host)
+
+
+def test_prepare_cpu_failure_is_eio_and_keeps_mask():
+    host = pvfast.Host()
+    vm = protected_vm(host)
+    host.uv.inject_failure(Uvc.DESTROY_SEC_CPU, 0x0021)
+    with raises_errno(errno.EIO):
+        vm.pv_command(PREPARE)
+    st = vm.pv_state()
+    assert st.protected and st.service_irq_masked and not st.set_aside
+
+
+def test_prepare_slow_path_enomem_leaks_old_table():
+    host = pvfast.Host(destroy_fast=False)
+    vm = protected_vm(host)
+    host.inject_alloc_failure(1)  # the record allocation: nothing unlisted yet
+    with raises_errno(errno.ENOMEM):
+        vm.pv_command(PREPARE)
+    assert vm.pv_state().leaked == 0
+    # the record succeeds, the new top table does not: the unlisted old table leaks (spec §2.6)
+    orig = host.kalloc
+    host.kalloc = lambda kind, size: None if kind == "crst" else orig(kind, size)  # type: ignore[method-assign]
+    try:
+        with raises_errno(errno.ENOMEM):
+            vm.pv_command(PREPARE)
+    finally:
+        del host.kalloc
+    st = vm.pv_state()
+    assert st.leaked == 1 and st.leaks[0]["kind"] == "crst"
+    assert st.protected and not st.set_aside
+
+
+# ---------------------------------------------------------------- PERFORM
+
+
+def test_perform_without_record_is_einval_with_rc_passed_in(host):
+    vm = host.create_vm(3 * GiB)
+    with raises_errno(errno.EINVAL) as ei:
+        vm.pv_command(PERFORM, rc=0x77, rrc=0x88)
+    assert (ei.value.rc, ei.value.rrc) == (0x77, 0x88)
+
+
+def test_perform_fast_and_slow(any_host):
+    host = any_host
+    vm = protected_vm(host, high=16 * MiB)
+    old = vm.pv_state().handle
+    vm.pv_command(PREPARE)
+    before = host.uv.stats().get("DESTR_SEC_STOR", 0)
+    res = vm.pv_command(PERFORM, rc=0x55, rrc=0x66)
+    if host.destroy_fast_available:
+        assert (res.rc, res.rrc) == (0x55, 0x66)  # fast record: no UVC, rc/rrc untouched
+    else:
+        assert (res.rc, res.rrc) == (1, 0)  # Destroy Config's rc
+        assert host.uv.stats()["DESTROY_SEC_CONF"] == 1
+    assert host.uv.stats()["DESTR_SEC_STOR"] - before == vm.region.present_pages()
+    st = vm.pv_state()
+    assert not st.set_aside and st.need_cleanup == 0 and st.protected_count == 0
+    assert host.uv.secure_pages(old) == 0 and host.uv.secure_pages() == 0
+    assert host.uv.config_handles() == set()
+
+
+def test_perform_leaves_the_running_guest_alone(any_host):
+    host = any_host
+    vm = protected_vm(host, high=16 * MiB)
+    vm.pv_command(PREPARE)
+    enable(vm)
+    new = vm.pv_state().handle
+    vm.guest_write(HIGH + 64 * MiB, b"new guest data")
+    vm.guest_access(0, 4 * MiB)
+    mine = host.uv.secure_pages(new)
+    vm.pv_command(PERFORM)
+    assert host.uv.secure_pages(new) == mine and host.uv.secure_pages() == mine
+    assert vm.guest_read(HIGH + 64 * MiB, 14) == b"new guest data"
+    assert vm.pv_state().protected_count == 1
+
+
+def test_export_before_import_only_while_count_above_one():
+    host = pvfast.Host(feature_misc=False)
+    vm = protected_vm(host, high=0)
+    vm.pv_command(PREPARE)
+    enable(vm)
+    s0 = host.uv.stats()
+    vm.guest_access(HIGH, 10 * 4096)  # count == 2: one export before each import
+    s1 = host.uv.stats()
+    assert s1["CONV_TO_SEC_STOR"] - s0["CONV_TO_SEC_STOR"] == 10
+    assert s1.get("CONV_FROM_SEC_STOR", 0) - s0.get("CONV_FROM_SEC_STOR", 0) == 10
+    vm.pv_command(PERFORM)
+    vm.guest_access(HIGH + 64 * MiB, 10 * 4096)  # count == 1: no more exports
+    s2 = host.uv.stats()
+    assert s2["CONV_TO_SEC_STOR"] - s1["CONV_TO_SEC_STOR"] == 10
+    assert s2.get("CONV_FROM_SEC_STOR", 0) == s1.get("CONV_FROM_SEC_STOR", 0)
+
+
+def test_no_export_before_import_with_misc():
+    host = pvfast.Host(feature_misc=True)
+    vm = protected_vm(host, high=0)
+    vm.pv_command(PREPARE)
+    enable(vm)
+    s0 = host.uv.stats().get("CONV_FROM_SEC_STOR", 0)
+    vm.guest_access(HIGH, 10 * 4096)
+    assert host.uv.stats().get("CONV_FROM_SEC_STOR", 0) == s0
+
+
+def test_fatal_signal_during_perform_queues_leftover(any_host):
+    host = any_host
+    vm = protected_vm(host, high=4 * MiB)
+    vm.pv_command(PREPARE)
+    vm.process.fatal_signal.set()  # a fatal signal is pending when the walk checks
+    res = vm.pv_command(PERFORM)
+    assert (res.rc, res.rrc) == (1, 42)
+    st = vm.pv_state()
+    assert st.need_cleanup == 1 and not st.set_aside and st.protected_count == 1
+    vm.process.fatal_signal.clear()
+    # a non-protected VM cannot DISABLE its leftovers; VM destroy does
+    with raises_errno(errno.EINVAL):
+        vm.pv_command(PvCmd.DISABLE)
+    proc = vm.process
+    proc.exit()
+    assert_fully_clean(host)
+
+
+def test_disable_on_protected_vm_cleans_leftover(any_host):
+    host = any_host
+    vm = protected_vm(host)
+    vm.pv_command(PREPARE)
+    vm.process.fatal_signal.set()
+    vm.pv_command(PERFORM)
+    vm.process.fatal_signal.clear()
+    enable(vm)
+    assert vm.pv_state().protected_count == 2
+    assert vm.pv_command(PvCmd.DISABLE).rc == 1
+    st = vm.pv_state()
+    assert st.need_cleanup == 0 and st.protected_count == 0
+    assert host.uv.secure_pages() == 0 and host.uv.config_handles() == set()
+
+
+def test_disable_first_error_wins():
+    host = pvfast.Host(destroy_fast=False)
+    vm = protected_vm(host)
+    vm.pv_command(PREPARE)
+    enable(vm)
+    # the current VM's destroy fails first; the leftover's destroy fails after it
+    host.uv.inject_failure(Uvc.DESTROY_SEC_CONF, 0x0031, rrc=1, count=1)
+    with raises_errno(errno.EIO) as ei:
+        vm.pv_command(PvCmd.DISABLE)
+    assert (ei.value.rc, ei.value.rrc) == (0x0031, 1)
+    st = vm.pv_state()
+    assert st.protected and st.protected_count == 1 and st.need_cleanup == 0  # leftover disposed
+
+
+def test_perform_destroy_config_failure_is_eio_and_leaks():
+    host = pvfast.Host(destroy_fast=False)
+    vm = protected_vm(host)
+    old = vm.pv_state().handle
+    vm.pv_command(PREPARE)
+    host.uv.inject_failure(Uvc.DESTROY_SEC_CONF, 0x0042, rrc=3)
+    with raises_errno(errno.EIO) as ei:
+        vm.pv_command(PERFORM)
+    assert (ei.value.rc, ei.value.rrc) == (0x0042, 3)
+    st = vm.pv_state()
+    assert st.protected_count == 1  # a failed leftover never leaves the count (invariant 8)
+    assert {leak["kind"] for leak in st.leaks} == {"stor_base", "stor_var", "crst"}
+    assert old in host.uv.config_handles()
+
+
+def test_vm_destroy_leftover_failure_leaks_and_goes_on():
+    host = pvfast.Host(destroy_fast=False)
+    vm = protected_vm(host)
+    vm.pv_command(PREPARE)
+    proc = vm.process
+    host.uv.inject_failure(Uvc.DESTROY_SEC_CONF, 0x0042, rrc=3)
+    vm.close()
+    assert len(host.leaked()) == 3
+    assert proc.mm.protected_count == 1
+
+
+def test_two_concurrent_performs_one_claims(any_host):
+    host = any_host
+    vm = protected_vm(host, high=64 * MiB)
+    vm.pv_command(PREPARE)
+    results: list[object] = []
+    barrier = threading.Barrier(2)
+
+    def run() -> None:
+        barrier.wait()
+        try:
+            results.append(vm.pv_command(PERFORM))
+        except PvError as err:
+            results.append(err)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    errors = [r for r in results if isinstance(r, PvError)]
+    assert len(errors) == 1 and errors[0].errno == errno.EINVAL
+    assert host.uv.secure_pages() == 0
+
+
+def test_commands_complete_while_perform_walks():
+    host = pvfast.Host(walk_threads=1)
+    vm = protected_vm(host, size=6 * GiB, high=512 * MiB)
+    vm.pv_command(PREPARE)
+    vm.perform_started.clear()
+    t = threading.Thread(target=vm.pv_command, args=(PERFORM,))
+    t.start()
+    vm.perform_started.wait()
+    enable(vm)  # PREPARE may be followed by ENABLE while PERFORM runs (no kvm->lock held by the walk)
+    vm.pv_command(PvCmd.INFO, id=0, len_max=80)
+    vm.guest_access(HIGH, 4 * MiB)
+    t.join()
+    st = vm.pv_state()
+    assert st.protected and st.protected_count == 1 and st.need_cleanup == 0
+    assert host.uv.secure_pages() == host.uv.secure_pages(st.handle)
+
+
+# ---------------------------------------------------------------- kill / exit / helpers
+
+
+def test_kill_during_perform_stops_within_a_batch_and_loses_nothing(any_host):
+    host = any_host
+    vm = protected_vm(host, size=4 * GiB, high=1 * GiB)
+    proc = vm.process
+    vm.pv_command(PREPARE)
+    vm.perform_started.clear()
+    out: list[object] = []
+    t = threading.Thread(target=lambda: out.append(vm.pv_command(PERFORM)))
+    t.start()
+    vm.perform_started.wait()
+    proc.kill()
+    t.join()
+    assert not proc.alive
+    res = out[0]
+    assert isinstance(res, pvfast.PvResult)
+    assert_fully_clean(host)
+
+
+def test_exit_without_helper_uses_notifier_and_page_teardown():
+    host = pvfast.Host()
+    vm = protected_vm(host, high=32 * MiB)
+    proc = vm.process
+    s0 = host.uv.stats()
+    proc.exit()
+    s1 = host.uv.stats()
+    assert s1["DESTROY_SEC_CONF_FAST"] - s0.get("DESTROY_SEC_CONF_FAST", 0) == 1  # notifier
+    assert s1.get("DESTROY_SEC_CONF", 0) == 0
+    assert s1["DESTR_SEC_STOR"] - s0.get("DESTR_SEC_STOR", 0) >= 40 * MiB // 4096  # per-page teardown
+    assert not proc.alive and proc.mm.dead
+    assert host.uv.secure_pages() == 0 and host.uv.config_handles() == set()
+
+
+def test_exit_with_helper_moves_mm_teardown_to_helper():
+    host = pvfast.Host()
+    vm = protected_vm(host, high=32 * MiB)
+    proc = vm.process
+    helper = proc.clone_vm()
+    assert helper.name == f"cleanup/{proc.pid}" and helper.mm is proc.mm
+    s0 = host.uv.stats()
+    proc.exit()
+    s1 = host.uv.stats()
+    # QEMU's exit: fds close → VM destroy → cleanup-all with Destroy Config and the full zap
+    assert s1["DESTROY_SEC_CONF"] - s0.get("DESTROY_SEC_CONF", 0) == 1
+    assert s1.get("DESTROY_SEC_CONF_FAST", 0) == s0.get("DESTROY_SEC_CONF_FAST", 0)
+    assert not proc.alive and helper.alive and not proc.mm.dead
+    assert host.uv.secure_pages() == 0
+    helper.exit()
+    assert proc.mm.dead
+    assert_fully_clean(host)
+
+
+def test_exit_with_set_aside_and_leftovers_cleans_everything(any_host):
+    host = any_host
+    vm = protected_vm(host)
+    vm.pv_command(PREPARE)
+    vm.process.fatal_signal.set()
+    vm.pv_command(PERFORM)
+    vm.process.fatal_signal.clear()
+    enable(vm)
+    vm.guest_access(HIGH, 4 * MiB)
+    vm.pv_command(PREPARE)
+    assert vm.pv_state().need_cleanup == 1 and vm.pv_state().set_aside
+    vm.process.exit()
+    assert_fully_clean(host)
+
+
+def test_vm_close_runs_cleanup_all(any_host):
+    host = any_host
+    proc = host.spawn_process()
+    vm = proc.create_vm(3 * GiB, vcpus=2)
+    enable(vm)
+    vm.guest_access(HIGH, 8 * MiB)
+    vm.pv_command(PREPARE)
+    enable(vm)
+    vm.close()
+    assert host.uv.secure_pages() == 0 and host.uv.config_handles() == set()
+    assert proc.mm.protected_count == 0
+    proc.exit()
+    assert_fully_clean(host)
+
+
+# ---------------------------------------------------------------- QEMU helpers
+
+
+def test_unprotect_async_and_sync_paths():
+    host = pvfast.Host()
+    big = protected_vm(host)
+    t = vmm.unprotect(big)
+    assert t is not None and t.name == "async_cleanup"
+    t.join()
+    assert t.error is None and not big.pv_state().set_aside
+    small = host.create_vm(2 * GiB)
+    enable(small)
+    assert vmm.unprotect(small) is None  # 2 GiB gate: DISABLE
+    host0 = pvfast.Host(async_destroy=0)
+    vm0 = protected_vm(host0)
+    assert vmm.unprotect(vm0) is None and not vm0.pv_state().protected
+
+
+def test_double_reboot_race_is_reproducible(caplog):
+    host = pvfast.Host()
+    vm = protected_vm(host)
+    hold = threading.Event()
+    t1 = vmm.unprotect(vm, hold=hold)  # reboot 1: PREPARE ok; the thread has not entered the ioctl
+    assert t1 is not None
+    enable(vm)  # the rebooted guest is protected again
+    t2 = vmm.unprotect(vm)  # reboot 2: PREPARE fails (one set aside) → DISABLE consumes both
+    assert t2 is None
+    assert "KVM PV command 9 (KVM_PV_ASYNC_CLEANUP_PREPARE) failed" in caplog.text
+    assert not vm.pv_state().set_aside and host.uv.config_handles() == set()
+    hold.set()
+    t1.join()
+    assert t1.error is not None and t1.error.errno == errno.EINVAL  # the late PERFORM
+    assert not vm.process.alive  # QEMU exit(1)s on a failed PERFORM
+    assert_fully_clean(host)
+
+
+def test_protect_failure_unprotects():
+    from pvfast import image
+
+    host = pvfast.Host()
+    vm = host.create_vm(3 * GiB)
+    img = image.build([(0x10000, b"kernel" * 1000)])
+    bad = img.header[:-1] + bytes([img.header[-1] ^ 1])
+    with pytest.raises(PvError) as ei:
+        vmm.protect(vm, image.Image(header=bad, components=img.components))
+    assert ei.value.cmd == PvCmd.SET_SEC_PARMS and ei.value.errno == errno.EINVAL
+    assert not vm.pv_state().protected
+    vm.process.exit()
+    assert_fully_clean(host)
