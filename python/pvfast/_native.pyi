@@ -200,3 +200,31 @@ class Ultravisor:
     def mm_teardown(self, region: Region) -> tuple[int, int]:
         """exit_mmap of a protected mm: for every present SECURE/SHARED/ORPHANED page destroy
         (0x0202), on failure export (0x0201). Returns (destroyed, exported)."""
+
+# ---- boot image (rust/pvfast-py/src/image.rs; format and rcs in docs/IMAGE.md) ----
+# Header errors raise ValueError("invalid SE header: <reason> (rc 0x01..)") with attribute
+# ``rc`` = the UV rc SET_SEC_CONF_PARAMS reports for it. host_key None = HOST_KEY_DEFAULT.
+
+from typing import Any
+
+HOST_KEY_DEFAULT: Final[bytes]  # 32 bytes: the emulated machine's host key
+IMAGE_MAX_HEADER_LEN: Final[int]  # 8192
+IMAGE_MAX_COMPONENTS: Final[int]  # 328: components that fit in IMAGE_MAX_HEADER_LEN
+
+def image_seal(
+    components: list[tuple[int, int, bytes]], host_key: bytes | None = None, image_key: bytes | None = None
+) -> tuple[bytes, list[bytes]]:
+    """Seal [(addr, tweak, plaintext)] -> (header, encrypted components padded to 4 KiB).
+    Random image key (64 bytes, AES-256-XTS) when None. GIL released. ValueError/TypeError
+    naming the argument (``components[2].addr: ...``)."""
+
+def image_parse(header: bytes, host_key: bytes | None = None) -> dict[str, Any]:
+    """Authenticate and decode: version, length, pages, components [(addr, size, tweak)],
+    pld/ald/tld (hex)."""
+
+def image_decrypt_page(header: bytes, tweak0: int, tweak1: int, page: bytes, host_key: bytes | None = None) -> bytes:
+    """UNPACK's decryption of one 4096-byte page (test helper)."""
+
+def image_verify(header: bytes, pages: list[tuple[int, int, int, bytes]], host_key: bytes | None = None) -> int:
+    """VERIFY over [(gaddr, tweak0, tweak1, plaintext)] in unpack order: 0x0001 or the rc of
+    the first digest that differs (PLD 0x0102, ALD 0x0103, TLD 0x0104). GIL released (test helper)."""

@@ -511,7 +511,7 @@ pub fn random_image_key() -> Result<[u8; IMAGE_KEY_LEN], String> {
 /// with the rest of the header as AAD. `components` are `(addr, tweak, plaintext)`.
 ///
 /// Returns the header and the encrypted components (each a multiple of 4 KiB, in input
-/// order). Errors name the offending component.
+/// order). Errors name the argument and the offending entry (`components[2]: ...`).
 pub fn seal_image(
     components: &[(u64, u64, &[u8])],
     host_key: &[u8; 32],
@@ -524,15 +524,15 @@ pub fn seal_image(
     let mut table = Vec::with_capacity(components.len());
     for (i, &(addr, tweak, data)) in components.iter().enumerate() {
         if data.is_empty() {
-            return Err(format!("component {i}: data is empty"));
+            return Err(format!("components[{i}]: data is empty"));
         }
         let size = (data.len() as u64)
             .checked_next_multiple_of(page)
-            .ok_or_else(|| format!("component {i}: data too large"))?;
+            .ok_or_else(|| format!("components[{i}]: data too large"))?;
         table.push(ComponentDesc { addr, size, tweak });
     }
     let pages = validate_table(&table).map_err(|(index, reason)| match index {
-        Some(i) => format!("component {i}: {reason}"),
+        Some(i) => format!("components[{i}]: {reason}"),
         None => format!("components: {reason}"),
     })?;
 

@@ -471,10 +471,10 @@ fn seal_rejects_misuse() {
     let d = [1u8; 10];
     let seal = |c: &[(u64, u64, &[u8])]| seal_image(c, &HOST_KEY_DEFAULT, &KEY).unwrap_err();
     assert!(seal(&[]).contains("no components"));
-    assert!(seal(&[(0, 1, &[])]).contains("component 0: data is empty"));
-    assert!(seal(&[(0, 1, &d), (0x1001, 2, &d)]).contains("component 1: address 0x1001"));
+    assert!(seal(&[(0, 1, &[])]).contains("components[0]: data is empty"));
+    assert!(seal(&[(0, 1, &d), (0x1001, 2, &d)]).contains("components[1]: address 0x1001"));
     assert!(seal(&[(0x2000, 1, &d), (0x1000, 2, &[0u8; 4097])])
-        .contains("component 1: overlaps component 0"));
+        .contains("components[1]: overlaps component 0"));
     assert!(seal(&[(0, 5, &d), (0x1000, 5, &d)]).contains("tweak 0x5"));
     assert!(seal(&[(!0xfffu64, 1, &d)]).contains("overflows"));
     let same_halves = [9u8; 64];
