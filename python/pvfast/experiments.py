@@ -1,0 +1,552 @@
+"""Measurements the ``pvfast`` command and the benchmarks share: reboot, shutdown, sync/async compare.
+
+Every function builds its own emulated host, runs one scenario the way QEMU drives the kernel
+(``pvfast.vmm``), tears everything down and returns a plain, JSON-serialisable dict. Times are
+``time.perf_counter`` seconds. ``progress(label, done, total, unit)`` and ``tracer`` are optional;
+without them nothing extra runs on the measured path.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from . import image as _image
+from . import vmm
+from .constants import PAGE_SIZE, SZ_2G, Cap, PvCmd
+from .host import Host
+
+if TYPE_CHECKING:
+    from .kvm import Vm
+    from .mm import Process
+    from .trace import Tracer
+
+KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
+HIGH = SZ_2G  # PREPARE cleans [0, 2 GiB) itself; the guest's secure memory goes above this
+DIRTY_CHUNK = 64 * MiB  # guest_access granularity (progress updates; each call is one native walk)
+POLL_SECONDS = 0.02  # progress poll period while the async_cleanup thread runs
+DEFAULT_VCPUS = 2
+
+Progress = Callable[[str, int, int, str], None]  # (label, done, total, unit)
+
+_SUFFIX = {"": 1, "B": 1, "K": KiB, "M": MiB, "G": GiB, "T": TiB}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+
+
+# ------------------------------------------------------------------------------------- sizes
+
+
+def parse_size(text: str) -> int:
+    """``"8G"`` → 8 GiB. Binary suffixes K/M/G/T (``KiB``/``GB`` spellings accepted), bytes without one."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise ValueError(f"invalid size {text!r}: expected a number with an optional K/M/G/T suffix, e.g. 8G")
+    number, suffix = match.groups()
+    value = float(number) * _SUFFIX[suffix.upper()]
+    if value != int(value):
+        raise ValueError(f"invalid size {text!r}: not a whole number of bytes")
+    if value <= 0:
+        raise ValueError(f"invalid size {text!r}: must be positive")
+    return int(value)
+
+
+def format_size(size: int) -> str:
+    """8589934592 → ``"8G"``; sizes that are not whole units keep one decimal (``"1.5G"``)."""
+    for suffix, unit in (("T", TiB), ("G", GiB), ("M", MiB), ("K", KiB)):
+        if size >= unit:
+            value = size / unit
+            return f"{value:.0f}{suffix}" if value == int(value) else f"{value:.1f}{suffix}"
+    return f"{size}B"
+
+
+def auto_memory(secure: int) -> int:
+    """Guest memory for ``secure`` dirtied bytes above 2 GiB: 2 GiB below, the secure part, and 1 GiB
+    more that stays reserved and untouched (it costs no RAM)."""
+    return HIGH + -(-secure // MiB) * MiB + GiB
+
+
+def check_sizes(memory: int, secure: int) -> None:
+    """The guest dirties [2 GiB, 2 GiB + secure): that must fit in ``memory`` (a multiple of 1 MiB)."""
+    if memory % MiB:
+        raise ValueError(f"--memory {format_size(memory)} is not a multiple of 1M")
+    if secure % PAGE_SIZE:
+        raise ValueError(f"--secure {format_size(secure)} is not a multiple of 4K")
+    if secure + HIGH > memory:
+        raise ValueError(
+            f"--secure {format_size(secure)} does not fit: the guest dirties memory above 2G, "
+            f"so --memory must be at least {format_size(secure + HIGH)} (got {format_size(memory)})"
+        )
+
+
+# ------------------------------------------------------------------------------------- host
+
+
+@dataclass(frozen=True)
+class HostOptions:
+    """The load-time settings of the emulated host the command line can change."""
+
+    async_destroy: int = 1
+    destroy_fast: bool = True
+    feature_misc: bool = True
+
+    def build(self) -> Host:
+        return Host(async_destroy=self.async_destroy, destroy_fast=self.destroy_fast, feature_misc=self.feature_misc)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def host_info(options: HostOptions = HostOptions()) -> dict[str, Any]:
+    """The emulated host as a VMM sees it: capabilities, sysfs files, UV features and limits."""
+    host = options.build()
+    uv = host.uv.info()
+    return {
+        "host": options.as_dict(),
+        "capabilities": {cap.name: {"cap": int(cap), "value": host.check_extension(cap)} for cap in Cap},
+        "module_params": dict(host.module_params),
+        "sysfs": {path: host.read_sysfs(path).rstrip("\n") for path in host.sysfs_paths()},
+        "uv": {
+            "destroy_fast": host.destroy_fast_available,
+            "feature_misc": host.feature_misc,
+            "feature_aiv": host.feature_aiv,
+            "dump": host.dump_available,
+            **{key: (list(value) if isinstance(value, tuple) else value) for key, value in uv.items()},
+        },
+        "build_profile": _build_profile(),
+    }
+
+
+def _build_profile() -> str:
+    from . import _native
+
+    return str(_native.build_profile)
+
+
+# ------------------------------------------------------------------------------------- guest
+
+
+@functools.lru_cache(maxsize=1)
+def boot_image() -> _image.Image:
+    """A small sealed image (kernel + command line below 2 GiB) that ``vmm.protect`` boots."""
+    kernel = bytes(range(256)) * (256 * KiB // 256)
+    cmdline = b"root=/dev/vda1 console=ttysclp0 pvfast\0"
+    return _image.build([(0x10000, kernel), (0x8000, cmdline)])
+
+
+def uvc_delta(after: Mapping[str, int], before: Mapping[str, int]) -> dict[str, int]:
+    """UVCs issued between two ``host.uv.stats()`` snapshots (only the non-zero ones)."""
+    return {name: after[name] - before.get(name, 0) for name in sorted(after) if after[name] - before.get(name, 0)}
+
+
+def traced_vm(vm: Vm, tracer: Tracer | None) -> Vm:
+    """With a tracer, every KVM_S390_PV_COMMAND on ``vm`` (from any thread) becomes a trace event."""
+    if tracer is not None:
+
+        def name(cmd: int, *_: Any) -> str:
+            try:
+                return f"KVM_PV_{PvCmd(cmd).name}"
+            except ValueError:
+                return f"KVM_PV_{cmd}"
+
+        vm.pv_command = tracer.wrap(vm.pv_command, name, cat="pv")  # type: ignore[method-assign]
+    return vm
+
+
+def _span(tracer: Tracer | None, name: str, **args: Any) -> Any:
+    return tracer.span(name, **args) if tracer is not None else _NULL_SPAN
+
+
+class _NullSpan:
+    """A do-nothing ``with`` target (one shared instance; no per-phase allocation)."""
+
+    def __enter__(self) -> dict[str, Any]:
+        return {}
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NULL_SPAN = _NullSpan()
+
+
+def dirty(vm: Vm, secure: int, *, progress: Progress | None = None, start: int = HIGH) -> None:
+    """The running protected guest writes ``secure`` bytes from ``start`` up (imports them)."""
+    done = 0
+    while done < secure:
+        step = min(DIRTY_CHUNK, secure - done)
+        vm.guest_access(start + done, step)
+        done += step
+        if progress is not None:
+            progress("guest dirties secure memory", done, secure, "bytes")
+
+
+def boot_guest(
+    proc: Process,
+    memory: int,
+    secure: int,
+    *,
+    vcpus: int = DEFAULT_VCPUS,
+    progress: Progress | None = None,
+    tracer: Tracer | None = None,
+) -> Vm:
+    """A protected guest of ``memory`` bytes in ``proc`` that has made ``secure`` bytes above 2 GiB secure."""
+    vm = traced_vm(proc.create_vm(memory, vcpus=vcpus), tracer)
+    with _span(tracer, "boot (protect)"):
+        vmm.protect(vm, boot_image())
+    with _span(tracer, "guest dirties secure memory", bytes=secure):
+        dirty(vm, secure, progress=progress)
+    return vm
+
+
+def _counters(tracer: Tracer | None, host: Host, base: Mapping[str, int]) -> None:
+    if tracer is not None:
+        tracer.counter("UVCs", uvc_delta(host.uv.stats(), base) or {"none": 0})
+        tracer.counter("secure pages", {"secure pages": host.uv.secure_pages()})
+
+
+# ------------------------------------------------------------------------------------- reboot
+
+
+def reboot(
+    memory: int,
+    secure: int,
+    *,
+    mode: str = "auto",
+    options: HostOptions = HostOptions(),
+    vcpus: int = DEFAULT_VCPUS,
+    progress: Progress | None = None,
+    tracer: Tracer | None = None,
+) -> dict[str, Any]:
+    """Reboot a protected guest as QEMU does and time it.
+
+    ``mode``: ``"auto"`` is QEMU's ``s390_machine_unprotect`` (async when the host allows it),
+    ``"sync"`` forces KVM_PV_DISABLE, ``"async"`` is ``auto`` but reports an error result if QEMU
+    would not have gone asynchronous. Times are from the start of the unprotect:
+    ``unprotect_seconds`` (the reset path can go on), ``running_seconds`` (the new protected guest
+    runs: ENABLE..VERIFY done), ``cleanup_seconds`` (the old guest's memory is clean).
+    """
+    if mode not in ("auto", "sync", "async"):
+        raise ValueError(f"mode: expected 'auto', 'sync' or 'async', got {mode!r}")
+    check_sizes(memory, secure)
+    host = options.build()
+    proc = host.spawn_process("qemu")
+    try:
+        with _span(tracer, f"reboot {mode} {format_size(secure)}", memory=memory, secure=secure):
+            return _reboot(host, proc, memory, secure, mode, options, vcpus, progress, tracer)
+    finally:
+        with _span(tracer, "process exit (not measured)"):
+            proc.exit()
+
+
+def _reboot(
+    host: Host,
+    proc: Process,
+    memory: int,
+    secure: int,
+    mode: str,
+    options: HostOptions,
+    vcpus: int,
+    progress: Progress | None,
+    tracer: Tracer | None,
+) -> dict[str, Any]:
+    t_boot = time.perf_counter()
+    vm = boot_guest(proc, memory, secure, vcpus=vcpus, progress=progress, tracer=tracer)
+    boot_seconds = time.perf_counter() - t_boot
+    old_handle = vm.pv_state().handle
+    pages_before = host.uv.secure_pages(old_handle)
+    stats0 = host.uv.stats()
+    _counters(tracer, host, stats0)
+
+    thread = None
+    t0 = time.perf_counter()
+    with _span(tracer, "unprotect"):
+        if mode == "sync":
+            vm.pv_command(PvCmd.DISABLE)  # QEMU's fallback, forced
+        else:
+            thread = vmm.unprotect(vm)
+    t1 = time.perf_counter()
+    stats_unprotect = host.uv.stats()
+    with _span(tracer, "protect (guest boots again)"):
+        vmm.protect(vm, boot_image())
+    t2 = time.perf_counter()
+    _counters(tracer, host, stats0)
+
+    perform: dict[str, Any] | None = None
+    if thread is not None:
+        with _span(tracer, "wait for async_cleanup"):
+            while thread.is_alive():
+                thread.join(POLL_SECONDS)
+                left = host.uv.secure_pages(old_handle)
+                if progress is not None:
+                    progress("async_cleanup tears down the old guest", pages_before - left, pages_before, "pages")
+                _counters(tracer, host, stats0)
+        t3 = time.perf_counter()
+        if thread.error is not None:
+            perform = {"error": str(thread.error)}
+        elif thread.result is not None:
+            perform = {"rc": thread.result.rc, "rrc": thread.result.rrc}
+    else:
+        t3 = t1
+        if progress is not None:
+            progress("KVM_PV_DISABLE tore the old guest down", pages_before, pages_before, "pages")
+    stats1 = host.uv.stats()
+    _counters(tracer, host, stats0)
+
+    went_async = thread is not None
+    result: dict[str, Any] = {
+        "experiment": "reboot",
+        "host": options.as_dict(),
+        "memory": memory,
+        "secure": secure,
+        "vcpus": vcpus,
+        "mode_requested": mode,
+        "mode": "async" if went_async else "sync",
+        "boot_seconds": boot_seconds,
+        "unprotect_seconds": t1 - t0,
+        "protect_seconds": t2 - t1,
+        "running_seconds": t2 - t0,
+        "cleanup_seconds": t3 - t0,
+        "background_seconds": (t3 - t1) if went_async else 0.0,
+        "old_handle": old_handle,
+        "secure_pages_before": pages_before,
+        "secure_pages_left": host.uv.secure_pages(old_handle),
+        "secure_pages_now": host.uv.secure_pages(),
+        "uvcs_unprotect": uvc_delta(stats_unprotect, stats0),
+        "uvcs": uvc_delta(stats1, stats0),
+        "perform": perform,
+        "pv_state": {
+            "protected": vm.pv_state().protected,
+            "set_aside": vm.pv_state().set_aside,
+            "need_cleanup": vm.pv_state().need_cleanup,
+            "leaked": vm.pv_state().leaked,
+        },
+    }
+    if mode == "async" and not went_async:
+        result["error"] = (
+            "the reboot was synchronous: QEMU goes asynchronous only with capability 224 "
+            f"(= {host.check_extension(Cap.S390_PROTECTED_ASYNC_DISABLE)}) and a memory limit above 2G"
+        )
+    return result
+
+
+# ------------------------------------------------------------------------------------- shutdown
+
+
+def shutdown(
+    memory: int,
+    secure: int,
+    *,
+    helper: bool = True,
+    options: HostOptions = HostOptions(),
+    vcpus: int = DEFAULT_VCPUS,
+    progress: Progress | None = None,
+    tracer: Tracer | None = None,
+) -> dict[str, Any]:
+    """QEMU exits with a protected guest running, with or without the ``-run-with async-teardown=on``
+    CLONE_VM helper; reports how long the VMM's own exit took and what the helper's exit paid."""
+    check_sizes(memory, secure)
+    host = options.build()
+    proc = host.spawn_process("qemu")
+    helper_proc = proc.clone_vm() if helper else None  # QEMU clones at start-up, before KVM exists
+    with _span(tracer, f"shutdown {'with' if helper else 'without'} helper {format_size(secure)}"):
+        t_boot = time.perf_counter()
+        vm = boot_guest(proc, memory, secure, vcpus=vcpus, progress=progress, tracer=tracer)
+        boot_seconds = time.perf_counter() - t_boot
+        handle = vm.pv_state().handle
+        pages_before = host.uv.secure_pages()
+        stats0 = host.uv.stats()
+        _counters(tracer, host, stats0)
+
+        t0 = time.perf_counter()
+        with _span(tracer, f"exit {proc.name} (pid {proc.pid})"):
+            proc.exit()
+        vmm_wall = time.perf_counter() - t0
+        stats1 = host.uv.stats()
+        pages_after_vmm = host.uv.secure_pages()
+        _counters(tracer, host, stats0)
+        if progress is not None:
+            progress("VMM exited", pages_before - pages_after_vmm, pages_before, "pages")
+
+        phases: dict[str, Any] = {
+            "vmm_exit": {
+                "process": proc.name,
+                "seconds": proc.exit_seconds,
+                "wall_seconds": vmm_wall,
+                "uvcs": uvc_delta(stats1, stats0),
+                "secure_pages_after": pages_after_vmm,
+            }
+        }
+        if helper_proc is not None:
+            t1 = time.perf_counter()
+            with _span(tracer, f"exit {helper_proc.name} (pid {helper_proc.pid})"):
+                helper_proc.exit()
+            helper_wall = time.perf_counter() - t1
+            stats2 = host.uv.stats()
+            _counters(tracer, host, stats0)
+            if progress is not None:
+                progress("helper exited", pages_before - host.uv.secure_pages(), pages_before, "pages")
+            phases["helper_exit"] = {
+                "process": helper_proc.name,
+                "seconds": helper_proc.exit_seconds,
+                "wall_seconds": helper_wall,
+                "uvcs": uvc_delta(stats2, stats1),
+                "secure_pages_after": host.uv.secure_pages(),
+            }
+    total = sum(phase["seconds"] for phase in phases.values())
+    return {
+        "experiment": "shutdown",
+        "host": options.as_dict(),
+        "memory": memory,
+        "secure": secure,
+        "vcpus": vcpus,
+        "helper": helper,
+        "boot_seconds": boot_seconds,
+        "handle": handle,
+        "secure_pages_before": pages_before,
+        "secure_pages_left": host.uv.secure_pages(),
+        "configs_left": len(host.uv.config_handles()),
+        "leaked": len(host.leaked()),
+        "total_seconds": total,
+        "vmm_share": (phases["vmm_exit"]["seconds"] / total) if total else 1.0,
+        **phases,
+    }
+
+
+# ------------------------------------------------------------------------------------- compare
+
+
+def compare(
+    sizes: Iterable[int],
+    *,
+    memory: int | None = None,
+    options: HostOptions = HostOptions(),
+    vcpus: int = DEFAULT_VCPUS,
+    progress: Progress | None = None,
+    tracer: Tracer | None = None,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Sync (DISABLE) against async (PREPARE + PERFORM) reboot for each secure size, one fresh host
+    per run. ``memory`` None: ``auto_memory(size)`` per guest."""
+    sizes = list(sizes)
+    for size in sizes:
+        check_sizes(memory if memory is not None else auto_memory(size), size)
+    rows = []
+    for size in sizes:
+        mem = memory if memory is not None else auto_memory(size)
+        with _span(tracer, f"compare {format_size(size)}"):
+            sync = reboot(mem, size, mode="sync", options=options, vcpus=vcpus, progress=progress, tracer=tracer)
+            asyn = reboot(mem, size, mode="auto", options=options, vcpus=vcpus, progress=progress, tracer=tracer)
+        row = {
+            "secure": size,
+            "memory": mem,
+            "sync_running_seconds": sync["running_seconds"],
+            "async_running_seconds": asyn["running_seconds"],
+            "async_cleanup_seconds": asyn["cleanup_seconds"],
+            "async_mode": asyn["mode"],
+            "ratio": sync["running_seconds"] / asyn["running_seconds"] if asyn["running_seconds"] else None,
+            "sync": sync,
+            "async": asyn,
+        }
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    return {"experiment": "compare", "host": options.as_dict(), "vcpus": vcpus, "rows": rows, **_growth(rows)}
+
+
+def _growth(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Least-squares slope (seconds per GiB) of each curve: how cost grows with the guest's secure memory."""
+    if len(rows) < 2:
+        return {}
+    xs = [row["secure"] / GiB for row in rows]
+
+    def slope(key: str) -> float:
+        ys = [row[key] for row in rows]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        den = sum((x - mx) ** 2 for x in xs)
+        return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den if den else 0.0
+
+    return {
+        "seconds_per_gib": {
+            "sync_running": slope("sync_running_seconds"),
+            "async_running": slope("async_running_seconds"),
+            "async_cleanup": slope("async_cleanup_seconds"),
+        }
+    }
+
+
+def plot_compare(result: Mapping[str, Any], path: str) -> None:
+    """Time until the guest runs again (sync vs async) and the async background cleanup, against
+    secure memory; log-log axes so a flat async curve and a linear sync curve both read clearly."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    rows = result["rows"]
+    xs = [row["secure"] / GiB for row in rows]
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    ax.plot(xs, [r["sync_running_seconds"] for r in rows], "o-", color="tab:red",
+            label="sync reboot (KVM_PV_DISABLE): time until running again")
+    ax.plot(xs, [r["async_running_seconds"] for r in rows], "s-", color="tab:green",
+            label="async reboot (PREPARE + PERFORM thread): time until running again")
+    ax.plot(xs, [r["async_cleanup_seconds"] for r in rows], "^--", color="tab:blue",
+            label="async reboot: old guest's memory clean (async_cleanup thread done)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.xaxis.set_major_locator(FixedLocator(xs))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: format_size(int(round(v * GiB)))))
+    ax.yaxis.set_major_formatter(FuncFormatter(_seconds_label))
+    ax.set_xlabel("secure guest memory above 2 GiB (dirtied by the guest before the reboot)")
+    ax.set_ylabel("seconds from the start of the reboot")
+    host = result.get("host", {})
+    flags = [] if host.get("destroy_fast", True) else ["no Destroy-Fast"]
+    if not host.get("feature_misc", True):
+        flags.append("no MISC")
+    ax.set_title("pvfast compare: protected-guest reboot, sync vs async" + (f" ({', '.join(flags)})" if flags else ""))
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
+def _seconds_label(value: float, _pos: object) -> str:
+    if value >= 1:
+        return f"{value:g} s"
+    if value >= 1e-3:
+        return f"{value * 1e3:g} ms"
+    return f"{value * 1e6:g} µs"
+
+
+# ------------------------------------------------------------------------------------- floors
+
+
+def zero_floor_seconds(size: int, *, repeat: int = 3) -> tuple[float, str]:
+    """Best time to zero ``size`` bytes of already-touched memory, and what measured it.
+
+    Uses the native non-temporal zeroing (``_native.bench_zero``) when the module exposes it,
+    else a numpy memset over a pre-touched buffer (temporal stores: a slightly optimistic floor
+    for sizes beyond the cache, since the kernel-style walk streams past the cache).
+    """
+    from . import _native
+
+    bench_zero = getattr(_native, "bench_zero", None)
+    if bench_zero is not None:
+        return min(float(bench_zero(size, True)) for _ in range(repeat)), "native non-temporal zeroing"
+    import numpy as np
+
+    buf = np.ones(size, dtype=np.uint8)  # touched: the walk zeroes pages that are present
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        buf.fill(0)
+        best = min(best, time.perf_counter() - t)
+        buf.fill(1)
+    del buf
+    return best, "numpy memset of a pre-touched buffer"
