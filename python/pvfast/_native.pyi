@@ -17,7 +17,33 @@ Conventions
 * Methods marked "GIL released" run their heavy part inside ``py.detach``.
 """
 
-from typing import Final
+from typing import Final, final
+
+__all__ = [
+    "build_profile",
+    "PAGE_SIZE",
+    "BATCH_PAGES",
+    "RC_EXECUTED",
+    "RC_INV_CMD",
+    "RC_INV_STATE",
+    "RC_INV_LEN",
+    "RC_NEED_DESTROY",
+    "RC_INV_GUEST_HANDLE",
+    "RC_INV_CPU_HANDLE",
+    "RC_APQN_BOUND",
+    "RC_PAGE_NOT_ACCESSIBLE",
+    "SecureStorageAccess",
+    "CancelToken",
+    "Region",
+    "Ultravisor",
+    "HOST_KEY_DEFAULT",
+    "IMAGE_MAX_HEADER_LEN",
+    "IMAGE_MAX_COMPONENTS",
+    "image_seal",
+    "image_parse",
+    "image_decrypt_page",
+    "image_verify",
+]
 
 build_profile: Final[str]  # "release" or "debug"
 PAGE_SIZE: Final[int]  # 4096
@@ -35,6 +61,7 @@ RC_PAGE_NOT_ACCESSIBLE: Final[int]  # 0x010a (import/unpack: page not mapped; ke
 class SecureStorageAccess(Exception):
     """Raised by Region.read/write when the host touches a SECURE page (a kernel bug in the caller)."""
 
+@final
 class CancelToken:
     """A fatal-signal flag shared between threads. Walks check it once per batch."""
 
@@ -43,6 +70,7 @@ class CancelToken:
     def clear(self) -> None: ...
     def is_set(self) -> bool: ...
 
+@final
 class Region:
     """Guest storage: an anonymous mapping reserved up front (MAP_NORESERVE), registered with a UV.
 
@@ -77,11 +105,12 @@ class Region:
         """First-touch pages (host page fault): make them present, content zero. GIL released.
         Returns the number of pages that became present."""
 
+@final
 class Ultravisor:
     """One emulated Ultravisor (one per emulated host). Thread-safe; frozen."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         *,
         destroy_fast: bool = True,  # installed-call bit 23
         feature_misc: bool = True,  # feature bit 0 (MSB-0)
@@ -91,7 +120,7 @@ class Ultravisor:
         max_cpus: int = 248,
         legacy_destroy_rc: bool = False,  # destroy-page on a NONSECURE page answers rc 0x107/rrc 0xd
         threads: int = 0,  # rayon threads for walks; 0 = number of CPUs
-    ) -> None: ...
+    ) -> Ultravisor: ...
     # ---- inspection (not UVCs; do not count) ----
     def info(self) -> dict[str, int | tuple[int, int, int, int]]:
         """uv_info: inst_calls_list (4 u64 words, MSB-0 bits), uv_feature_indications,

@@ -1,0 +1,29 @@
+//! pvfast-core: an emulated IBM Z Ultravisor. Guest storage regions with per-page secure
+//! states, secure configurations and CPUs, every UVC the KVM teardown paths issue, and the
+//! parallel destroy walk that asynchronous teardown spends its time in. Pure Rust, no Python.
+
+pub mod config;
+pub mod dispatch;
+pub mod error;
+pub mod image;
+pub mod kernel;
+pub mod memory;
+mod pages;
+pub mod region;
+pub mod ultravisor;
+pub mod uvc;
+pub mod walk;
+pub mod zero;
+
+pub use error::CoreError;
+pub use kernel::{ImportResult, UnpackResult, UnpackStatus};
+pub use region::{PageState, Region, StateCounts};
+pub use ultravisor::{UvInfo, UvOptions, Ultravisor};
+pub use uvc::{rc, Uvc, UvcStatus};
+pub use walk::{CancelToken, WalkResult};
+
+/// Host and guest page size.
+pub const PAGE_SIZE: usize = 4096;
+
+/// Present pages per batch of an interruptible walk (the kernel's GATHER_GET_PAGES).
+pub const BATCH_PAGES: usize = 32;

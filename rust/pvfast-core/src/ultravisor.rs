@@ -1,0 +1,782 @@
+//! The emulated Ultravisor: options and QUI information, the configuration/CPU tables, the
+//! region registry, and one typed method per UVC.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::config::{mix64, random_u64, Config, Cpu, Tables, CFG_DESTROYED, CFG_FAST_DESTROYED};
+use crate::error::{invalid, CoreError};
+use crate::memory::{mlock, ps, rlock, wlock};
+use crate::pages::{OwnerOp, PageCtx};
+use crate::region::Region;
+use crate::uvc::{rc, Injections, Stats, Uvc, UvcStatus};
+use crate::{image, PAGE_SIZE};
+
+const MIB: u64 = 1 << 20;
+
+/// Construction options (mirrors `Ultravisor.__init__`).
+#[derive(Debug, Clone)]
+pub struct UvOptions {
+    /// Installed-call bit 23 (Destroy Secure Configuration Fast).
+    pub destroy_fast: bool,
+    /// Feature bit 0: importing a shared page of another configuration moves it.
+    pub feature_misc: bool,
+    /// Feature bit 1.
+    pub feature_aiv: bool,
+    /// Installed-call bits 24..27.
+    pub dump: bool,
+    pub max_guests: u32,
+    pub max_cpus: u32,
+    /// Destroy-page on a non-secure page answers cc 1, rc 0x0107, rrc 0x000d.
+    pub legacy_destroy_rc: bool,
+    /// Worker threads for walks; 0 = number of CPUs.
+    pub threads: usize,
+    /// Host key that SE headers are wrapped for.
+    pub host_key: [u8; 32],
+}
+
+impl Default for UvOptions {
+    fn default() -> Self {
+        UvOptions {
+            destroy_fast: true,
+            feature_misc: true,
+            feature_aiv: true,
+            dump: true,
+            max_guests: 4096,
+            max_cpus: 248,
+            legacy_destroy_rc: false,
+            threads: 0,
+            host_key: image::HOST_KEY_DEFAULT,
+        }
+    }
+}
+
+/// The QUI answer (`uv_info`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UvInfo {
+    pub inst_calls_list: [u64; 4],
+    pub uv_feature_indications: u64,
+    pub guest_base_stor_len: u64,
+    pub guest_virt_base_stor_len: u64,
+    pub guest_virt_var_stor_len: u64,
+    pub guest_cpu_stor_len: u64,
+    pub max_guest_cpu_id: u64,
+    pub max_num_sec_conf: u64,
+    pub max_sec_stor_addr: u64,
+    pub conf_dump_storage_state_len: u64,
+    pub conf_dump_finalize_len: u64,
+}
+
+/// Set MSB-0 bit `n` of a 4-word bit list.
+pub fn set_bit_inv(words: &mut [u64; 4], n: u32) {
+    if let Some(w) = words.get_mut((n / 64) as usize) {
+        *w |= 1u64 << (63 - n % 64);
+    }
+}
+
+/// Test MSB-0 bit `n` of a 4-word bit list (the kernel's test_bit_inv).
+pub fn test_bit_inv(words: &[u64; 4], n: u32) -> bool {
+    words.get((n / 64) as usize).is_some_and(|w| w & (1u64 << (63 - n % 64)) != 0)
+}
+
+impl UvInfo {
+    fn new(o: &UvOptions) -> UvInfo {
+        let mut calls = [0u64; 4];
+        for u in Uvc::ALL {
+            let Some(bit) = u.bit() else { continue };
+            let installed = match u {
+                Uvc::DestroySecConfFast => o.destroy_fast,
+                Uvc::DumpInit | Uvc::DumpConfStorState | Uvc::DumpCpu | Uvc::DumpComplete => o.dump,
+                _ => true,
+            };
+            if installed {
+                set_bit_inv(&mut calls, bit);
+            }
+        }
+        let mut feat = 0u64;
+        if o.feature_misc {
+            feat |= 1 << 63;
+        }
+        if o.feature_aiv {
+            feat |= 1 << 62;
+        }
+        UvInfo {
+            inst_calls_list: calls,
+            uv_feature_indications: feat,
+            guest_base_stor_len: 0x10_0000,
+            guest_virt_base_stor_len: 0x4000,
+            guest_virt_var_stor_len: 0x20,
+            guest_cpu_stor_len: 0x2000,
+            max_guest_cpu_id: u64::from(o.max_cpus.saturating_sub(1)),
+            max_num_sec_conf: u64::from(o.max_guests),
+            max_sec_stor_addr: (1u64 << 53) - 1,
+            conf_dump_storage_state_len: 0x1000,
+            conf_dump_finalize_len: 0x200,
+        }
+    }
+
+    /// Variable storage a configuration of `guest_len` bytes needs (spec §2.3).
+    pub fn var_stor_len(&self, guest_len: u64) -> u64 {
+        let per = self.guest_virt_var_stor_len.saturating_mul(guest_len / MIB);
+        per.div_ceil(PAGE_SIZE as u64).saturating_mul(PAGE_SIZE as u64).saturating_add(self.guest_virt_base_stor_len)
+    }
+
+    pub fn is_installed(&self, uvc: Uvc) -> bool {
+        // Destroy-page has no installed-calls bit and is always available.
+        uvc.bit().is_none_or(|b| test_bit_inv(&self.inst_calls_list, b))
+    }
+}
+
+/// State shared by the Ultravisor and its regions.
+pub(crate) struct Core {
+    pub(crate) opts: UvOptions,
+    pub(crate) info: UvInfo,
+    pub(crate) tables: RwLock<Tables>,
+    pub(crate) stats: Stats,
+    pub(crate) inject: Injections,
+    pub(crate) secure_total: AtomicI64,
+    pub(crate) donated: AtomicU64,
+    pub(crate) pool: rayon::ThreadPool,
+    salt: u64,
+    cpu_seq: AtomicU64,
+}
+
+impl Core {
+    /// Count one execution of `uvc`; returns the injected failure if one is pending.
+    #[inline]
+    pub(crate) fn begin(&self, uvc: Uvc) -> Option<UvcStatus> {
+        self.stats.add(uvc, 1);
+        self.inject.take(uvc)
+    }
+
+    pub(crate) fn config_by_id(&self, id: u32) -> Option<Arc<Config>> {
+        rlock(&self.tables).by_id(id).cloned()
+    }
+
+    pub(crate) fn live_config(&self, handle: u64) -> Option<Arc<Config>> {
+        rlock(&self.tables).live(handle).cloned()
+    }
+}
+
+/// One emulated Ultravisor. All methods take `&self` and are thread-safe.
+pub struct Ultravisor {
+    pub(crate) core: Arc<Core>,
+    regions: RwLock<BTreeMap<u64, Arc<Region>>>,
+    next_base: Mutex<u64>,
+    next_region_id: AtomicU64,
+}
+
+/// First host address handed out; regions are spaced by a 1 MiB guard gap.
+const FIRST_BASE: u64 = 1 << 32;
+
+impl Ultravisor {
+    pub fn new(opts: UvOptions) -> Result<Ultravisor, CoreError> {
+        let threads = if opts.threads == 0 {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        } else {
+            opts.threads
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("pvfast-uv-{i}"))
+            .build()
+            .map_err(|_| CoreError::Os(libc::EAGAIN))?;
+        let info = UvInfo::new(&opts);
+        Ok(Ultravisor {
+            core: Arc::new(Core {
+                opts,
+                info,
+                tables: RwLock::new(Tables::default()),
+                stats: Stats::new(),
+                inject: Injections::new(),
+                secure_total: AtomicI64::new(0),
+                donated: AtomicU64::new(0),
+                pool,
+                salt: random_u64(),
+                cpu_seq: AtomicU64::new(0),
+            }),
+            regions: RwLock::new(BTreeMap::new()),
+            next_base: Mutex::new(FIRST_BASE),
+            next_region_id: AtomicU64::new(1),
+        })
+    }
+
+    pub fn options(&self) -> &UvOptions {
+        &self.core.opts
+    }
+
+    // ---------------------------------------------------------------- inspection
+
+    pub fn info(&self) -> UvInfo {
+        self.core.info.clone()
+    }
+
+    pub fn stats(&self) -> Vec<(&'static str, u64)> {
+        Uvc::ALL.iter().map(|u| (u.name(), self.core.stats.get(*u))).collect()
+    }
+
+    pub fn stat(&self, uvc: Uvc) -> u64 {
+        self.core.stats.get(uvc)
+    }
+
+    pub fn reset_stats(&self) {
+        self.core.stats.reset();
+    }
+
+    pub fn config_handles(&self) -> Vec<u64> {
+        let t = rlock(&self.core.tables);
+        t.by_handle.values().filter(|c| c.is_alive()).map(|c| c.handle).collect()
+    }
+
+    pub fn cpu_handles(&self, handle: u64) -> Result<Vec<u64>, CoreError> {
+        let t = rlock(&self.core.tables);
+        let cfg = t.live(handle).ok_or(CoreError::NoSuchConfig(handle))?;
+        Ok(t.cpus.iter().filter(|(_, c)| c.config.id == cfg.id).map(|(h, _)| *h).collect())
+    }
+
+    /// SECURE + SHARED + ORPHANED pages of `handle` (dead handles too), or of everyone.
+    pub fn secure_pages(&self, handle: Option<u64>) -> u64 {
+        match handle {
+            None => self.core.secure_total.load(Ordering::Relaxed).max(0) as u64,
+            Some(h) => rlock(&self.core.tables)
+                .by_handle
+                .get(&h)
+                .map_or(0, |c| c.secure_pages.load(Ordering::Relaxed).max(0) as u64),
+        }
+    }
+
+    pub fn donated_bytes(&self) -> u64 {
+        self.core.donated.load(Ordering::Relaxed)
+    }
+
+    pub fn inject_failure(&self, uvc: u16, rc_: u16, rrc: u16, count: u64) -> Result<(), CoreError> {
+        let u = Uvc::from_code(uvc).ok_or_else(|| invalid("uvc", format!("unknown UVC code {uvc:#06x}")))?;
+        if rc_ == rc::EXECUTED {
+            return Err(invalid("rc", "0x0001 is success, not a failure"));
+        }
+        if count == 0 {
+            return Err(invalid("count", "must be at least 1"));
+        }
+        let count = u32::try_from(count).map_err(|_| invalid("count", "must be below 2**32"))?;
+        self.core.inject.set(u, rc_, rrc, count);
+        Ok(())
+    }
+
+    pub fn clear_failures(&self) {
+        self.core.inject.clear();
+    }
+
+    // ---------------------------------------------------------------- regions
+
+    pub fn create_region(&self, size: u64) -> Result<Arc<Region>, CoreError> {
+        if size == 0 || !size.is_multiple_of(PAGE_SIZE as u64) {
+            return Err(invalid("size", format!("{size:#x} is not a positive multiple of {PAGE_SIZE}")));
+        }
+        if size > 1 << 46 {
+            return Err(invalid("size", format!("{size:#x} is larger than 64 TiB")));
+        }
+        let base = {
+            let mut next = mlock(&self.next_base);
+            let base = *next;
+            let end = base
+                .checked_add(size)
+                .and_then(|e| e.checked_add(MIB))
+                .map(|e| e.div_ceil(MIB) * MIB)
+                .ok_or_else(|| invalid("size", "host address space exhausted"))?;
+            *next = end;
+            base
+        };
+        let id = self.next_region_id.fetch_add(1, Ordering::Relaxed);
+        let region = Arc::new(Region::new(id, base, size, Arc::clone(&self.core))?);
+        wlock(&self.regions).insert(base, Arc::clone(&region));
+        Ok(region)
+    }
+
+    pub(crate) fn check_region(&self, region: &Region) -> Result<(), CoreError> {
+        if Arc::ptr_eq(&region.core, &self.core) {
+            Ok(())
+        } else {
+            Err(CoreError::ForeignRegion(region.id))
+        }
+    }
+
+    pub fn release_region(&self, region: &Region) -> Result<(), CoreError> {
+        self.check_region(region)?;
+        wlock(&self.regions).remove(&region.base);
+        region.release();
+        Ok(())
+    }
+
+    pub fn regions(&self) -> Vec<Arc<Region>> {
+        rlock(&self.regions).values().cloned().collect()
+    }
+
+    /// The region and page index of a host absolute address.
+    fn resolve_paddr(&self, paddr: u64) -> Option<(Arc<Region>, u64)> {
+        if !paddr.is_multiple_of(PAGE_SIZE as u64) {
+            return None;
+        }
+        let regions = rlock(&self.regions);
+        let (_, r) = regions.range(..=paddr).next_back()?;
+        (paddr < r.base + r.size).then(|| (Arc::clone(r), (paddr - r.base) / PAGE_SIZE as u64))
+    }
+
+    /// Run a page operation on `paddr`; INV_ADDR if it is not a page of a live region.
+    fn on_paddr(&self, paddr: u64, f: impl FnOnce(&PageCtx<'_>, u64) -> UvcStatus) -> UvcStatus {
+        let Some((region, idx)) = self.resolve_paddr(paddr) else {
+            return UvcStatus::err(rc::INV_ADDR);
+        };
+        region
+            .with_mem(|mem| f(&PageCtx { core: &self.core, region: &region, mem }, idx))
+            .unwrap_or(UvcStatus::err(rc::INV_ADDR))
+    }
+
+    /// Run a page operation on guest address `gaddr` of configuration `handle`.
+    fn on_gaddr(
+        &self,
+        handle: u64,
+        gaddr: u64,
+        f: impl FnOnce(&PageCtx<'_>, &Config, u64) -> UvcStatus,
+    ) -> UvcStatus {
+        let Some(cfg) = self.core.live_config(handle) else {
+            return UvcStatus::err(rc::INV_GUEST_HANDLE);
+        };
+        if !gaddr.is_multiple_of(PAGE_SIZE as u64) || gaddr >= cfg.guest_len {
+            return UvcStatus::err(rc::INV_ADDR);
+        }
+        let Some(region) = cfg.region.upgrade() else {
+            return UvcStatus::err(rc::INV_ADDR);
+        };
+        let idx = gaddr / PAGE_SIZE as u64;
+        if idx >= region.pages {
+            return UvcStatus::err(rc::INV_ADDR);
+        }
+        region
+            .with_mem(|mem| f(&PageCtx { core: &self.core, region: &region, mem }, &cfg, idx))
+            .unwrap_or(UvcStatus::err(rc::INV_ADDR))
+    }
+
+    // ---------------------------------------------------------------- UVCs
+
+    /// QUI 0x0001.
+    pub fn query(&self) -> UvcStatus {
+        if let Some(f) = self.core.begin(Uvc::Qui) {
+            return f;
+        }
+        UvcStatus::OK
+    }
+
+    /// INIT_UV 0x000f: the emulated UV is initialised at construction; this is a no-op.
+    pub fn init_uv(&self) -> UvcStatus {
+        if let Some(f) = self.core.begin(Uvc::InitUv) {
+            return f;
+        }
+        UvcStatus::OK
+    }
+
+    /// CREATE_SEC_CONF 0x0100 -> (status, handle).
+    pub fn create_config(
+        &self,
+        region: &Arc<Region>,
+        guest_len: u64,
+        asce: u64,
+        sca: u64,
+        base_stor_len: u64,
+        var_stor_len: u64,
+    ) -> Result<(UvcStatus, u64), CoreError> {
+        self.check_region(region)?;
+        let _ = sca;
+        if let Some(f) = self.core.begin(Uvc::CreateSecConf) {
+            return Ok((f, 0));
+        }
+        Ok(self.create_config_checked(region, guest_len, asce, base_stor_len, var_stor_len))
+    }
+
+    fn create_config_checked(
+        &self,
+        region: &Arc<Region>,
+        guest_len: u64,
+        asce: u64,
+        base_stor_len: u64,
+        var_stor_len: u64,
+    ) -> (UvcStatus, u64) {
+        let info = &self.core.info;
+        let mut t = wlock(&self.core.tables);
+        if t.live as u64 >= info.max_num_sec_conf || t.by_id.len() as u64 >= u64::from(ps::MAX_OWNER) {
+            return (UvcStatus::err(rc::TOO_MANY_CONFIGS), 0);
+        }
+        if guest_len == 0 || !guest_len.is_multiple_of(MIB) || guest_len > region.size || region.is_released() {
+            return (UvcStatus::err(rc::INV_GUEST_STOR), 0);
+        }
+        if base_stor_len < info.guest_base_stor_len {
+            return (UvcStatus::err(rc::BASE_STOR_TOO_SHORT), 0);
+        }
+        if var_stor_len < info.var_stor_len(guest_len) {
+            return (UvcStatus::err(rc::VAR_STOR_TOO_SHORT), 0);
+        }
+        let origin = asce & !0xfff;
+        if t.asce_in_use.contains(&origin) {
+            return (UvcStatus::err(rc::ASCE_IN_USE), 0);
+        }
+        let id = t.by_id.len() as u32 + 1;
+        let handle = self.fresh_handle(&t, u64::from(id));
+        let donated = base_stor_len.saturating_add(var_stor_len);
+        let cfg = Arc::new(Config::new(id, handle, region, guest_len, origin, donated));
+        t.by_id.push(Arc::clone(&cfg));
+        t.by_handle.insert(handle, cfg);
+        t.asce_in_use.insert(origin);
+        t.live += 1;
+        self.core.donated.fetch_add(donated, Ordering::Relaxed);
+        (UvcStatus::OK, handle)
+    }
+
+    /// An opaque handle: non-zero, unused, and with both neighbours unused (so that
+    /// "handle + 1" is always invalid).
+    fn fresh_handle(&self, t: &Tables, seq: u64) -> u64 {
+        let taken = |h: u64| h == 0 || t.by_handle.contains_key(&h) || t.cpus.contains_key(&h);
+        let mut attempt = 0u64;
+        loop {
+            let h = mix64(seq ^ self.core.salt ^ mix64(attempt)) & !0xff;
+            if !taken(h) && !taken(h.wrapping_add(1)) && !taken(h.wrapping_sub(1)) {
+                return h;
+            }
+            attempt += 1;
+        }
+    }
+
+    fn destroy_config_common(&self, handle: u64, uvc: Uvc) -> Result<Arc<Config>, UvcStatus> {
+        let mut t = wlock(&self.core.tables);
+        let Some(cfg) = t.live(handle).cloned() else {
+            return Err(UvcStatus::err(rc::INV_GUEST_HANDLE));
+        };
+        if cfg.cpus.load(Ordering::SeqCst) != 0 {
+            return Err(UvcStatus::err(rc::CONFIG_HAS_CPUS));
+        }
+        cfg.set_state(if uvc == Uvc::DestroySecConfFast { CFG_FAST_DESTROYED } else { CFG_DESTROYED });
+        t.asce_in_use.remove(&cfg.asce_origin);
+        t.live -= 1;
+        self.core.donated.fetch_sub(cfg.donated, Ordering::Relaxed);
+        drop(t);
+        *mlock(&cfg.image) = Default::default();
+        cfg.dumping.store(false, Ordering::SeqCst);
+        Ok(cfg)
+    }
+
+    /// DESTROY_SEC_CONF 0x0101: refused while the config has CPUs; cleans all its pages.
+    pub fn destroy_config(&self, handle: u64) -> UvcStatus {
+        if let Some(f) = self.core.begin(Uvc::DestroySecConf) {
+            return f;
+        }
+        match self.destroy_config_common(handle, Uvc::DestroySecConf) {
+            Ok(cfg) => {
+                if let Some(region) = cfg.region.upgrade() {
+                    crate::walk::clean_config(&self.core, &region, cfg.id);
+                }
+                UvcStatus::OK
+            }
+            Err(s) => s,
+        }
+    }
+
+    /// DESTROY_SEC_CONF_FAST 0x0102: O(1); the config's pages become ORPHANED.
+    pub fn destroy_config_fast(&self, handle: u64) -> UvcStatus {
+        if let Some(f) = self.core.begin(Uvc::DestroySecConfFast) {
+            return f;
+        }
+        if !self.core.opts.destroy_fast {
+            return UvcStatus::err(rc::INV_CMD);
+        }
+        match self.destroy_config_common(handle, Uvc::DestroySecConfFast) {
+            Ok(_) => UvcStatus::OK,
+            Err(s) => s,
+        }
+    }
+
+    /// CREATE_SEC_CPU 0x0120 -> (status, cpu handle).
+    pub fn create_cpu(&self, handle: u64, num: u64, stor_len: u64) -> (UvcStatus, u64) {
+        if let Some(f) = self.core.begin(Uvc::CreateSecCpu) {
+            return (f, 0);
+        }
+        let mut t = wlock(&self.core.tables);
+        let Some(cfg) = t.live(handle).cloned() else {
+            return (UvcStatus::err(rc::INV_GUEST_HANDLE), 0);
+        };
+        if num > self.core.info.max_guest_cpu_id {
+            return (UvcStatus::err(rc::INV_CPU_NUM), 0);
+        }
+        if stor_len < self.core.info.guest_cpu_stor_len {
+            return (UvcStatus::err(rc::CPU_STOR_TOO_SHORT), 0);
+        }
+        let num = num as u16;
+        if t.cpus.values().any(|c| c.config.id == cfg.id && c.num == num) {
+            return (UvcStatus::err(rc::CPU_NUM_IN_USE), 0);
+        }
+        let seq = self.core.cpu_seq.fetch_add(1, Ordering::Relaxed) | (1 << 63);
+        let cpu_handle = self.fresh_handle(&t, seq);
+        cfg.cpus.fetch_add(1, Ordering::SeqCst);
+        t.cpus.insert(cpu_handle, Cpu { config: cfg, num, stor_len });
+        self.core.donated.fetch_add(stor_len, Ordering::Relaxed);
+        (UvcStatus::OK, cpu_handle)
+    }
+
+    /// DESTROY_SEC_CPU 0x0121.
+    pub fn destroy_cpu(&self, cpu_handle: u64) -> UvcStatus {
+        if let Some(f) = self.core.begin(Uvc::DestroySecCpu) {
+            return f;
+        }
+        let mut t = wlock(&self.core.tables);
+        let Some(cpu) = t.cpus.remove(&cpu_handle) else {
+            return UvcStatus::err(rc::INV_CPU_HANDLE);
+        };
+        cpu.config.cpus.fetch_sub(1, Ordering::SeqCst);
+        self.core.donated.fetch_sub(cpu.stor_len, Ordering::Relaxed);
+        UvcStatus::OK
+    }
+
+    /// A UVC addressed to a CPU handle that only checks it (resets, set-state).
+    pub fn cpu_uvc(&self, uvc: Uvc, cpu_handle: u64) -> UvcStatus {
+        if let Some(f) = self.core.begin(uvc) {
+            return f;
+        }
+        if rlock(&self.core.tables).cpus.contains_key(&cpu_handle) {
+            UvcStatus::OK
+        } else {
+            UvcStatus::err(rc::INV_CPU_HANDLE)
+        }
+    }
+
+    /// CONV_TO_SEC_STOR 0x0200.
+    pub fn convert_to_secure(&self, handle: u64, gaddr: u64) -> UvcStatus {
+        if let Some(f) = self.core.begin(Uvc::ConvToSecStor) {
+            return f;
+        }
+        self.on_gaddr(handle, gaddr, |p, cfg, idx| p.import(idx, cfg))
+    }
+
+    /// CONV_FROM_SEC_STOR 0x0201.
+    pub fn convert_from_secure(&self, paddr: u64) -> UvcStatus {
+        if let Some(f) = self.core.begin(Uvc::ConvFromSecStor) {
+            return f;
+        }
+        self.on_paddr(paddr, |p, idx| p.export(idx))
+    }
+
+    /// DESTR_SEC_STOR 0x0202.
+    pub fn destroy_page(&self, paddr: u64) -> UvcStatus {
+        if let Some(f) = self.core.begin(Uvc::DestrSecStor) {
+            return f;
+        }
+        self.on_paddr(paddr, |p, idx| p.destroy(idx))
+    }
+
+    /// PIN_PAGE_SHARED 0x0341.
+    pub fn pin_shared(&self, paddr: u64) -> UvcStatus {
+        if let Some(f) = self.core.begin(Uvc::PinPageShared) {
+            return f;
+        }
+        self.on_paddr(paddr, |p, idx| p.pin(idx))
+    }
+
+    /// UNPIN_PAGE_SHARED 0x0342.
+    pub fn unpin_shared(&self, handle: u64, gaddr: u64) -> UvcStatus {
+        if let Some(f) = self.core.begin(Uvc::UnpinPageShared) {
+            return f;
+        }
+        self.on_gaddr(handle, gaddr, |p, cfg, idx| p.owner_op(idx, cfg, OwnerOp::Unpin))
+    }
+
+    /// SET_SHARED_ACCESS 0x1000 (guest side).
+    pub fn set_shared_access(&self, handle: u64, gaddr: u64) -> UvcStatus {
+        if let Some(f) = self.core.begin(Uvc::SetSharedAccess) {
+            return f;
+        }
+        self.on_gaddr(handle, gaddr, |p, cfg, idx| p.owner_op(idx, cfg, OwnerOp::Share))
+    }
+
+    /// REMOVE_SHARED_ACCESS 0x1001 (guest side).
+    pub fn remove_shared_access(&self, handle: u64, gaddr: u64) -> UvcStatus {
+        if let Some(f) = self.core.begin(Uvc::RemoveSharedAccess) {
+            return f;
+        }
+        self.on_gaddr(handle, gaddr, |p, cfg, idx| p.owner_op(idx, cfg, OwnerOp::Unshare))
+    }
+
+    /// SET_SEC_CONF_PARAMS 0x0300: parse and authenticate the SE header.
+    pub fn set_sec_parms(&self, handle: u64, header: &[u8]) -> UvcStatus {
+        if let Some(f) = self.core.begin(Uvc::SetSecConfParams) {
+            return f;
+        }
+        let Some(cfg) = self.core.live_config(handle) else {
+            return UvcStatus::err(rc::INV_GUEST_HANDLE);
+        };
+        let mut image = mlock(&cfg.image);
+        if image.header.is_some() {
+            return UvcStatus::err(rc::CONFIG_STATE);
+        }
+        match image::parse_header(header, &self.core.opts.host_key) {
+            Ok(hdr) => {
+                image.header = Some(Box::new(hdr));
+                image.verifier = Some(image::Verifier::new());
+                image.verified = false;
+                UvcStatus::OK
+            }
+            Err(e) => UvcStatus::err(e.rc()),
+        }
+    }
+
+    /// UNPACK_IMG 0x0301.
+    pub fn unpack(&self, handle: u64, gaddr: u64, tweak0: u64, tweak1: u64) -> UvcStatus {
+        if let Some(f) = self.core.begin(Uvc::UnpackImg) {
+            return f;
+        }
+        self.on_gaddr(handle, gaddr, |p, cfg, idx| p.unpack(idx, cfg, gaddr, tweak0, tweak1))
+    }
+
+    /// VERIFY_IMG 0x0302.
+    pub fn verify(&self, handle: u64) -> UvcStatus {
+        if let Some(f) = self.core.begin(Uvc::VerifyImg) {
+            return f;
+        }
+        let Some(cfg) = self.core.live_config(handle) else {
+            return UvcStatus::err(rc::INV_GUEST_HANDLE);
+        };
+        let mut image = mlock(&cfg.image);
+        let (Some(hdr), Some(ver)) = (image.header.as_deref(), image.verifier.as_ref()) else {
+            return UvcStatus::err(rc::CONFIG_STATE);
+        };
+        if image.verified {
+            return UvcStatus::err(rc::CONFIG_STATE);
+        }
+        match ver.finish(hdr) {
+            Ok(()) => {
+                image.verified = true;
+                UvcStatus::OK
+            }
+            Err(code) => UvcStatus::err(code),
+        }
+    }
+
+    fn nodata(&self, uvc: Uvc, handle: u64) -> Result<Arc<Config>, UvcStatus> {
+        if let Some(f) = self.core.begin(uvc) {
+            return Err(f);
+        }
+        if !self.core.info.is_installed(uvc) {
+            return Err(UvcStatus::err(rc::INV_CMD));
+        }
+        self.core.live_config(handle).ok_or(UvcStatus::err(rc::INV_GUEST_HANDLE))
+    }
+
+    /// PREPARE_RESET 0x0320.
+    pub fn prepare_reset(&self, handle: u64) -> UvcStatus {
+        match self.nodata(Uvc::PrepareReset, handle) {
+            Ok(_) => UvcStatus::OK,
+            Err(s) => s,
+        }
+    }
+
+    /// SET_UNSHARE_ALL 0x0340: every shared page of the config becomes secure again.
+    pub fn unshare_all(&self, handle: u64) -> UvcStatus {
+        match self.nodata(Uvc::SetUnshareAll, handle) {
+            Ok(cfg) => {
+                if let Some(region) = cfg.region.upgrade() {
+                    crate::walk::unshare_config(&self.core, &region, cfg.id);
+                }
+                UvcStatus::OK
+            }
+            Err(s) => s,
+        }
+    }
+
+    /// DUMP_INIT 0x0400.
+    pub fn dump_init(&self, handle: u64) -> UvcStatus {
+        match self.nodata(Uvc::DumpInit, handle) {
+            Ok(cfg) => {
+                if cfg.dumping.swap(true, Ordering::SeqCst) {
+                    UvcStatus::err(rc::CONFIG_STATE)
+                } else {
+                    UvcStatus::OK
+                }
+            }
+            Err(s) => s,
+        }
+    }
+
+    /// DUMP_CONF_STOR_STATE 0x0401: conf_dump_storage_state_len bytes for the 1 MiB at gaddr,
+    /// 16 bytes per page: big-endian gaddr, state byte (0 nonsecure, 1 secure, 2 shared,
+    /// 3 exported, 4 orphaned), 7 zero bytes.
+    pub fn dump_conf_stor_state(&self, handle: u64, gaddr: u64) -> (UvcStatus, Vec<u8>) {
+        let cfg = match self.nodata(Uvc::DumpConfStorState, handle) {
+            Ok(c) => c,
+            Err(s) => return (s, Vec::new()),
+        };
+        if !cfg.dumping.load(Ordering::SeqCst) {
+            return (UvcStatus::err(rc::CONFIG_STATE), Vec::new());
+        }
+        if !gaddr.is_multiple_of(MIB) || gaddr >= cfg.guest_len {
+            return (UvcStatus::err(rc::INV_DUMP_ADDR), Vec::new());
+        }
+        let len = self.core.info.conf_dump_storage_state_len as usize;
+        let mut out = vec![0u8; len];
+        if let Some(region) = cfg.region.upgrade() {
+            let _ = region.with_mem(|mem| {
+                let tables = rlock(&self.core.tables);
+                let first = gaddr / PAGE_SIZE as u64;
+                for (i, rec) in out.chunks_exact_mut(16).enumerate() {
+                    let idx = first + i as u64;
+                    if idx >= mem.pages() {
+                        break;
+                    }
+                    let s = mem.metas()[idx as usize].load(Ordering::Acquire);
+                    let code = match crate::region::classify(s, &tables).0 {
+                        crate::region::PageState::NonSecure => 0,
+                        crate::region::PageState::Secure => 1,
+                        crate::region::PageState::Shared => 2,
+                        crate::region::PageState::Exported => 3,
+                        crate::region::PageState::Orphaned => 4,
+                    };
+                    rec[..8].copy_from_slice(&(idx * PAGE_SIZE as u64).to_be_bytes());
+                    rec[8] = code;
+                }
+            });
+        }
+        (UvcStatus::OK, out)
+    }
+
+    /// DUMP_CPU 0x0402: guest_cpu_stor_len bytes (cpu handle, cpu number, config handle).
+    pub fn dump_cpu(&self, cpu_handle: u64) -> (UvcStatus, Vec<u8>) {
+        if let Some(f) = self.core.begin(Uvc::DumpCpu) {
+            return (f, Vec::new());
+        }
+        if !self.core.info.is_installed(Uvc::DumpCpu) {
+            return (UvcStatus::err(rc::INV_CMD), Vec::new());
+        }
+        let t = rlock(&self.core.tables);
+        let Some(cpu) = t.cpus.get(&cpu_handle) else {
+            return (UvcStatus::err(rc::INV_CPU_HANDLE), Vec::new());
+        };
+        if !cpu.config.dumping.load(Ordering::SeqCst) {
+            return (UvcStatus::err(rc::NOT_DUMPING), Vec::new());
+        }
+        let mut out = vec![0u8; self.core.info.guest_cpu_stor_len as usize];
+        out[..8].copy_from_slice(&cpu_handle.to_be_bytes());
+        out[8..10].copy_from_slice(&cpu.num.to_be_bytes());
+        out[16..24].copy_from_slice(&cpu.config.handle.to_be_bytes());
+        (UvcStatus::OK, out)
+    }
+
+    /// DUMP_COMPLETE 0x0403: conf_dump_finalize_len bytes; ends the dump.
+    pub fn dump_complete(&self, handle: u64) -> (UvcStatus, Vec<u8>) {
+        let cfg = match self.nodata(Uvc::DumpComplete, handle) {
+            Ok(c) => c,
+            Err(s) => return (s, Vec::new()),
+        };
+        if !cfg.dumping.swap(false, Ordering::SeqCst) {
+            return (UvcStatus::err(rc::CONFIG_STATE), Vec::new());
+        }
+        let mut out = vec![0u8; self.core.info.conf_dump_finalize_len as usize];
+        out[..8].copy_from_slice(&cfg.handle.to_be_bytes());
+        out[8..16].copy_from_slice(&cfg.guest_len.to_be_bytes());
+        (UvcStatus::OK, out)
+    }
+}

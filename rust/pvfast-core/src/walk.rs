@@ -1,0 +1,410 @@
+//! Parallel page walks: the kernel's `__s390_uv_destroy_range` (the hot loop), and the UV's own
+//! cleaning passes (Destroy Config, Set Unshare All). Work is split into tasks of whole summary
+//! chunks; a chunk without secure pages is skipped in O(1).
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use crate::config::Config;
+use crate::error::CoreError;
+use crate::memory::{ps, summary_counts, RegionMem, CHUNK_PAGES, SUM_SECURE_ONE};
+use crate::pages::PageCtx;
+use crate::region::Region;
+use crate::ultravisor::{Core, Ultravisor};
+use crate::uvc::Uvc;
+use crate::zero::{store_fence, zero_page_nt};
+use crate::BATCH_PAGES;
+
+/// Chunks per parallel task (32 × 2 MiB = 64 MiB of guest storage).
+const TASK_CHUNKS: u64 = 32;
+
+/// A fatal-signal flag shared between threads; walks check it once per batch.
+#[derive(Clone, Default, Debug)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn set(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    pub fn clear(&self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+    #[inline]
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Result of a destroy walk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WalkResult {
+    /// Present pages visited (= DESTR_SEC_STOR UVCs issued).
+    pub visited: u64,
+    /// Pages that went from secure/shared/orphaned to non-secure.
+    pub destroyed: u64,
+    pub interrupted: bool,
+    /// First page not known to be done (= end when not interrupted).
+    pub resume_page: u64,
+}
+
+/// Per-owner secure-page deltas of one batch, flushed to the configs at the end of the batch.
+struct OwnerTally {
+    cache: Option<(u32, Option<Arc<Config>>)>,
+    counts: Vec<(u32, i64)>,
+}
+
+impl OwnerTally {
+    fn new() -> Self {
+        OwnerTally { cache: None, counts: Vec::new() }
+    }
+
+    #[inline]
+    fn config(&mut self, core: &Core, owner: u32) -> Option<&Arc<Config>> {
+        if self.cache.as_ref().is_none_or(|(id, _)| *id != owner) {
+            self.cache = Some((owner, core.config_by_id(owner)));
+        }
+        self.cache.as_ref().and_then(|(_, c)| c.as_ref())
+    }
+
+    #[inline]
+    fn dec(&mut self, owner: u32) {
+        match self.counts.iter_mut().find(|(o, _)| *o == owner) {
+            Some((_, n)) => *n += 1,
+            None => self.counts.push((owner, 1)),
+        }
+    }
+
+    fn flush(&mut self, core: &Core, mem: &RegionMem, chunk: u64) {
+        let total: i64 = self.counts.iter().map(|(_, n)| n).sum();
+        if total == 0 {
+            return;
+        }
+        mem.summaries()[chunk as usize].fetch_sub(total as u32 * SUM_SECURE_ONE, Ordering::Relaxed);
+        core.secure_total.fetch_sub(total, Ordering::Relaxed);
+        let counts = std::mem::take(&mut self.counts);
+        for &(owner, n) in &counts {
+            if let Some(c) = self.config(core, owner) {
+                c.secure_pages.fetch_sub(n, Ordering::Relaxed);
+            }
+        }
+        self.counts = counts;
+        self.counts.clear();
+    }
+}
+
+/// Which pages a batch destroys.
+#[derive(Clone, Copy)]
+enum Mode {
+    /// Destroy-page UVC semantics: any secure page whose owner has no CPUs.
+    DestroyUvc,
+    /// Destroy Config cleaning: the secure pages of one (dead) configuration.
+    CleanOwner(u32),
+}
+
+/// Destroy the pages `batch` (all in chunk `chunk`): lock, zero with streaming stores, one
+/// fence, then publish. Returns how many were destroyed.
+fn destroy_batch(core: &Core, mem: &RegionMem, chunk: u64, batch: &[u64], mode: Mode, tally: &mut OwnerTally) -> u64 {
+    let metas = mem.metas();
+    let mut locked = [(0u64, 0u32); BATCH_PAGES];
+    let mut n = 0usize;
+    for &idx in batch {
+        let m = &metas[idx as usize];
+        let mut s = m.load(Ordering::Acquire);
+        if !ps::is_secure(s) && s & ps::BUSY == 0 {
+            continue; // non-secure: the UVC is a no-op
+        }
+        if !(ps::is_secure(s) && mem.try_lock_from(m, s)) {
+            s = mem.lock(m);
+            if !ps::is_secure(s) {
+                mem.unlock(m, s);
+                continue;
+            }
+        }
+        let owner = ps::owner(s);
+        let allowed = match mode {
+            Mode::DestroyUvc => !tally.config(core, owner).is_some_and(|c| c.refuses_destroy()),
+            Mode::CleanOwner(id) => owner == id,
+        };
+        if !allowed {
+            mem.unlock(m, s);
+            continue;
+        }
+        // SAFETY: page lock held; idx is a page of this mapping (batch built from its range).
+        unsafe { zero_page_nt(mem.page_ptr(idx)) };
+        if n < BATCH_PAGES {
+            locked[n] = (idx, s);
+            n += 1;
+        }
+    }
+    store_fence();
+    for &(idx, s) in &locked[..n] {
+        tally.dec(ps::owner(s));
+        mem.unlock(&metas[idx as usize], ps::make(ps::NONSECURE, 0));
+    }
+    tally.flush(core, mem, chunk);
+    n as u64
+}
+
+struct WalkShared<'a> {
+    core: &'a Core,
+    region: &'a Region,
+    mem: &'a RegionMem,
+    cancel: Option<&'a CancelToken>,
+    visited: AtomicU64,
+    destroyed: AtomicU64,
+    interrupted: AtomicBool,
+    resume: AtomicU64,
+}
+
+impl WalkShared<'_> {
+    #[inline]
+    fn cancelled(&self) -> bool {
+        self.cancel.is_some_and(|c| c.is_set())
+    }
+
+    /// Stop: everything below `page` that this task owns is done.
+    fn stop_at(&self, page: u64) {
+        self.interrupted.store(true, Ordering::Relaxed);
+        self.resume.fetch_min(page, Ordering::Relaxed);
+    }
+
+    /// Count present pages of `[lo, hi)` without touching them.
+    fn count_present(&self, lo: u64, hi: u64, full_chunk_word: u32) -> u64 {
+        if hi - lo == CHUNK_PAGES {
+            return u64::from(summary_counts(full_chunk_word).0);
+        }
+        self.mem.metas()[lo as usize..hi as usize]
+            .iter()
+            .filter(|m| m.load(Ordering::Relaxed) & ps::PRESENT != 0)
+            .count() as u64
+    }
+
+    /// One DESTR_SEC_STOR per page while injections are pending (each may consume one).
+    fn slow_batch(&self, batch: &[u64]) -> u64 {
+        let ctx = PageCtx { core: self.core, region: self.region, mem: self.mem };
+        let mut n = 0;
+        for &idx in batch {
+            if self.core.inject.take(Uvc::DestrSecStor).is_some() {
+                continue; // injected failure: nothing changes
+            }
+            let before = self.mem.metas()[idx as usize].load(Ordering::Acquire);
+            if ctx.destroy(idx).is_ok() && ps::is_secure(before) {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Walk `[lo, hi)` (inside one task). Returns false when cancelled.
+    fn walk_range(&self, lo: u64, hi: u64) -> bool {
+        let metas = self.mem.metas();
+        let sums = self.mem.summaries();
+        let mut tally = OwnerTally::new();
+        let mut chunk_lo = lo;
+        while chunk_lo < hi {
+            let chunk = chunk_lo / CHUNK_PAGES;
+            let chunk_hi = ((chunk + 1) * CHUNK_PAGES).min(hi);
+            let word = sums[chunk as usize].load(Ordering::Acquire);
+            let (present, secure) = summary_counts(word);
+            let injecting = self.core.inject.pending(Uvc::DestrSecStor);
+            if present != 0 && secure == 0 && !injecting {
+                // Nothing to destroy: the UVCs are no-ops; count them and move on.
+                let n = self.count_present(chunk_lo, chunk_hi, word);
+                self.visited.fetch_add(n, Ordering::Relaxed);
+                self.core.stats.add(Uvc::DestrSecStor, n);
+                if n != 0 && self.cancelled() {
+                    self.stop_at(chunk_hi);
+                    return false;
+                }
+            } else if present != 0 {
+                let mut batch = [0u64; BATCH_PAGES];
+                let mut len = 0usize;
+                let mut idx = chunk_lo;
+                while idx < chunk_hi {
+                    if metas[idx as usize].load(Ordering::Relaxed) & ps::PRESENT != 0 {
+                        batch[len] = idx;
+                        len += 1;
+                    }
+                    idx += 1;
+                    if len == BATCH_PAGES || (idx == chunk_hi && len != 0) {
+                        let b = &batch[..len];
+                        let d = if self.core.inject.pending(Uvc::DestrSecStor) {
+                            self.slow_batch(b)
+                        } else {
+                            destroy_batch(self.core, self.mem, chunk, b, Mode::DestroyUvc, &mut tally)
+                        };
+                        self.core.stats.add(Uvc::DestrSecStor, len as u64);
+                        self.visited.fetch_add(len as u64, Ordering::Relaxed);
+                        self.destroyed.fetch_add(d, Ordering::Relaxed);
+                        len = 0;
+                        if self.cancelled() {
+                            self.stop_at(idx);
+                            return false;
+                        }
+                    }
+                }
+            }
+            chunk_lo = chunk_hi;
+        }
+        true
+    }
+}
+
+/// Split `[start, end)` into chunk-aligned task ranges.
+fn task_ranges(start: u64, end: u64) -> impl IndexedParallelIterator<Item = (u64, u64)> {
+    let span = TASK_CHUNKS * CHUNK_PAGES;
+    let first = start / span;
+    let last = if end <= start { first } else { (end - 1) / span + 1 };
+    // Task counts fit usize: at most 2^46 bytes / 64 MiB tasks.
+    ((first as usize)..(last as usize))
+        .into_par_iter()
+        .map(move |t| ((t as u64 * span).max(start), ((t as u64 + 1) * span).min(end)))
+}
+
+impl Ultravisor {
+    /// `__s390_uv_destroy_range`: one destroy-page UVC per present page of `[start, end)`
+    /// (`end` clamped to the region), results ignored, parallel, cancellable per batch.
+    pub fn destroy_walk(
+        &self,
+        region: &Region,
+        start: u64,
+        end: Option<u64>,
+        cancel: Option<&CancelToken>,
+    ) -> Result<WalkResult, CoreError> {
+        self.check_region(region)?;
+        let end = end.unwrap_or(region.pages).min(region.pages);
+        let start = start.min(end);
+        region.with_mem(|mem| {
+            let w = WalkShared {
+                core: &self.core,
+                region,
+                mem,
+                cancel,
+                visited: AtomicU64::new(0),
+                destroyed: AtomicU64::new(0),
+                interrupted: AtomicBool::new(false),
+                resume: AtomicU64::new(end),
+            };
+            self.core.pool.install(|| {
+                task_ranges(start, end).for_each(|(lo, hi)| {
+                    if w.cancelled() && w.interrupted.load(Ordering::Relaxed) {
+                        // Another worker already stopped; do not start new work.
+                        w.stop_at(lo);
+                        return;
+                    }
+                    w.walk_range(lo, hi);
+                });
+            });
+            WalkResult {
+                visited: w.visited.load(Ordering::Relaxed),
+                destroyed: w.destroyed.load(Ordering::Relaxed),
+                interrupted: w.interrupted.load(Ordering::Relaxed),
+                resume_page: w.resume.load(Ordering::Relaxed),
+            }
+        })
+    }
+}
+
+/// Run `f(chunk, lo, hi)` in parallel over the chunks of `mem` that hold a secure page.
+fn for_secure_chunks(core: &Core, mem: &RegionMem, f: impl Fn(u64, u64, u64) + Sync) {
+    let pages = mem.pages();
+    let sums = mem.summaries();
+    core.pool.install(|| {
+        task_ranges(0, pages).for_each(|(lo, hi)| {
+            let mut c = lo / CHUNK_PAGES;
+            while c * CHUNK_PAGES < hi {
+                if summary_counts(sums[c as usize].load(Ordering::Acquire)).1 != 0 {
+                    f(c, c * CHUNK_PAGES, ((c + 1) * CHUNK_PAGES).min(pages));
+                }
+                c += 1;
+            }
+        })
+    });
+}
+
+/// Destroy Config: zero and make non-secure every remaining page of config `id`.
+pub(crate) fn clean_config(core: &Core, region: &Region, id: u32) {
+    let _ = region.with_mem(|mem| {
+        let metas = mem.metas();
+        for_secure_chunks(core, mem, |chunk, lo, hi| {
+            let mut tally = OwnerTally::new();
+            let mut batch = [0u64; BATCH_PAGES];
+            let mut len = 0;
+            for idx in lo..hi {
+                let s = metas[idx as usize].load(Ordering::Relaxed);
+                if ps::is_secure(s) && ps::owner(s) == id || s & ps::BUSY != 0 {
+                    batch[len] = idx;
+                    len += 1;
+                }
+                if len == BATCH_PAGES || (idx + 1 == hi && len != 0) {
+                    destroy_batch(core, mem, chunk, &batch[..len], Mode::CleanOwner(id), &mut tally);
+                    len = 0;
+                }
+            }
+        });
+    });
+}
+
+/// Set Unshare All: every SHARED page of config `id` becomes SECURE (pins dropped).
+pub(crate) fn unshare_config(core: &Core, region: &Region, id: u32) {
+    let _ = region.with_mem(|mem| {
+        let metas = mem.metas();
+        for_secure_chunks(core, mem, |_, lo, hi| {
+            for m in &metas[lo as usize..hi as usize] {
+                let s = m.load(Ordering::Relaxed);
+                if !(ps::kind(s) == ps::SHARED && ps::owner(s) == id) && s & ps::BUSY == 0 {
+                    continue;
+                }
+                let s = mem.lock(m);
+                if ps::kind(s) == ps::SHARED && ps::owner(s) == id {
+                    mem.unlock(m, ps::make(ps::SECURE, id));
+                } else {
+                    mem.unlock(m, s);
+                }
+            }
+        });
+    });
+}
+
+/// `mm_teardown` / `make_accessible` helper: run `f` on every present secure page of the
+/// region, in parallel; returns the sum of what `f` returns.
+pub(crate) fn for_secure_pages(
+    core: &Core,
+    region: &Region,
+    lo: u64,
+    hi: u64,
+    f: impl Fn(&PageCtx<'_>, u64) -> (u64, u64) + Sync,
+) -> Result<(u64, u64), CoreError> {
+    region.with_mem(|mem| {
+        let a = AtomicU64::new(0);
+        let b = AtomicU64::new(0);
+        let metas: &[AtomicU32] = mem.metas();
+        let sums = mem.summaries();
+        core.pool.install(|| {
+            task_ranges(lo, hi).for_each(|(tlo, thi)| {
+                let ctx = PageCtx { core, region, mem };
+                let mut idx = tlo;
+                while idx < thi {
+                    let chunk = idx / CHUNK_PAGES;
+                    let chunk_hi = ((chunk + 1) * CHUNK_PAGES).min(thi);
+                    if summary_counts(sums[chunk as usize].load(Ordering::Acquire)).1 != 0 {
+                        for i in idx..chunk_hi {
+                            if ps::is_secure(metas[i as usize].load(Ordering::Acquire)) {
+                                let (x, y) = f(&ctx, i);
+                                a.fetch_add(x, Ordering::Relaxed);
+                                b.fetch_add(y, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    idx = chunk_hi;
+                }
+            })
+        });
+        (a.into_inner(), b.into_inner())
+    })
+}

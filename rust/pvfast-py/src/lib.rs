@@ -1,0 +1,583 @@
+//! pvfast._native: thin PyO3 glue over pvfast-core. Converts arguments to owned Rust values,
+//! runs the work with the GIL released, and maps `CoreError` to Python exceptions in one place.
+//! No emulation logic lives here.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use pvfast_core as core_;
+use pvfast_core::{CoreError, UvcStatus};
+use pyo3::exceptions::{PyException, PyIndexError, PyKeyError, PyOSError, PyOverflowError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyBytes, PyDict, PyInt};
+
+mod image;
+
+pyo3::create_exception!(
+    pvfast._native,
+    SecureStorageAccess,
+    PyException,
+    "Raised by Region.read/write when the host touches a SECURE page (a kernel bug in the caller)."
+);
+
+/// Wrapper so the one conversion below can exist (both CoreError and PyErr are foreign here).
+struct Error(CoreError);
+
+impl From<CoreError> for Error {
+    fn from(e: CoreError) -> Self {
+        Error(e)
+    }
+}
+
+impl From<Error> for PyErr {
+    fn from(Error(e): Error) -> PyErr {
+        let msg = e.to_string();
+        match e {
+            CoreError::InvalidArgument { .. } | CoreError::RegionReleased(_) | CoreError::ForeignRegion(_) => {
+                PyValueError::new_err(msg)
+            }
+            CoreError::IndexOutOfRange { .. } => PyIndexError::new_err(msg),
+            CoreError::NoSuchConfig(h) => PyKeyError::new_err(h),
+            CoreError::SecureStorageAccess { .. } => SecureStorageAccess::new_err(msg),
+            CoreError::Os(errno) => PyOSError::new_err((errno, msg)),
+        }
+    }
+}
+
+type R<T> = Result<T, Error>;
+
+// ---------------------------------------------------------------- argument conversion
+
+/// An int argument that must fit u64; errors name the argument.
+fn u64_of(name: &str, obj: &Bound<'_, PyAny>) -> PyResult<u64> {
+    if obj.is_instance_of::<PyBool>() || !obj.is_instance_of::<PyInt>() {
+        let ty = obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
+        return Err(PyTypeError::new_err(format!("{name}: expected int, got {ty}")));
+    }
+    obj.extract::<u64>()
+        .map_err(|_| PyOverflowError::new_err(format!("{name}: {obj} is out of range [0, 2**64)")))
+}
+
+fn narrow<T: TryFrom<u64>>(name: &str, v: u64, max: &str) -> PyResult<T> {
+    T::try_from(v).map_err(|_| PyOverflowError::new_err(format!("{name}: {v} is out of range [0, {max}]")))
+}
+
+macro_rules! u64_args {
+    ($($f:ident => $name:literal),* $(,)?) => {$(
+        fn $f(obj: &Bound<'_, PyAny>) -> PyResult<u64> { u64_of($name, obj) }
+    )*};
+}
+
+u64_args! {
+    a_handle => "handle", a_gaddr => "gaddr", a_paddr => "paddr", a_cpu_handle => "cpu_handle",
+    a_num => "num", a_stor_len => "stor_len", a_guest_len => "guest_len", a_asce => "asce",
+    a_sca => "sca", a_base_stor_len => "base_stor_len", a_var_stor_len => "var_stor_len",
+    a_tweak0 => "tweak0", a_tweak1 => "tweak1", a_tweak => "tweak", a_addr => "addr",
+    a_size => "size", a_start_page => "start_page", a_npages => "npages", a_index => "index",
+    a_offset => "offset", a_as_config => "as_config", a_uvc => "uvc", a_rc => "rc", a_rrc => "rrc",
+    a_count => "count", a_max_guests => "max_guests", a_max_cpus => "max_cpus", a_threads => "threads",
+}
+
+fn a_end_page(obj: &Bound<'_, PyAny>) -> PyResult<Option<u64>> {
+    if obj.is_none() {
+        Ok(None)
+    } else {
+        u64_of("end_page", obj).map(Some)
+    }
+}
+
+fn a_opt_handle(obj: &Bound<'_, PyAny>) -> PyResult<Option<u64>> {
+    if obj.is_none() {
+        Ok(None)
+    } else {
+        u64_of("handle", obj).map(Some)
+    }
+}
+
+fn st(s: UvcStatus) -> (u8, u16, u16) {
+    s.as_tuple()
+}
+
+// ---------------------------------------------------------------- CancelToken
+
+/// A fatal-signal flag shared between threads. Walks check it once per batch.
+#[pyclass(frozen, module = "pvfast._native")]
+struct CancelToken {
+    inner: core_::CancelToken,
+}
+
+#[pymethods]
+impl CancelToken {
+    #[new]
+    fn new() -> Self {
+        CancelToken { inner: core_::CancelToken::new() }
+    }
+    fn set(&self) {
+        self.inner.set();
+    }
+    fn clear(&self) {
+        self.inner.clear();
+    }
+    fn is_set(&self) -> bool {
+        self.inner.is_set()
+    }
+}
+
+// ---------------------------------------------------------------- Region
+
+/// Guest storage: an anonymous mapping reserved up front (MAP_NORESERVE), registered with a UV.
+#[pyclass(frozen, module = "pvfast._native")]
+struct Region {
+    inner: Arc<core_::Region>,
+}
+
+#[pymethods]
+impl Region {
+    #[getter]
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    #[getter]
+    fn pages(&self) -> u64 {
+        self.inner.pages()
+    }
+    #[getter]
+    fn base(&self) -> u64 {
+        self.inner.base()
+    }
+    #[getter]
+    fn id(&self) -> u64 {
+        self.inner.id()
+    }
+
+    fn present_pages(&self, py: Python<'_>) -> R<u64> {
+        Ok(py.detach(|| self.inner.present_pages())?)
+    }
+
+    fn page_state(&self, #[pyo3(from_py_with = a_index)] index: u64) -> R<(&'static str, u64)> {
+        let (s, owner) = self.inner.page_state(index)?;
+        Ok((s.name(), owner))
+    }
+
+    fn state_counts<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let c = py.detach(|| self.inner.state_counts()).map_err(Error)?;
+        let d = PyDict::new(py);
+        d.set_item("nonsecure", c.nonsecure)?;
+        d.set_item("secure", c.secure)?;
+        d.set_item("shared", c.shared)?;
+        d.set_item("exported", c.exported)?;
+        d.set_item("orphaned", c.orphaned)?;
+        d.set_item("present", c.present)?;
+        Ok(d)
+    }
+
+    #[pyo3(signature = (offset, size, *, as_config = 0))]
+    fn read<'py>(
+        &self,
+        py: Python<'py>,
+        #[pyo3(from_py_with = a_offset)] offset: u64,
+        #[pyo3(from_py_with = a_size)] size: u64,
+        #[pyo3(from_py_with = a_as_config)] as_config: u64,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let data = py.detach(|| self.inner.read(offset, size, as_config)).map_err(Error)?;
+        Ok(PyBytes::new(py, &data))
+    }
+
+    #[pyo3(signature = (offset, data, *, as_config = 0))]
+    fn write(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = a_offset)] offset: u64,
+        data: Vec<u8>,
+        #[pyo3(from_py_with = a_as_config)] as_config: u64,
+    ) -> R<()> {
+        Ok(py.detach(|| self.inner.write(offset, &data, as_config))?)
+    }
+
+    fn touch(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = a_offset)] offset: u64,
+        #[pyo3(from_py_with = a_size)] size: u64,
+    ) -> R<u64> {
+        Ok(py.detach(|| self.inner.touch(offset, size))?)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Region(id={}, base={:#x}, size={:#x}{})",
+            self.inner.id(),
+            self.inner.base(),
+            self.inner.size(),
+            if self.inner.is_released() { ", released" } else { "" }
+        )
+    }
+}
+
+// ---------------------------------------------------------------- Ultravisor
+
+/// One emulated Ultravisor (one per emulated host). Thread-safe; frozen.
+#[pyclass(frozen, module = "pvfast._native")]
+struct Ultravisor {
+    inner: core_::Ultravisor,
+}
+
+fn token(c: &Option<PyRef<'_, CancelToken>>) -> Option<core_::CancelToken> {
+    c.as_ref().map(|t| t.inner.clone())
+}
+
+#[pymethods]
+impl Ultravisor {
+    #[new]
+    #[pyo3(signature = (*, destroy_fast = true, feature_misc = true, feature_aiv = true, dump = true,
+        max_guests = 4096, max_cpus = 248, legacy_destroy_rc = false, threads = 0))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        destroy_fast: bool,
+        feature_misc: bool,
+        feature_aiv: bool,
+        dump: bool,
+        #[pyo3(from_py_with = a_max_guests)] max_guests: u64,
+        #[pyo3(from_py_with = a_max_cpus)] max_cpus: u64,
+        legacy_destroy_rc: bool,
+        #[pyo3(from_py_with = a_threads)] threads: u64,
+    ) -> PyResult<Self> {
+        if max_cpus == 0 || max_cpus > 65536 {
+            return Err(PyValueError::new_err(format!("max_cpus: {max_cpus} is not in [1, 65536]")));
+        }
+        let opts = core_::UvOptions {
+            destroy_fast,
+            feature_misc,
+            feature_aiv,
+            dump,
+            max_guests: narrow("max_guests", max_guests, "2**32-1")?,
+            max_cpus: narrow("max_cpus", max_cpus, "65536")?,
+            legacy_destroy_rc,
+            threads: narrow("threads", threads.min(1024), "1024")?,
+            ..Default::default()
+        };
+        Ok(Ultravisor { inner: core_::Ultravisor::new(opts).map_err(Error)? })
+    }
+
+    // ---- inspection
+    fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let i = self.inner.info();
+        let d = PyDict::new(py);
+        let w = i.inst_calls_list;
+        d.set_item("inst_calls_list", (w[0], w[1], w[2], w[3]))?;
+        d.set_item("uv_feature_indications", i.uv_feature_indications)?;
+        d.set_item("guest_base_stor_len", i.guest_base_stor_len)?;
+        d.set_item("guest_virt_base_stor_len", i.guest_virt_base_stor_len)?;
+        d.set_item("guest_virt_var_stor_len", i.guest_virt_var_stor_len)?;
+        d.set_item("guest_cpu_stor_len", i.guest_cpu_stor_len)?;
+        d.set_item("max_guest_cpu_id", i.max_guest_cpu_id)?;
+        d.set_item("max_num_sec_conf", i.max_num_sec_conf)?;
+        d.set_item("max_sec_stor_addr", i.max_sec_stor_addr)?;
+        d.set_item("conf_dump_storage_state_len", i.conf_dump_storage_state_len)?;
+        d.set_item("conf_dump_finalize_len", i.conf_dump_finalize_len)?;
+        Ok(d)
+    }
+
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for (name, n) in self.inner.stats() {
+            d.set_item(name, n)?;
+        }
+        Ok(d)
+    }
+
+    fn reset_stats(&self) {
+        self.inner.reset_stats();
+    }
+
+    fn config_handles(&self) -> HashSet<u64> {
+        self.inner.config_handles().into_iter().collect()
+    }
+
+    fn cpu_handles(&self, #[pyo3(from_py_with = a_handle)] handle: u64) -> R<HashSet<u64>> {
+        Ok(self.inner.cpu_handles(handle)?.into_iter().collect())
+    }
+
+    #[pyo3(signature = (handle = None))]
+    fn secure_pages(&self, #[pyo3(from_py_with = a_opt_handle)] handle: Option<u64>) -> u64 {
+        self.inner.secure_pages(handle)
+    }
+
+    fn donated_bytes(&self) -> u64 {
+        self.inner.donated_bytes()
+    }
+
+    #[pyo3(signature = (uvc, rc, rrc = 0, count = 1))]
+    fn inject_failure(
+        &self,
+        #[pyo3(from_py_with = a_uvc)] uvc: u64,
+        #[pyo3(from_py_with = a_rc)] rc: u64,
+        #[pyo3(from_py_with = a_rrc)] rrc: u64,
+        #[pyo3(from_py_with = a_count)] count: u64,
+    ) -> PyResult<()> {
+        let uvc: u16 = narrow("uvc", uvc, "0xffff")?;
+        let rc: u16 = narrow("rc", rc, "0xffff")?;
+        let rrc: u16 = narrow("rrc", rrc, "0xffff")?;
+        self.inner.inject_failure(uvc, rc, rrc, count).map_err(|e| Error(e).into())
+    }
+
+    fn clear_failures(&self) {
+        self.inner.clear_failures();
+    }
+
+    fn create_region(&self, py: Python<'_>, #[pyo3(from_py_with = a_size)] size: u64) -> R<Region> {
+        let inner = py.detach(|| self.inner.create_region(size))?;
+        Ok(Region { inner })
+    }
+
+    fn release_region(&self, py: Python<'_>, region: PyRef<'_, Region>) -> R<()> {
+        let r = Arc::clone(&region.inner);
+        Ok(py.detach(|| self.inner.release_region(&r))?)
+    }
+
+    // ---- UVCs
+    fn query(&self) -> (u8, u16, u16) {
+        st(self.inner.query())
+    }
+
+    #[pyo3(signature = (region, *, guest_len, asce, sca, base_stor_len, var_stor_len))]
+    #[allow(clippy::too_many_arguments)]
+    fn create_config(
+        &self,
+        region: PyRef<'_, Region>,
+        #[pyo3(from_py_with = a_guest_len)] guest_len: u64,
+        #[pyo3(from_py_with = a_asce)] asce: u64,
+        #[pyo3(from_py_with = a_sca)] sca: u64,
+        #[pyo3(from_py_with = a_base_stor_len)] base_stor_len: u64,
+        #[pyo3(from_py_with = a_var_stor_len)] var_stor_len: u64,
+    ) -> R<(u8, u16, u16, u64)> {
+        let (s, h) = self.inner.create_config(&region.inner, guest_len, asce, sca, base_stor_len, var_stor_len)?;
+        Ok((s.cc, s.rc, s.rrc, h))
+    }
+
+    fn destroy_config(&self, py: Python<'_>, #[pyo3(from_py_with = a_handle)] handle: u64) -> (u8, u16, u16) {
+        st(py.detach(|| self.inner.destroy_config(handle)))
+    }
+
+    fn destroy_config_fast(&self, #[pyo3(from_py_with = a_handle)] handle: u64) -> (u8, u16, u16) {
+        st(self.inner.destroy_config_fast(handle))
+    }
+
+    #[pyo3(signature = (handle, *, num, stor_len))]
+    fn create_cpu(
+        &self,
+        #[pyo3(from_py_with = a_handle)] handle: u64,
+        #[pyo3(from_py_with = a_num)] num: u64,
+        #[pyo3(from_py_with = a_stor_len)] stor_len: u64,
+    ) -> (u8, u16, u16, u64) {
+        let (s, h) = self.inner.create_cpu(handle, num, stor_len);
+        (s.cc, s.rc, s.rrc, h)
+    }
+
+    fn destroy_cpu(&self, #[pyo3(from_py_with = a_cpu_handle)] cpu_handle: u64) -> (u8, u16, u16) {
+        st(self.inner.destroy_cpu(cpu_handle))
+    }
+
+    fn convert_to_secure(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = a_handle)] handle: u64,
+        #[pyo3(from_py_with = a_gaddr)] gaddr: u64,
+    ) -> (u8, u16, u16) {
+        st(py.detach(|| self.inner.convert_to_secure(handle, gaddr)))
+    }
+
+    fn convert_from_secure(&self, py: Python<'_>, #[pyo3(from_py_with = a_paddr)] paddr: u64) -> (u8, u16, u16) {
+        st(py.detach(|| self.inner.convert_from_secure(paddr)))
+    }
+
+    fn destroy_page(&self, py: Python<'_>, #[pyo3(from_py_with = a_paddr)] paddr: u64) -> (u8, u16, u16) {
+        st(py.detach(|| self.inner.destroy_page(paddr)))
+    }
+
+    fn pin_shared(&self, #[pyo3(from_py_with = a_paddr)] paddr: u64) -> (u8, u16, u16) {
+        st(self.inner.pin_shared(paddr))
+    }
+
+    fn unpin_shared(
+        &self,
+        #[pyo3(from_py_with = a_handle)] handle: u64,
+        #[pyo3(from_py_with = a_gaddr)] gaddr: u64,
+    ) -> (u8, u16, u16) {
+        st(self.inner.unpin_shared(handle, gaddr))
+    }
+
+    fn set_shared_access(
+        &self,
+        #[pyo3(from_py_with = a_handle)] handle: u64,
+        #[pyo3(from_py_with = a_gaddr)] gaddr: u64,
+    ) -> (u8, u16, u16) {
+        st(self.inner.set_shared_access(handle, gaddr))
+    }
+
+    fn remove_shared_access(
+        &self,
+        #[pyo3(from_py_with = a_handle)] handle: u64,
+        #[pyo3(from_py_with = a_gaddr)] gaddr: u64,
+    ) -> (u8, u16, u16) {
+        st(self.inner.remove_shared_access(handle, gaddr))
+    }
+
+    fn set_sec_parms(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = a_handle)] handle: u64,
+        header: Vec<u8>,
+    ) -> (u8, u16, u16) {
+        st(py.detach(|| self.inner.set_sec_parms(handle, &header)))
+    }
+
+    fn unpack(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = a_handle)] handle: u64,
+        #[pyo3(from_py_with = a_gaddr)] gaddr: u64,
+        #[pyo3(from_py_with = a_tweak0)] tweak0: u64,
+        #[pyo3(from_py_with = a_tweak1)] tweak1: u64,
+    ) -> (u8, u16, u16) {
+        st(py.detach(|| self.inner.unpack(handle, gaddr, tweak0, tweak1)))
+    }
+
+    fn verify(&self, py: Python<'_>, #[pyo3(from_py_with = a_handle)] handle: u64) -> (u8, u16, u16) {
+        st(py.detach(|| self.inner.verify(handle)))
+    }
+
+    fn prepare_reset(&self, #[pyo3(from_py_with = a_handle)] handle: u64) -> (u8, u16, u16) {
+        st(self.inner.prepare_reset(handle))
+    }
+
+    fn unshare_all(&self, py: Python<'_>, #[pyo3(from_py_with = a_handle)] handle: u64) -> (u8, u16, u16) {
+        st(py.detach(|| self.inner.unshare_all(handle)))
+    }
+
+    fn dump_init(&self, #[pyo3(from_py_with = a_handle)] handle: u64) -> (u8, u16, u16) {
+        st(self.inner.dump_init(handle))
+    }
+
+    fn dump_conf_stor_state<'py>(
+        &self,
+        py: Python<'py>,
+        #[pyo3(from_py_with = a_handle)] handle: u64,
+        #[pyo3(from_py_with = a_gaddr)] gaddr: u64,
+    ) -> (u8, u16, u16, Bound<'py, PyBytes>) {
+        let (s, data) = py.detach(|| self.inner.dump_conf_stor_state(handle, gaddr));
+        (s.cc, s.rc, s.rrc, PyBytes::new(py, &data))
+    }
+
+    fn dump_cpu<'py>(
+        &self,
+        py: Python<'py>,
+        #[pyo3(from_py_with = a_cpu_handle)] cpu_handle: u64,
+    ) -> (u8, u16, u16, Bound<'py, PyBytes>) {
+        let (s, data) = self.inner.dump_cpu(cpu_handle);
+        (s.cc, s.rc, s.rrc, PyBytes::new(py, &data))
+    }
+
+    fn dump_complete<'py>(
+        &self,
+        py: Python<'py>,
+        #[pyo3(from_py_with = a_handle)] handle: u64,
+    ) -> (u8, u16, u16, Bound<'py, PyBytes>) {
+        let (s, data) = self.inner.dump_complete(handle);
+        (s.cc, s.rc, s.rrc, PyBytes::new(py, &data))
+    }
+
+    fn call<'py>(&self, py: Python<'py>, uvcb: Vec<u8>) -> (u8, Bound<'py, PyBytes>) {
+        let (cc, out) = py.detach(|| self.inner.call(&uvcb));
+        (cc, PyBytes::new(py, &out))
+    }
+
+    // ---- kernel-side range helpers
+    #[pyo3(signature = (region, start_page = 0, end_page = None, cancel = None))]
+    fn destroy_walk(
+        &self,
+        py: Python<'_>,
+        region: PyRef<'_, Region>,
+        #[pyo3(from_py_with = a_start_page)] start_page: u64,
+        #[pyo3(from_py_with = a_end_page)] end_page: Option<u64>,
+        cancel: Option<PyRef<'_, CancelToken>>,
+    ) -> R<(u64, u64, bool, u64)> {
+        let r = Arc::clone(&region.inner);
+        let c = token(&cancel);
+        let w = py.detach(|| self.inner.destroy_walk(&r, start_page, end_page, c.as_ref()))?;
+        Ok((w.visited, w.destroyed, w.interrupted, w.resume_page))
+    }
+
+    #[pyo3(signature = (handle, region, start_page, npages, *, export_first))]
+    fn import_range(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = a_handle)] handle: u64,
+        region: PyRef<'_, Region>,
+        #[pyo3(from_py_with = a_start_page)] start_page: u64,
+        #[pyo3(from_py_with = a_npages)] npages: u64,
+        export_first: bool,
+    ) -> R<(u64, u64, u64, u64, u16)> {
+        let r = Arc::clone(&region.inner);
+        let x = py.detach(|| self.inner.import_range(handle, &r, start_page, npages, export_first))?;
+        Ok((x.imports, x.exports, x.destroys, x.failed_pages, x.first_failure_rc))
+    }
+
+    fn make_accessible_range(
+        &self,
+        py: Python<'_>,
+        region: PyRef<'_, Region>,
+        #[pyo3(from_py_with = a_start_page)] start_page: u64,
+        #[pyo3(from_py_with = a_npages)] npages: u64,
+    ) -> R<(u64, u64)> {
+        let r = Arc::clone(&region.inner);
+        Ok(py.detach(|| self.inner.make_accessible_range(&r, start_page, npages))?)
+    }
+
+    #[pyo3(signature = (handle, region, addr, size, tweak, *, export_first, cancel = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn unpack_range(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = a_handle)] handle: u64,
+        region: PyRef<'_, Region>,
+        #[pyo3(from_py_with = a_addr)] addr: u64,
+        #[pyo3(from_py_with = a_size)] size: u64,
+        #[pyo3(from_py_with = a_tweak)] tweak: u64,
+        export_first: bool,
+        cancel: Option<PyRef<'_, CancelToken>>,
+    ) -> R<(&'static str, u16, u16, u64)> {
+        let r = Arc::clone(&region.inner);
+        let c = token(&cancel);
+        let u = py.detach(|| self.inner.unpack_range(handle, &r, addr, size, tweak, export_first, c.as_ref()))?;
+        Ok((u.status.name(), u.rc, u.rrc, u.pages_done))
+    }
+
+    fn mm_teardown(&self, py: Python<'_>, region: PyRef<'_, Region>) -> R<(u64, u64)> {
+        let r = Arc::clone(&region.inner);
+        Ok(py.detach(|| self.inner.mm_teardown(&r))?)
+    }
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("build_profile", if cfg!(debug_assertions) { "debug" } else { "release" })?;
+    m.add("PAGE_SIZE", core_::PAGE_SIZE)?;
+    m.add("BATCH_PAGES", core_::BATCH_PAGES)?;
+    m.add("RC_EXECUTED", core_::rc::EXECUTED)?;
+    m.add("RC_INV_CMD", core_::rc::INV_CMD)?;
+    m.add("RC_INV_STATE", core_::rc::INV_STATE)?;
+    m.add("RC_INV_LEN", core_::rc::INV_LEN)?;
+    m.add("RC_NEED_DESTROY", core_::rc::NEED_DESTROY)?;
+    m.add("RC_INV_GUEST_HANDLE", core_::rc::INV_GUEST_HANDLE)?;
+    m.add("RC_INV_CPU_HANDLE", core_::rc::INV_CPU_HANDLE)?;
+    m.add("RC_APQN_BOUND", core_::rc::APQN_BOUND)?;
+    m.add("RC_PAGE_NOT_ACCESSIBLE", core_::rc::PAGE_NOT_ACCESSIBLE)?;
+    m.add("SecureStorageAccess", py.get_type::<SecureStorageAccess>())?;
+    m.add_class::<CancelToken>()?;
+    m.add_class::<Region>()?;
+    m.add_class::<Ultravisor>()?;
+    image::register(m)?;
+    Ok(())
+}
