@@ -236,3 +236,46 @@ def test_image_is_frozen(sample: tuple[list[Component], Image]) -> None:
     _, img = sample
     with pytest.raises(AttributeError):
         img.header = b""  # type: ignore[misc]
+
+
+def test_boot_through_kvm() -> None:
+    """The whole path: the VMM loads the image, SET_SEC_PARMS, UNPACK, VERIFY; the guest sees plaintext."""
+    import pvfast
+    from pvfast import vmm
+
+    kernel, parm = bytes(range(256)) * 30, b"root=/dev/vda"
+    img = image.build([Component(0x10000, kernel), Component(0x0, parm)])
+    vm = pvfast.Host().create_vm(64 << 20)
+    vmm.protect(vm, img)
+    assert vm.pv_state().protected
+    assert vm.guest_read(0x10000, len(kernel)) == kernel
+    assert vm.guest_read(0, PAGE) == padded(parm)
+    vm.process.exit()
+
+
+@pytest.mark.parametrize(
+    ("host_key", "unpacked", "cmd", "rc"),
+    [
+        (b"\x01" * 32, 2, "SET_SEC_PARMS", image.RC_HDR_KEY_UNWRAP),
+        (None, 1, "VERIFY", image.RC_VERIFY_PLD),  # the second component never unpacked
+    ],
+)
+def test_kvm_reports_image_rcs(host_key: bytes | None, unpacked: int, cmd: str, rc: int) -> None:
+    import errno
+
+    import pvfast
+    from pvfast.errors import PvError
+
+    img = image.build([(0x10000, b"kernel"), (0x0, b"parm")], host_key=host_key)
+    vm = pvfast.Host().create_vm(64 << 20)
+    for comp in img.components:
+        vm.host_write(comp.addr, comp.data)
+    vm.pv_command(pvfast.PvCmd.ENABLE)
+    with pytest.raises(PvError) as exc:
+        vm.pv_command(pvfast.PvCmd.SET_SEC_PARMS, header=img.header)
+        for comp in img.components[:unpacked]:
+            vm.pv_command(pvfast.PvCmd.UNPACK, addr=comp.addr, size=comp.size, tweak=comp.tweak)
+        vm.pv_command(pvfast.PvCmd.VERIFY)
+    assert exc.value.cmd == pvfast.PvCmd[cmd]
+    assert (exc.value.errno, exc.value.rc) == (errno.EINVAL, rc)
+    vm.process.exit()
