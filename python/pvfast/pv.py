@@ -116,13 +116,13 @@ def create_cpu(vm: Vm, vcpu: Vcpu, rc: UvRc) -> int:
 def cpus_from_pv(vm: Vm, rc: UvRc) -> int:
     """kvm_s390_cpus_from_pv: destroy every secure CPU, report the first failure, never stop early."""
     ret = 0
-    dummy = UvRc()
+    out = rc  # every CPU destroy writes rc/rrc until the first failure; later ones go to a dummy
     for vcpu in vm.vcpu_list:
         with vcpu.mutex:
-            err = destroy_cpu(vm, vcpu, dummy)
+            err = destroy_cpu(vm, vcpu, out)
         if err and not ret:
-            rc.set(dummy.rc, dummy.rrc)
             ret = -EIO
+            out = UvRc()
     if not ret and vm.host.use_gisa:
         vm.gisa_enabled = True
     return ret
