@@ -41,7 +41,7 @@ def usage_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("4096", 4096), ("64K", 64 * KiB), ("64M", 64 * MiB), ("8G", 8 * GiB), ("1T", TiB), ("1.5G", 3 * GiB // 2),
+    [("4096", 4096), ("3.25G", 13 * GiB // 4), ("64K", 64 * KiB), ("64M", 64 * MiB), ("8G", 8 * GiB), ("1T", TiB), ("1.5G", 3 * GiB // 2),
      ("2g", 2 * GiB), ("2GiB", 2 * GiB), ("512MB", 512 * MiB)],
 )
 def test_parse_size(text, value):
@@ -100,6 +100,7 @@ def test_python_dash_m():
         (["reboot", "--sync", "--async"], "not allowed with argument"),
         (["info", "--async-destroy", "2"], "expected 0 or 1"),
         (["reboot", "--vcpus", "0"], "invalid vCPU count"),
+        (["compare", "--repeat", "0"], "invalid repeat count"),
         (["reboot", "--bogus"], "unrecognized arguments: --bogus"),
         (["frobnicate"], "invalid choice"),
         ([], "required: COMMAND"),
@@ -201,9 +202,11 @@ def test_shutdown_single_variant_table():
 
 def test_compare_json_and_png(tmp_path: Path):
     plot = tmp_path / "cmp.png"
-    doc = run_json("compare", "--secure", "32M,64M", "--plot", str(plot))
+    doc = run_json("compare", "--secure", "32M,64M", "--repeat", "2", "--plot", str(plot))
     assert [row["secure"] for row in doc["rows"]] == [32 * MiB, 64 * MiB]
     for row in doc["rows"]:
+        assert len(row["samples"]["sync_running_seconds"]) == 2
+        assert row["sync_running_seconds"] <= max(row["samples"]["sync_running_seconds"])
         assert row["memory"] == experiments.auto_memory(row["secure"])
         assert row["async_mode"] == "async" and row["sync"]["mode"] == "sync"
         assert row["sync_running_seconds"] > 0 and row["async_cleanup_seconds"] > 0

@@ -51,6 +51,16 @@ def async_destroy_arg(text: str) -> int:
     return int(text)
 
 
+def repeat_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid repeat count {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid repeat count {value}: must be at least 1")
+    return value
+
+
 def vcpus_arg(text: str) -> int:
     try:
         value = int(text)
@@ -229,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="guest memory; auto (default) = secure + 2G + 1G, reserved not touched")
     compare.add_argument("--vcpus", type=vcpus_arg, default=experiments.DEFAULT_VCPUS, metavar="N",
                          help=f"vCPUs of each guest (default {experiments.DEFAULT_VCPUS})")
+    compare.add_argument("--repeat", type=repeat_arg, default=1, metavar="N",
+                         help="run each reboot N times and report medians (default 1)")
     compare.add_argument("--plot", metavar="FILE.png", default=DEFAULT_PLOT,
                          help=f"where to write the plot (default {DEFAULT_PLOT})")
     compare.add_argument("--no-plot", dest="plot", action="store_const", const=None, help="do not write a plot")
@@ -339,8 +351,10 @@ def print_shutdown(results: list[dict[str, Any]], out: TextIO) -> None:
 
 def print_compare(result: dict[str, Any], out: TextIO) -> None:
     w = out.write
+    repeat = result.get("repeat", 1)
     w(f"protected-guest reboot, sync (DISABLE) vs async (PREPARE + PERFORM); host: "
-      f"{describe_host(HostOptions(**result['host']))}; {result['vcpus']} vCPUs\n\n")
+      f"{describe_host(HostOptions(**result['host']))}; {result['vcpus']} vCPUs"
+      f"{f'; medians of {repeat} runs' if repeat > 1 else ''}\n\n")
     head = (f"{'secure':>7} {'memory':>7}  {'sync: running':>14}  {'async: running':>15}  "
             f"{'async: cleanup':>15}  {'sync/async':>10}\n")
     w(head)
@@ -418,7 +432,7 @@ def cmd_shutdown(args: argparse.Namespace, out: TextIO, session: Session) -> int
 def cmd_compare(args: argparse.Namespace, out: TextIO, session: Session) -> int:
     start = time.perf_counter()
     result = experiments.compare(
-        args.secure, memory=args.memory, options=host_options(args), vcpus=args.vcpus,
+        args.secure, memory=args.memory, options=host_options(args), vcpus=args.vcpus, repeat=args.repeat,
         progress=session.bar, tracer=session.tracer,
     )
     session.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
+import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
@@ -55,11 +56,11 @@ def parse_size(text: str) -> int:
 
 
 def format_size(size: int) -> str:
-    """8589934592 → ``"8G"``; sizes that are not whole units keep one decimal (``"1.5G"``)."""
+    """8589934592 → ``"8G"``; sizes that are not whole units keep up to two decimals (``"3.25G"``)."""
     for suffix, unit in (("T", TiB), ("G", GiB), ("M", MiB), ("K", KiB)):
         if size >= unit:
             value = size / unit
-            return f"{value:.0f}{suffix}" if value == int(value) else f"{value:.1f}{suffix}"
+            return f"{value:.2f}".rstrip("0").rstrip(".") + suffix
     return f"{size}B"
 
 
@@ -425,36 +426,65 @@ def compare(
     memory: int | None = None,
     options: HostOptions = HostOptions(),
     vcpus: int = DEFAULT_VCPUS,
+    repeat: int = 1,
     progress: Progress | None = None,
     tracer: Tracer | None = None,
     on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Sync (DISABLE) against async (PREPARE + PERFORM) reboot for each secure size, one fresh host
-    per run. ``memory`` None: ``auto_memory(size)`` per guest."""
+    per run. ``memory`` None: ``auto_memory(size)`` per guest. With ``repeat`` > 1 each reboot runs
+    that many times (sync and async alternating) and the row reports medians."""
     sizes = list(sizes)
+    if repeat < 1:
+        raise ValueError(f"repeat: must be at least 1, got {repeat}")
     for size in sizes:
         check_sizes(memory if memory is not None else auto_memory(size), size)
     rows = []
     for size in sizes:
         mem = memory if memory is not None else auto_memory(size)
+        syncs, asyncs = [], []
         with _span(tracer, f"compare {format_size(size)}"):
-            sync = reboot(mem, size, mode="sync", options=options, vcpus=vcpus, progress=progress, tracer=tracer)
-            asyn = reboot(mem, size, mode="auto", options=options, vcpus=vcpus, progress=progress, tracer=tracer)
+            for _ in range(repeat):
+                kw: dict[str, Any] = {"options": options, "vcpus": vcpus, "progress": progress, "tracer": tracer}
+                syncs.append(reboot(mem, size, mode="sync", **kw))
+                asyncs.append(reboot(mem, size, mode="auto", **kw))
+        sync_running = statistics.median(r["running_seconds"] for r in syncs)
+        async_running = statistics.median(r["running_seconds"] for r in asyncs)
         row = {
             "secure": size,
             "memory": mem,
-            "sync_running_seconds": sync["running_seconds"],
-            "async_running_seconds": asyn["running_seconds"],
-            "async_cleanup_seconds": asyn["cleanup_seconds"],
-            "async_mode": asyn["mode"],
-            "ratio": sync["running_seconds"] / asyn["running_seconds"] if asyn["running_seconds"] else None,
-            "sync": sync,
-            "async": asyn,
+            "repeat": repeat,
+            "sync_running_seconds": sync_running,
+            "async_running_seconds": async_running,
+            "async_cleanup_seconds": statistics.median(r["cleanup_seconds"] for r in asyncs),
+            "async_mode": "async" if all(r["mode"] == "async" for r in asyncs) else "sync",
+            "ratio": sync_running / async_running if async_running else None,
+            "sync": _median_run(syncs, "running_seconds"),
+            "async": _median_run(asyncs, "running_seconds"),
         }
+        if repeat > 1:
+            row["samples"] = {
+                "sync_running_seconds": [r["running_seconds"] for r in syncs],
+                "async_running_seconds": [r["running_seconds"] for r in asyncs],
+                "async_cleanup_seconds": [r["cleanup_seconds"] for r in asyncs],
+            }
         rows.append(row)
         if on_row is not None:
             on_row(row)
-    return {"experiment": "compare", "host": options.as_dict(), "vcpus": vcpus, "rows": rows, **_growth(rows)}
+    return {
+        "experiment": "compare",
+        "host": options.as_dict(),
+        "vcpus": vcpus,
+        "repeat": repeat,
+        "rows": rows,
+        **_growth(rows),
+    }
+
+
+def _median_run(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """The run whose ``key`` is the (lower) median: a real run to show UVCs and pages for."""
+    ordered = sorted(runs, key=lambda r: r[key])
+    return ordered[(len(ordered) - 1) // 2]
 
 
 def _growth(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -479,44 +509,61 @@ def _growth(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def plot_compare(result: Mapping[str, Any], path: str) -> None:
-    """Time until the guest runs again (sync vs async) and the async background cleanup, against
-    secure memory; log-log axes so a flat async curve and a linear sync curve both read clearly."""
+    """Two panels against secure memory: linear axes (sync grows linearly, async stays at the
+    bottom) and log time (the flat async curve readable in milliseconds)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullLocator
 
     rows = result["rows"]
     xs = [row["secure"] / GiB for row in rows]
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
-    ax.plot(xs, [r["sync_running_seconds"] for r in rows], "o-", color="tab:red",
-            label="sync reboot (KVM_PV_DISABLE): time until running again")
-    ax.plot(xs, [r["async_running_seconds"] for r in rows], "s-", color="tab:green",
-            label="async reboot (PREPARE + PERFORM thread): time until running again")
-    ax.plot(xs, [r["async_cleanup_seconds"] for r in rows], "^--", color="tab:blue",
-            label="async reboot: old guest's memory clean (async_cleanup thread done)")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.xaxis.set_major_locator(FixedLocator(xs))
-    ax.xaxis.set_minor_locator(NullLocator())
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: format_size(int(round(v * GiB)))))
-    ax.yaxis.set_major_formatter(FuncFormatter(_seconds_label))
-    ax.set_xlabel("secure guest memory above 2 GiB (dirtied by the guest before the reboot)")
-    ax.set_ylabel("seconds from the start of the reboot")
+    curves = [
+        ("sync_running_seconds", "o-", "tab:red", "sync reboot (KVM_PV_DISABLE): guest running again"),
+        ("async_running_seconds", "s-", "tab:green", "async reboot (PREPARE, PERFORM in a thread): guest running again"),
+        ("async_cleanup_seconds", "^--", "tab:blue", "async reboot: old guest's memory clean (async_cleanup done)"),
+    ]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), dpi=110)
+    for ax, log in zip(axes, (False, True), strict=True):
+        for key, style, color, label in curves:
+            ax.plot(xs, [row[key] for row in rows], style, color=color, label=label)
+        if log:
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_minor_locator(NullLocator())
+            ax.set_title("log time")
+        else:
+            ax.set_ylim(bottom=0)
+            ax.set_title("linear")
+        ax.xaxis.set_major_locator(FixedLocator(xs))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: format_size(int(round(v * GiB)))))
+        ax.yaxis.set_major_formatter(FuncFormatter(_seconds_label))
+        ax.set_xlim(0, max(xs) * 1.05)
+        ax.set_xlabel("secure guest memory above 2 GiB, dirtied before the reboot")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("time from the start of the reboot")
     host = result.get("host", {})
-    flags = [] if host.get("destroy_fast", True) else ["no Destroy-Fast"]
-    if not host.get("feature_misc", True):
-        flags.append("no MISC")
-    ax.set_title("pvfast compare: protected-guest reboot, sync vs async" + (f" ({', '.join(flags)})" if flags else ""))
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
+    flags = [f"async_destroy={host.get('async_destroy', 1)}"]
+    flags.append("Destroy-Fast" if host.get("destroy_fast", True) else "no Destroy-Fast")
+    flags.append("MISC" if host.get("feature_misc", True) else "no MISC")
+    repeat = result.get("repeat", 1)
+    fig.suptitle(
+        f"pvfast compare: protected-guest reboot, sync vs async ({', '.join(flags)}"
+        + (f"; median of {repeat}" if repeat > 1 else "")
+        + ")"
+    )
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8.5, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, format="png")
     plt.close(fig)
 
 
 def _seconds_label(value: float, _pos: object) -> str:
+    if value == 0:
+        return "0"
     if value >= 1:
         return f"{value:g} s"
     if value >= 1e-3:
