@@ -463,7 +463,9 @@ class Vm:
     def _guest_fault(self, first: int, npages: int) -> int:
         """The guest touches pages: import (protected guest) or make accessible (normal guest)."""
         handle = self.pv.handle
-        if handle:
+        # The guest runs protected only on vCPUs that have a secure CPU (sdf 2); after a failed
+        # PREPARE the config still exists but the vCPUs run as a normal guest.
+        if handle and any(v.pv_handle for v in self.vcpu_list):
             _, _, _, failed, frc = self.uv.import_range(
                 handle, self.region, first, npages, export_first=_pv.export_before_import(self)
             )
