@@ -476,3 +476,31 @@ def test_protect_failure_unprotects():
     assert not vm.pv_state().protected
     vm.process.exit()
     assert_fully_clean(host)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.001, 0.005, 0.02, 0.05])
+def test_signal_at_random_batch_boundaries_loses_nothing(delay):
+    import time
+
+    host = pvfast.Host(destroy_fast=bool(int(delay * 1000) % 2))
+    vm = protected_vm(host, size=3 * GiB, high=256 * MiB)
+    vm.pv_command(PREPARE)
+    enable(vm)
+    vm.guest_access(HIGH, 8 * MiB)
+    vm.perform_started.clear()
+    out: list[object] = []
+    t = threading.Thread(target=lambda: out.append(vm.pv_command(PERFORM)))
+    t.start()
+    vm.perform_started.wait()
+    time.sleep(delay)
+    vm.process.fatal_signal.set()
+    t.join()
+    st = vm.pv_state()
+    res = out[0]
+    assert isinstance(res, pvfast.PvResult)
+    assert st.need_cleanup == (1 if (res.rc, res.rrc) == (1, 42) else 0)
+    assert st.protected_count == 1 + st.need_cleanup
+    vm.process.fatal_signal.clear()
+    assert vm.pv_command(PvCmd.DISABLE).rc == 1  # cleans the current VM and the leftover
+    assert host.uv.secure_pages() == 0 and host.uv.config_handles() == set()
+    assert vm.pv_state().protected_count == 0
