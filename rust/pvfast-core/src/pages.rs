@@ -185,9 +185,6 @@ impl<'a> PageCtx<'a> {
         if ps::is_secure(old) {
             return fail(if ps::owner(old) == cfg.id { rc::INV_STATE } else { rc::OTHER_OWNER });
         }
-        if old & ps::PRESENT == 0 {
-            return fail(rc::PAGE_NOT_ACCESSIBLE);
-        }
         let mut image = mlock(&cfg.image);
         if image.verified {
             drop(image);
@@ -197,6 +194,9 @@ impl<'a> PageCtx<'a> {
         let (Some(hdr), Some(ver)) = (image.header.as_deref(), image.verifier.as_mut()) else {
             return fail(rc::CONFIG_STATE);
         };
+        if old & ps::PRESENT == 0 {
+            return fail(rc::PAGE_NOT_ACCESSIBLE);
+        }
         let page = self.page_mut(idx);
         hdr.decrypt_page(tweak0, tweak1, page);
         ver.add_page(gaddr, tweak0, tweak1, page);

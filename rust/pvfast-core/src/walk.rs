@@ -106,13 +106,15 @@ enum Mode {
     CleanOwner(u32),
 }
 
-/// Destroy the pages `batch` (all in chunk `chunk`): lock, zero with streaming stores, one
-/// fence, then publish. Returns how many were destroyed.
+/// Destroy the pages `batch` (all in chunk `chunk`) in three phases: take every page lock,
+/// zero the locked pages with streaming stores, then one fence and publish. Keeping the locked
+/// RMWs out of the zeroing phase matters: a locked instruction waits for earlier streaming
+/// stores to drain, which would serialize page after page. Returns how many were destroyed.
 fn destroy_batch(core: &Core, mem: &RegionMem, chunk: u64, batch: &[u64], mode: Mode, tally: &mut OwnerTally) -> u64 {
     let metas = mem.metas();
     let mut locked = [(0u64, 0u32); BATCH_PAGES];
     let mut n = 0usize;
-    for &idx in batch {
+    for &idx in batch.iter().take(BATCH_PAGES) {
         let m = &metas[idx as usize];
         let mut s = m.load(Ordering::Acquire);
         if !ps::is_secure(s) && s & ps::BUSY == 0 {
@@ -134,12 +136,12 @@ fn destroy_batch(core: &Core, mem: &RegionMem, chunk: u64, batch: &[u64], mode: 
             mem.unlock(m, s);
             continue;
         }
-        // SAFETY: page lock held; idx is a page of this mapping (batch built from its range).
+        locked[n] = (idx, s);
+        n += 1;
+    }
+    for &(idx, _) in &locked[..n] {
+        // SAFETY: we hold the page lock; idx is a page of this mapping (batch built from its range).
         unsafe { zero_page_nt(mem.page_ptr(idx)) };
-        if n < BATCH_PAGES {
-            locked[n] = (idx, s);
-            n += 1;
-        }
     }
     store_fence();
     for &(idx, s) in &locked[..n] {
