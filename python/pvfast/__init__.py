@@ -31,7 +31,7 @@ from .constants import (
     PvInfoId,
     Uvc,
 )
-from .errors import PvError
+from .errors import PvError, UvcError
 from .host import Host, UltravisorView
 from .kvm import PvResult, PvState, Vm
 from .mm import AddressSpace, Process
@@ -70,6 +70,7 @@ __all__ = [
     "PvState",
     "UltravisorView",
     "Uvc",
+    "UvcError",
     "Vm",
     "build_profile",
 ]

@@ -52,3 +52,17 @@ EAGAIN = _errno.EAGAIN
 EINTR = _errno.EINTR
 ENXIO = _errno.ENXIO
 EOPNOTSUPP = _errno.EOPNOTSUPP
+
+
+class UvcError(OSError):
+    """A UV call outside the PV ioctl failed (vCPU hotplug, guest share, an unresolvable guest fault)."""
+
+    uvc: str
+    rc: int
+    rrc: int
+
+    def __init__(self, err: int, what: str, rc: int, rrc: int = 0) -> None:
+        super().__init__(err, f"{what} failed: rc {rc:#06x} rrc {rrc:#06x}")
+        self.uvc = what
+        self.rc = rc
+        self.rrc = rrc

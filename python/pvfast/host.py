@@ -123,9 +123,10 @@ class Host:
         self.async_destroy = int(async_destroy)
         self.prot_virt = bool(prot_virt)
         self.use_gisa = bool(use_gisa)
-        self.uv_info: dict[str, Any] = native.info()
-        inst = tuple(self.uv_info["inst_calls_list"])
-        feat = int(self.uv_info["uv_feature_indications"])
+        info: dict[str, Any] = dict(native.info())
+        self.uv_info = info
+        inst: tuple[int, ...] = info["inst_calls_list"]
+        feat: int = info["uv_feature_indications"]
         self.destroy_fast_available = test_bit_inv(BIT_UVC_CMD_DESTROY_SEC_CONF_FAST, inst)
         self.feature_misc = test_bit_inv(BIT_UV_FEAT_MISC, feat)
         self.feature_aiv = test_bit_inv(BIT_UV_FEAT_AIV, feat)

@@ -27,7 +27,7 @@ from .constants import (
     PvDumpSubcmd,
     PvInfoId,
 )
-from .errors import EFAULT, EINVAL, EIO, ENOMEM, ENOTTY, PvError
+from .errors import EFAULT, EINVAL, EIO, ENOMEM, ENOTTY, PvError, UvcError
 from .gmap import Gmap
 from .pv import UvRc
 
@@ -197,7 +197,7 @@ class Vm:
                     rc = UvRc()
                     err = _pv.create_cpu(self, vcpu, rc)
                     if err:
-                        raise PvError(-err, -1, rc.rc, rc.rrc)
+                        raise UvcError(-err, f"KVM_CREATE_VCPU {vcpu.id}: CREATE_SEC_CPU", rc.rc, rc.rrc)
                 self.vcpu_list.append(vcpu)
                 return vcpu.id
         finally:
@@ -470,7 +470,7 @@ class Vm:
                 handle, self.region, first, npages, export_first=_pv.export_before_import(self)
             )
             if failed:
-                raise PvError(EFAULT, -1, frc, 0)
+                raise UvcError(EFAULT, f"guest fault: CONV_TO_SEC_STOR on {failed} page(s)", frc)
             return handle
         self.uv.make_accessible_range(self.region, first, npages)
         self.region.touch(first * PAGE_SIZE, npages * PAGE_SIZE)
@@ -529,7 +529,7 @@ class Vm:
             for page in range(first, first + npages):
                 cc, r, rr = self.uv.set_shared_access(handle, page * PAGE_SIZE)
                 if cc:
-                    raise PvError(EIO, -1, r, rr)
+                    raise UvcError(EIO, f"SET_SHARED_ACCESS at {page * PAGE_SIZE:#x}", r, rr)
         finally:
             self.process._leave()
 
