@@ -196,7 +196,9 @@ class Ultravisor:
         [start, end), results ignored, in parallel batches of BATCH_PAGES present pages; skips
         regions holding no secure page via the summary (still counting their present pages as
         UVCs). With cancel: checked after every batch; when set, stop and return interrupted.
-        Returns (present_pages_visited, pages_destroyed, interrupted, resume_page)."""
+        Returns (present_pages_visited, pages_destroyed, interrupted, resume_page). end_page is
+        clamped to region.pages (and start_page to end_page). Every page below resume_page is done;
+        resume_page == end when not interrupted."""
     def import_range(
         self, handle: int, region: Region, start_page: int, npages: int, *, export_first: bool
     ) -> tuple[int, int, int, int, int]:
@@ -206,11 +208,13 @@ class Ultravisor:
         secure-storage violation: destroy 0x0202, on failure export 0x0201, then import as above;
         SHARED of another config -> (export first if export_first) + import (the UV takes a shared
         page over only with MISC; otherwise the import fails). Own pages: nothing.
-        Returns (imports, exports, destroys, failed_pages, first_failure_rc); a page whose import
-        failed is left as it was and the walk goes on."""
+        Returns (imports, exports, destroys, failed_pages, first_failure_rc): the first three count
+        the UVCs issued (as in stats()), failed_pages the imports that failed; a page whose import
+        failed is left as it was and the walk goes on. first_failure_rc is 0 if none failed."""
     def make_accessible_range(self, region: Region, start_page: int, npages: int) -> tuple[int, int]:
         """Host or a non-protected guest touches pages: for each SECURE/SHARED/ORPHANED page,
-        pin-shared (0x0341) and if that fails export (0x0201). Returns (pinned, exported)."""
+        pin-shared (0x0341) and if that fails export (0x0201). Returns (pinned, exported), the
+        successful UVCs. GIL released."""
     def unpack_range(
         self,
         handle: int,
@@ -224,11 +228,12 @@ class Ultravisor:
     ) -> tuple[str, int, int, int]:
         """KVM_PV_UNPACK's loop: per page 0x0301 with tweak0=tweak, tweak1=offset (export first
         if asked). rc 0x010a -> fault the page in; if cancel is set return "eagain"; else retry.
-        Other UV error -> "einval". Returns (status "ok"|"eagain"|"einval"|"efault", rc, rrc of
-        the last unpack UVC, pages_done)."""
+        Other UV error -> "einval". addr not page aligned, size 0 or unaligned -> "einval" with no
+        UVC; a page beyond the region -> "efault". Returns (status "ok"|"eagain"|"einval"|"efault",
+        rc, rrc of the last unpack UVC (0, 0 if none), pages_done). rcs: docs/UV.md."""
     def mm_teardown(self, region: Region) -> tuple[int, int]:
         """exit_mmap of a protected mm: for every present SECURE/SHARED/ORPHANED page destroy
-        (0x0202), on failure export (0x0201). Returns (destroyed, exported)."""
+        (0x0202), on failure export (0x0201). Returns (destroyed, exported), the successful UVCs."""
 
 # ---- boot image (rust/pvfast-py/src/image.rs; format and rcs in docs/IMAGE.md) ----
 # Header errors raise ValueError("invalid SE header: <reason> (rc 0x01..)") with attribute

@@ -402,11 +402,13 @@ impl Ultravisor {
         var_stor_len: u64,
     ) -> (UvcStatus, u64) {
         let info = &self.core.info;
+        // Lock order is region mapping before tables: look at the mapping first.
+        let released = region.is_released();
         let mut t = wlock(&self.core.tables);
         if t.live as u64 >= info.max_num_sec_conf || t.by_id.len() as u64 >= u64::from(ps::MAX_OWNER) {
             return (UvcStatus::err(rc::TOO_MANY_CONFIGS), 0);
         }
-        if guest_len == 0 || !guest_len.is_multiple_of(MIB) || guest_len > region.size || region.is_released() {
+        if guest_len == 0 || !guest_len.is_multiple_of(MIB) || guest_len > region.size || released {
             return (UvcStatus::err(rc::INV_GUEST_STOR), 0);
         }
         if base_stor_len < info.guest_base_stor_len {
