@@ -90,7 +90,8 @@ class Region:
         """("nonsecure" | "secure" | "shared" | "exported" | "orphaned", owner handle or 0).
 
         "orphaned" = secure or shared page whose configuration was removed by Destroy-Fast
-        (owner = the dead handle). IndexError for an index out of range.
+        (owner = the dead handle). An exported page whose configuration is gone reads as
+        ("nonsecure", 0): nobody can import it back. IndexError for an index out of range.
         """
     def state_counts(self) -> dict[str, int]:
         """Counts of pages per state over the region (keys as page_state, plus "present")."""

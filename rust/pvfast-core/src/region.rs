@@ -58,7 +58,8 @@ pub struct Region {
     pub(crate) exported: Mutex<HashMap<u64, ExportTag>>,
 }
 
-/// Classify a state word; `owner handle` is 0 for NONSECURE.
+/// Classify a state word; `owner handle` is 0 for NONSECURE. ORPHANED and the non-secure view
+/// of a dead configuration's exported pages are derived from the config table here.
 pub(crate) fn classify(s: u32, tables: &Tables) -> (PageState, u64) {
     let kind = ps::kind(s);
     if kind == ps::NONSECURE {
@@ -68,6 +69,9 @@ pub(crate) fn classify(s: u32, tables: &Tables) -> (PageState, u64) {
     let handle = cfg.map_or(0, |c| c.handle);
     let alive = cfg.is_some_and(|c| c.is_alive());
     let state = match kind {
+        // Once its configuration is gone nobody can import an exported page back: it is
+        // plain non-secure memory (holding ciphertext).
+        ps::EXPORTED if !alive => return (PageState::NonSecure, 0),
         ps::EXPORTED => PageState::Exported,
         _ if !alive => PageState::Orphaned,
         ps::SECURE => PageState::Secure,
