@@ -108,7 +108,7 @@ impl UvInfo {
             guest_virt_base_stor_len: 0x4000,
             guest_virt_var_stor_len: 0x20,
             guest_cpu_stor_len: 0x2000,
-            max_guest_cpu_id: u64::from(o.max_cpus.saturating_sub(1)),
+            max_guest_cpu_id: u64::from(o.max_cpus.saturating_sub(1)).min(u64::from(u16::MAX)),
             max_num_sec_conf: u64::from(o.max_guests),
             max_sec_stor_addr: (1u64 << 53) - 1,
             conf_dump_storage_state_len: 0x1000,

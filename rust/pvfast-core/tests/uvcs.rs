@@ -441,3 +441,23 @@ fn release_region_drops_secure_counts() {
     assert_eq!(vm.uv.secure_pages(Some(vm.handle)), 0);
     assert_eq!(vm.uv.convert_to_secure(vm.handle, 0), err(rc::INV_ADDR));
 }
+
+#[test]
+fn exported_pages_of_a_dead_config_read_as_nonsecure() {
+    for fast in [false, true] {
+        let vm = vm(4 * MIB, MIB);
+        let (uv, r, h) = (&vm.uv, &vm.region, vm.handle);
+        assert_eq!(uv.convert_to_secure(h, 0), ok());
+        assert_eq!(uv.convert_from_secure(r.base()), ok());
+        assert_eq!(state(r, 0), ("exported", h));
+        let st = if fast { uv.destroy_config_fast(h) } else { uv.destroy_config(h) };
+        assert_eq!(st, ok());
+        assert_eq!(state(r, 0), ("nonsecure", 0));
+        assert_eq!(r.state_counts().unwrap().exported, 0);
+        // Host access is fine; a new config imports it as a fresh page.
+        assert!(r.read(0, 16, 0).is_ok());
+        let (_, h2) = create(uv, r, 4 * MIB, 0x80_000);
+        assert_eq!(uv.convert_to_secure(h2, 0), ok());
+        assert_eq!(r.read(0, 16, h2).unwrap(), vec![0u8; 16]);
+    }
+}
