@@ -133,20 +133,11 @@ impl Ultravisor {
         })
     }
 
-    /// exit_mmap of a protected mm: destroy every secure page, export if that fails.
-    /// Returns (destroyed, exported) successes.
+    /// exit_mmap of a protected mm: destroy every present secure page (batched and parallel like
+    /// the walk), export it if the destroy is refused. Returns (destroyed, exported) successes.
     pub fn mm_teardown(&self, region: &Region) -> Result<(u64, u64), CoreError> {
         self.check_region(region)?;
-        for_secure_pages(&self.core, region, 0, region.pages(), |ctx, idx| {
-            let paddr = ctx.paddr(idx);
-            if self.destroy_page(paddr).is_ok() {
-                (1, 0)
-            } else if self.convert_from_secure(paddr).is_ok() {
-                (0, 1)
-            } else {
-                (0, 0)
-            }
-        })
+        crate::walk::mm_teardown(&self.core, region)
     }
 
     /// KVM_PV_UNPACK's loop over `[addr, addr+size)` with tweak0 = tweak, tweak1 = offset.

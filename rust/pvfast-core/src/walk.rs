@@ -110,7 +110,15 @@ enum Mode {
 /// zero the locked pages with streaming stores, then one fence and publish. Keeping the locked
 /// RMWs out of the zeroing phase matters: a locked instruction waits for earlier streaming
 /// stores to drain, which would serialize page after page. Returns how many were destroyed.
-fn destroy_batch(core: &Core, mem: &RegionMem, chunk: u64, batch: &[u64], mode: Mode, tally: &mut OwnerTally) -> u64 {
+fn destroy_batch(
+    core: &Core,
+    mem: &RegionMem,
+    chunk: u64,
+    batch: &[u64],
+    mode: Mode,
+    tally: &mut OwnerTally,
+    mut refused: Option<&mut Vec<u64>>,
+) -> u64 {
     let metas = mem.metas();
     let mut locked = [(0u64, 0u32); BATCH_PAGES];
     let mut n = 0usize;
@@ -134,6 +142,9 @@ fn destroy_batch(core: &Core, mem: &RegionMem, chunk: u64, batch: &[u64], mode: 
         };
         if !allowed {
             mem.unlock(m, s);
+            if let Some(r) = refused.as_deref_mut() {
+                r.push(idx);
+            }
             continue;
         }
         locked[n] = (idx, s);
@@ -238,7 +249,7 @@ impl WalkShared<'_> {
                         let d = if self.core.inject.pending(Uvc::DestrSecStor) {
                             self.slow_batch(b)
                         } else {
-                            destroy_batch(self.core, self.mem, chunk, b, Mode::DestroyUvc, &mut tally)
+                            destroy_batch(self.core, self.mem, chunk, b, Mode::DestroyUvc, &mut tally, None)
                         };
                         self.core.stats.add(Uvc::DestrSecStor, len as u64);
                         self.visited.fetch_add(len as u64, Ordering::Relaxed);
@@ -344,7 +355,7 @@ pub(crate) fn clean_config(core: &Core, region: &Region, id: u32) {
                     len += 1;
                 }
                 if len == BATCH_PAGES || (idx + 1 == hi && len != 0) {
-                    destroy_batch(core, mem, chunk, &batch[..len], Mode::CleanOwner(id), &mut tally);
+                    destroy_batch(core, mem, chunk, &batch[..len], Mode::CleanOwner(id), &mut tally, None);
                     len = 0;
                 }
             }
@@ -408,5 +419,56 @@ pub(crate) fn for_secure_pages(
             })
         });
         (a.into_inner(), b.into_inner())
+    })
+}
+
+/// exit_mmap of a protected mm: every present secure page gets a destroy-page UVC (batched like
+/// the walk); a page whose destroy is refused is exported instead. Returns (destroyed, exported).
+pub(crate) fn mm_teardown(core: &Core, region: &Region) -> Result<(u64, u64), CoreError> {
+    region.with_mem(|mem| {
+        let destroyed = AtomicU64::new(0);
+        let exported = AtomicU64::new(0);
+        let metas = mem.metas();
+        for_secure_chunks(core, mem, |chunk, lo, hi| {
+            let ctx = PageCtx { core, region, mem };
+            let mut tally = OwnerTally::new();
+            let mut refused = Vec::new();
+            let mut batch = [0u64; BATCH_PAGES];
+            let mut len = 0;
+            for idx in lo..hi {
+                let s = metas[idx as usize].load(Ordering::Relaxed);
+                if ps::is_secure(s) || s & ps::BUSY != 0 {
+                    batch[len] = idx;
+                    len += 1;
+                }
+                if len == BATCH_PAGES || (idx + 1 == hi && len != 0) {
+                    let b = &batch[..len];
+                    core.stats.add(Uvc::DestrSecStor, len as u64);
+                    refused.clear();
+                    if core.inject.pending(Uvc::DestrSecStor) {
+                        for &p in b {
+                            let was = ps::is_secure(metas[p as usize].load(Ordering::Acquire));
+                            match core.inject.take(Uvc::DestrSecStor) {
+                                Some(_) => refused.push(p),
+                                None if ctx.destroy(p).is_ok() => {
+                                    destroyed.fetch_add(u64::from(was), Ordering::Relaxed);
+                                }
+                                None => refused.push(p),
+                            }
+                        }
+                    } else {
+                        let d = destroy_batch(core, mem, chunk, b, Mode::DestroyUvc, &mut tally, Some(&mut refused));
+                        destroyed.fetch_add(d, Ordering::Relaxed);
+                    }
+                    for &p in &refused {
+                        if core.begin(Uvc::ConvFromSecStor).is_none() && ctx.export(p).is_ok() {
+                            exported.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    len = 0;
+                }
+            }
+        });
+        (destroyed.into_inner(), exported.into_inner())
     })
 }

@@ -274,8 +274,20 @@ fn make_accessible_and_mm_teardown() {
     for p in 10..20 {
         assert_eq!(uv.convert_to_secure(h, p * PAGE), ok());
     }
+    uv.reset_stats();
     assert_eq!(uv.mm_teardown(r).unwrap(), (10, 0));
     assert_eq!(uv.secure_pages(None), 0);
+    assert_eq!((uv.stat(Uvc::DestrSecStor), uv.stat(Uvc::ConvFromSecStor)), (10, 0));
+    // An injected destroy failure falls back to export for that page only.
+    for p in 0..5 {
+        assert_eq!(uv.convert_to_secure(h, p * PAGE), ok());
+    }
+    uv.reset_stats();
+    uv.inject_failure(0x0202, 0x0abc, 0, 2).unwrap();
+    assert_eq!(uv.mm_teardown(r).unwrap(), (3, 2));
+    assert_eq!((uv.stat(Uvc::DestrSecStor), uv.stat(Uvc::ConvFromSecStor)), (5, 2));
+    assert_eq!(state(r, 0), ("exported", h));
+    assert_eq!(state(r, 4), ("nonsecure", 0));
 }
 
 #[test]
