@@ -310,7 +310,7 @@ def print_reboot(r: dict[str, Any], out: TextIO) -> None:
     w("  from the start of the reboot:\n")
     w(f"    unprotect returned              {format_seconds(r['unprotect_seconds']):>10}\n")
     w(f"    guest running again             {format_seconds(r['running_seconds']):>10}"
-      f"   (protect = ENABLE..VERIFY: {format_seconds(r['protect_seconds'])})\n")
+      f"   (image load {format_seconds(r['load_seconds'])}, ENABLE..VERIFY {format_seconds(r['protect_seconds'])})\n")
     done = "async_cleanup thread finished" if r["mode"] == "async" else "DISABLE returned"
     w(f"    old guest's memory clean        {format_seconds(r['cleanup_seconds']):>10}   ({done})\n\n")
     w(f"  secure pages of the old guest     {r['secure_pages_before']:,} before, {r['secure_pages_left']:,} left\n")
