@@ -137,7 +137,9 @@ class Ultravisor:
         A dead (fast-destroyed) handle still counts its orphaned pages. O(1)."""
     def donated_bytes(self) -> int: ...  # storage currently donated to the UV (configs + CPUs)
     def inject_failure(self, uvc: int, rc: int, rrc: int = 0, count: int = 1) -> None:
-        """ValueError for an unknown UVC code, rc == 0x0001, or count < 1."""
+        """ValueError for an unknown UVC code, rc == 0x0001, or count < 1.
+        Exception: an injected Create Config rc with the 0x8000 (NEED_DESTROY) flag does create
+        the configuration and returns its handle, as the architecture defines that flag."""
     def clear_failures(self) -> None: ...
     def create_region(self, size: int) -> Region:
         """ValueError unless size is a positive multiple of PAGE_SIZE. OSError if mmap fails."""

@@ -388,6 +388,12 @@ impl Ultravisor {
         self.check_region(region)?;
         let _ = sca;
         if let Some(f) = self.core.begin(Uvc::CreateSecConf) {
+            // An injected rc with the 0x8000 flag means "failed, but a handle exists and must
+            // be destroyed": create the configuration for real and hand out its handle.
+            if f.rc & rc::NEED_DESTROY != 0 {
+                let (s, h) = self.create_config_checked(region, guest_len, asce, base_stor_len, var_stor_len);
+                return Ok((f, if s.is_ok() { h } else { 0 }));
+            }
             return Ok((f, 0));
         }
         Ok(self.create_config_checked(region, guest_len, asce, base_stor_len, var_stor_len))

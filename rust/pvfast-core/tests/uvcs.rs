@@ -310,8 +310,16 @@ fn failure_injection_changes_nothing() {
     uv.inject_failure(0x0102, rc::APQN_BOUND, 0, 1).unwrap();
     assert_eq!(uv.destroy_config_fast(h), err(rc::APQN_BOUND));
     assert_eq!(uv.config_handles(), vec![h]);
+    uv.inject_failure(0x0100, 0x0101, 0, 1).unwrap();
+    assert_eq!(create(uv, r, 4 * MIB, 0x40_000), (err(0x0101), 0));
+    assert_eq!(uv.config_handles().len(), 1);
+    // With the NEED_DESTROY flag a handle exists anyway and must be destroyed.
     uv.inject_failure(0x0100, 0x0101 | rc::NEED_DESTROY, 0, 1).unwrap();
-    assert_eq!(create(uv, r, 4 * MIB, 0x40_000), (err(0x8101), 0));
+    let (st, nd) = create(uv, r, 4 * MIB, 0x40_000);
+    assert_eq!(st, err(0x8101));
+    assert_ne!(nd, 0);
+    assert_eq!(uv.config_handles().len(), 2);
+    assert_eq!(uv.destroy_config(nd), ok());
     uv.inject_failure(0x0201, 0x0abc, 0, 1).unwrap();
     uv.clear_failures();
     assert_eq!(uv.convert_from_secure(r.base()), ok());
