@@ -101,6 +101,7 @@ class ProgressBar:
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
+        self.clear = "\x1b[K" if stream.isatty() else ""  # erase the rest of the line on a terminal
         self.label: str | None = None
         self.last_draw = 0.0
 
@@ -120,7 +121,7 @@ class ProgressBar:
         else:
             amount = f"{done:,}/{total:,} {unit}"
         bar = "#" * filled + "." * (self.WIDTH - filled)
-        self.stream.write(f"\r[{bar}] {frac * 100:5.1f}% {amount} {label}\x1b[K")
+        self.stream.write(f"\r[{bar}] {frac * 100:5.1f}% {amount} {label}{self.clear}")
         self.stream.flush()
 
     def close(self) -> None:
