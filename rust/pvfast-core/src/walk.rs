@@ -197,6 +197,21 @@ impl WalkShared<'_> {
             .count() as u64
     }
 
+    /// The first `max` present pages of `[lo, hi)`: how many, and the page after the last one.
+    fn first_present(&self, lo: u64, hi: u64, max: u64) -> (u64, u64) {
+        let metas = self.mem.metas();
+        let mut n = 0;
+        for idx in lo..hi {
+            if metas[idx as usize].load(Ordering::Relaxed) & ps::PRESENT != 0 {
+                n += 1;
+                if n == max {
+                    return (n, idx + 1);
+                }
+            }
+        }
+        (n, hi)
+    }
+
     /// One DESTR_SEC_STOR per page while injections are pending (each may consume one).
     fn slow_batch(&self, batch: &[u64]) -> u64 {
         let ctx = PageCtx { core: self.core, region: self.region, mem: self.mem };
@@ -227,12 +242,23 @@ impl WalkShared<'_> {
             let injecting = self.core.inject.pending(Uvc::DestrSecStor);
             if present != 0 && secure == 0 && !injecting {
                 // Nothing to destroy: the UVCs are no-ops; count them and move on.
-                let n = self.count_present(chunk_lo, chunk_hi, word);
-                self.visited.fetch_add(n, Ordering::Relaxed);
-                self.core.stats.add(Uvc::DestrSecStor, n);
-                if n != 0 && self.cancelled() {
-                    self.stop_at(chunk_hi);
-                    return false;
+                if self.cancelled() {
+                    // Keep the batch granularity: one more batch of no-ops, then stop.
+                    let (n, next) = self.first_present(chunk_lo, chunk_hi, BATCH_PAGES as u64);
+                    self.visited.fetch_add(n, Ordering::Relaxed);
+                    self.core.stats.add(Uvc::DestrSecStor, n);
+                    if n != 0 {
+                        self.stop_at(next);
+                        return false;
+                    }
+                } else {
+                    let n = self.count_present(chunk_lo, chunk_hi, word);
+                    self.visited.fetch_add(n, Ordering::Relaxed);
+                    self.core.stats.add(Uvc::DestrSecStor, n);
+                    if n != 0 && self.cancelled() {
+                        self.stop_at(chunk_hi);
+                        return false;
+                    }
                 }
             } else if present != 0 {
                 let mut batch = [0u64; BATCH_PAGES];

@@ -170,6 +170,18 @@ fn cancelled_walk_stops_within_one_batch_per_worker() {
 }
 
 #[test]
+fn cancelled_walk_over_nonsecure_pages_keeps_batch_granularity() {
+    let vm = vm_with(UvOptions { threads: 1, ..Default::default() }, 8 * MIB, 8 * MIB);
+    let cancel = CancelToken::new();
+    cancel.set();
+    let w = vm.uv.destroy_walk(&vm.region, 0, None, Some(&cancel)).unwrap();
+    assert!(w.interrupted);
+    assert_eq!((w.visited, w.resume_page), (BATCH_PAGES as u64, BATCH_PAGES as u64));
+    let w = vm.uv.destroy_walk(&vm.region, 0, None, None).unwrap();
+    assert_eq!((w.visited, w.interrupted), (2048, false));
+}
+
+#[test]
 fn cancel_after_last_batch_still_reports_interrupted() {
     let vm = vm(4 * MIB, 4 * PAGE);
     let cancel = CancelToken::new();
