@@ -99,7 +99,8 @@ class Region:
         """Read bytes. as_config=0 is the host's view: SECURE (and orphaned-secure) pages raise
         SecureStorageAccess; EXPORTED pages return ciphertext; SHARED pages return plaintext.
         as_config=h is guest h's view: pages must be NONSECURE, or SECURE/SHARED owned by h
-        (else SecureStorageAccess). Touches (makes present) the pages read. ValueError out of range."""
+        (else SecureStorageAccess); ValueError if h is not a live configuration. Touches (makes
+        present) the pages read. ValueError out of range or for more than 1 GiB at once."""
     def write(self, offset: int, data: bytes, *, as_config: int = 0) -> None:
         """Write bytes with the same access rules as read. Touches the pages."""
     def touch(self, offset: int, size: int) -> int:
