@@ -305,6 +305,40 @@ impl Region {
         })?
     }
 
+    /// Benchmark floor only, not emulation: overwrite every byte of the region with zeroes,
+    /// with streaming stores (`nontemporal`) or a plain memset, on the calling thread or on the
+    /// UV's pool (`parallel`), without looking at or changing page states. Holds the mapping
+    /// exclusively, so no UVC runs meanwhile. It exists so the destroy walk can be compared
+    /// with zeroing of the *same* memory: on a VM the rate differs between mappings.
+    #[doc(hidden)]
+    pub fn bench_zero_all(&self, nontemporal: bool, parallel: bool) -> Result<(), CoreError> {
+        let guard = wlock(&self.mem);
+        let mem = guard.as_ref().ok_or(CoreError::RegionReleased(self.id))?;
+        let base = mem.page_ptr(0) as usize;
+        let piece = crate::memory::CHUNK_PAGES as usize * PAGE_SIZE;
+        let len = self.pages as usize * PAGE_SIZE;
+        let zero = |off: usize, n: usize| {
+            let p = (base + off) as *mut u8;
+            if nontemporal {
+                // SAFETY: [off, off+n) lies inside the data mapping, page aligned; the exclusive
+                // mapping lock keeps every other access out.
+                unsafe { crate::zero::zero_nt(p, n) };
+            } else {
+                // SAFETY: as above.
+                unsafe { std::ptr::write_bytes(p, 0, n) };
+            }
+        };
+        if parallel {
+            use rayon::prelude::*;
+            self.core.pool.install(|| {
+                (0..len.div_ceil(piece)).into_par_iter().for_each(|i| zero(i * piece, piece.min(len - i * piece)))
+            });
+        } else {
+            zero(0, len);
+        }
+        Ok(())
+    }
+
     /// Read with the access rules of `as_config` (0 = host).
     pub fn read(&self, offset: u64, size: u64, as_config: u64) -> Result<Vec<u8>, CoreError> {
         self.check_range(offset, size)?;

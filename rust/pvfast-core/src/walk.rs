@@ -197,6 +197,84 @@ impl WalkShared<'_> {
             .count() as u64
     }
 
+    /// Destroy-walk `[lo, hi)` inside one chunk that holds secure pages. Phase 1 takes the lock
+    /// of every destroyable page; phase 2 zeroes them with streaming stores in batches of
+    /// BATCH_PAGES present pages, reading the cancel flag after each batch; phase 3 fences once
+    /// and publishes. Phase 2 does no locked RMW (no atomics at all): on x86 a locked
+    /// instruction, like the fence, waits for all earlier streaming stores to drain, so there
+    /// is one drain per chunk instead of one per batch. Pages of a cancelled walk's unstarted
+    /// batches are unlocked unchanged. Returns (present pages visited, destroyed, resume page
+    /// if cancelled).
+    fn walk_secure_chunk(&self, chunk: u64, lo: u64, hi: u64, tally: &mut OwnerTally) -> (u64, u64, Option<u64>) {
+        const N: usize = CHUNK_PAGES as usize;
+        let metas = self.mem.metas();
+        let mut present = [0u64; N];
+        let mut np = 0usize;
+        for idx in lo..hi {
+            if np < N && metas[idx as usize].load(Ordering::Relaxed) & ps::PRESENT != 0 {
+                present[np] = idx;
+                np += 1;
+            }
+        }
+        // Phase 1: lock. `held[i]` = state word of present[i] if we hold its lock.
+        let mut held = [None::<u32>; N];
+        for (slot, &idx) in held.iter_mut().zip(&present[..np]) {
+            let m = &metas[idx as usize];
+            let mut s = m.load(Ordering::Acquire);
+            if !ps::is_secure(s) && s & ps::BUSY == 0 {
+                continue; // non-secure: the UVC is a no-op
+            }
+            if !(ps::is_secure(s) && self.mem.try_lock_from(m, s)) {
+                s = self.mem.lock(m);
+                if !ps::is_secure(s) {
+                    self.mem.unlock(m, s);
+                    continue;
+                }
+            }
+            if tally.config(self.core, ps::owner(s)).is_some_and(|c| c.refuses_destroy()) {
+                self.mem.unlock(m, s);
+                continue;
+            }
+            *slot = Some(s);
+        }
+        // Phase 2: zero, batch by batch.
+        let mut done = np;
+        let mut cancelled = false;
+        let mut pos = 0;
+        while pos < np {
+            let end = (pos + BATCH_PAGES).min(np);
+            for i in pos..end {
+                if held[i].is_some() {
+                    // SAFETY: we hold this page's lock; present[i] is a page of this mapping.
+                    unsafe { zero_page_nt(self.mem.page_ptr(present[i])) };
+                }
+            }
+            pos = end;
+            if self.cancelled() {
+                done = pos;
+                cancelled = true;
+                break;
+            }
+        }
+        // Phase 3: fence, publish.
+        store_fence();
+        let mut destroyed = 0;
+        for (i, (&idx, h)) in present[..np].iter().zip(&held[..np]).enumerate() {
+            let Some(s) = *h else { continue };
+            let m = &metas[idx as usize];
+            if i < done {
+                tally.dec(ps::owner(s));
+                self.mem.unlock(m, ps::make(ps::NONSECURE, 0));
+                destroyed += 1;
+            } else {
+                self.mem.unlock(m, s);
+            }
+        }
+        tally.flush(self.core, self.mem, chunk);
+        let resume = cancelled.then(|| if done < np { present[done] } else { hi });
+        (done as u64, destroyed, resume)
+    }
+
     /// The first `max` present pages of `[lo, hi)`: how many, and the page after the last one.
     fn first_present(&self, lo: u64, hi: u64, max: u64) -> (u64, u64) {
         let metas = self.mem.metas();
@@ -260,7 +338,17 @@ impl WalkShared<'_> {
                         return false;
                     }
                 }
+            } else if present != 0 && !injecting {
+                let (n, d, stop) = self.walk_secure_chunk(chunk, chunk_lo, chunk_hi, &mut tally);
+                self.core.stats.add(Uvc::DestrSecStor, n);
+                self.visited.fetch_add(n, Ordering::Relaxed);
+                self.destroyed.fetch_add(d, Ordering::Relaxed);
+                if let Some(resume) = stop {
+                    self.stop_at(resume);
+                    return false;
+                }
             } else if present != 0 {
+                // Injected DESTR_SEC_STOR failures pending: per-page slow path, one batch at a time.
                 let mut batch = [0u64; BATCH_PAGES];
                 let mut len = 0usize;
                 let mut idx = chunk_lo;
@@ -272,11 +360,7 @@ impl WalkShared<'_> {
                     idx += 1;
                     if len == BATCH_PAGES || (idx == chunk_hi && len != 0) {
                         let b = &batch[..len];
-                        let d = if self.core.inject.pending(Uvc::DestrSecStor) {
-                            self.slow_batch(b)
-                        } else {
-                            destroy_batch(self.core, self.mem, chunk, b, Mode::DestroyUvc, &mut tally, None)
-                        };
+                        let d = self.slow_batch(b);
                         self.core.stats.add(Uvc::DestrSecStor, len as u64);
                         self.visited.fetch_add(len as u64, Ordering::Relaxed);
                         self.destroyed.fetch_add(d, Ordering::Relaxed);
