@@ -106,7 +106,7 @@ enum Mode {
     CleanOwner(u32),
 }
 
-/// Destroy the pages `batch` (all in chunk `chunk`) in three phases: take every page lock,
+/// Destroy the pages `batch` (all in chunk `chunk`, at most CHUNK_PAGES) in three phases: take every page lock,
 /// zero the locked pages with streaming stores, then one fence and publish. Keeping the locked
 /// RMWs out of the zeroing phase matters: a locked instruction waits for earlier streaming
 /// stores to drain, which would serialize page after page. Returns how many were destroyed.
@@ -120,9 +120,9 @@ fn destroy_batch(
     mut refused: Option<&mut Vec<u64>>,
 ) -> u64 {
     let metas = mem.metas();
-    let mut locked = [(0u64, 0u32); BATCH_PAGES];
+    let mut locked = [(0u64, 0u32); CHUNK_PAGES as usize];
     let mut n = 0usize;
-    for &idx in batch.iter().take(BATCH_PAGES) {
+    for &idx in batch.iter().take(CHUNK_PAGES as usize) {
         let m = &metas[idx as usize];
         let mut s = m.load(Ordering::Acquire);
         if !ps::is_secure(s) && s & ps::BUSY == 0 {
@@ -455,20 +455,18 @@ pub(crate) fn clean_config(core: &Core, region: &Region, id: u32) {
     let _ = region.with_mem(|mem| {
         let metas = mem.metas();
         for_secure_chunks(core, mem, |chunk, lo, hi| {
+            // The whole chunk is one batch: one fence per 2 MiB (nothing to cancel here).
             let mut tally = OwnerTally::new();
-            let mut batch = [0u64; BATCH_PAGES];
+            let mut batch = [0u64; CHUNK_PAGES as usize];
             let mut len = 0;
             for idx in lo..hi {
                 let s = metas[idx as usize].load(Ordering::Relaxed);
-                if ps::is_secure(s) && ps::owner(s) == id || s & ps::BUSY != 0 {
+                if len < batch.len() && (ps::is_secure(s) && ps::owner(s) == id || s & ps::BUSY != 0) {
                     batch[len] = idx;
                     len += 1;
                 }
-                if len == BATCH_PAGES || (idx + 1 == hi && len != 0) {
-                    destroy_batch(core, mem, chunk, &batch[..len], Mode::CleanOwner(id), &mut tally, None);
-                    len = 0;
-                }
             }
+            destroy_batch(core, mem, chunk, &batch[..len], Mode::CleanOwner(id), &mut tally, None);
         });
     });
 }
@@ -543,15 +541,16 @@ pub(crate) fn mm_teardown(core: &Core, region: &Region) -> Result<(u64, u64), Co
             let ctx = PageCtx { core, region, mem };
             let mut tally = OwnerTally::new();
             let mut refused = Vec::new();
-            let mut batch = [0u64; BATCH_PAGES];
+            // Like the walk: a whole chunk per batch, one fence per 2 MiB.
+            let mut batch = [0u64; CHUNK_PAGES as usize];
             let mut len = 0;
             for idx in lo..hi {
                 let s = metas[idx as usize].load(Ordering::Relaxed);
-                if ps::is_secure(s) || s & ps::BUSY != 0 {
+                if len < batch.len() && (ps::is_secure(s) || s & ps::BUSY != 0) {
                     batch[len] = idx;
                     len += 1;
                 }
-                if len == BATCH_PAGES || (idx + 1 == hi && len != 0) {
+                if len != 0 && idx + 1 == hi {
                     let b = &batch[..len];
                     core.stats.add(Uvc::DestrSecStor, len as u64);
                     refused.clear();
