@@ -523,7 +523,7 @@ class Vm:
         self._enter()
         try:
             handle = self.pv.handle
-            if not handle:
+            if not handle or not any(v.pv_handle for v in self.vcpu_list):
                 raise ValueError("guest_share: the guest is not protected")
             self._guest_fault(first, npages)
             for page in range(first, first + npages):
