@@ -12,7 +12,11 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use pvfast_core::{Region, Ultravisor, UvOptions, PAGE_SIZE};
 
 fn gib() -> u64 {
-    std::env::var("PVFAST_BENCH_GIB").ok().and_then(|s| s.parse().ok()).filter(|&g| g > 0).unwrap_or(2)
+    std::env::var("PVFAST_BENCH_GIB")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .filter(|&g| g > 0)
+        .unwrap_or(2)
 }
 
 /// Mean seconds per iteration of each measurement, for the summary.
@@ -26,19 +30,32 @@ fn record(name: &'static str, secs: f64) {
 
 /// A UV with one region of `bytes`, touched, and a config over it; returns the handle.
 fn setup(threads: usize, bytes: u64) -> (Ultravisor, std::sync::Arc<Region>, u64) {
-    let uv = Ultravisor::new(UvOptions { threads, ..Default::default() }).expect("ultravisor");
+    let uv = Ultravisor::new(UvOptions {
+        threads,
+        ..Default::default()
+    })
+    .expect("ultravisor");
     let region = uv.create_region(bytes).expect("region");
     region.touch(0, bytes).expect("touch");
     let info = uv.info();
     let (st, handle) = uv
-        .create_config(&region, bytes, 0x1000, 0, info.guest_base_stor_len, info.var_stor_len(bytes))
+        .create_config(
+            &region,
+            bytes,
+            0x1000,
+            0,
+            info.guest_base_stor_len,
+            info.var_stor_len(bytes),
+        )
         .expect("create_config");
     assert!(st.is_ok());
     (uv, region, handle)
 }
 
 fn resecure(uv: &Ultravisor, region: &Region, handle: u64) {
-    let r = uv.import_range(handle, region, 0, region.pages(), false).expect("import_range");
+    let r = uv
+        .import_range(handle, region, 0, region.pages(), false)
+        .expect("import_range");
     assert_eq!(r.failed_pages, 0);
 }
 
@@ -67,7 +84,9 @@ fn bench(c: &mut Criterion) {
     let (uv, region, handle) = setup(0, bytes);
 
     let mut g = c.benchmark_group("zeroing");
-    g.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(4));
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(4));
     g.throughput(Throughput::Bytes(bytes));
 
     g.bench_function(format!("destroy_walk_{gib}GiB"), |b| {
@@ -112,7 +131,9 @@ fn bench(c: &mut Criterion) {
     drop((uv1, region1));
 
     let mut g = c.benchmark_group("empty");
-    g.sample_size(10).warm_up_time(Duration::from_millis(200)).measurement_time(Duration::from_secs(2));
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(200))
+        .measurement_time(Duration::from_secs(2));
     let tib = uv.create_region(1 << 40).expect("1 TiB region");
     g.bench_function("destroy_walk_empty_1TiB", |b| {
         b.iter_custom(|iters| {
@@ -132,11 +153,24 @@ fn bench(c: &mut Criterion) {
 
 fn summary(bytes: u64) {
     let Ok(m) = MEANS.lock() else { return };
-    let best = |name: &str| m.iter().filter(|(n, _)| *n == name).map(|(_, s)| *s).fold(f64::INFINITY, f64::min);
-    let (walk, memset, nt, nt_par, empty) =
-        (best("walk"), best("memset"), best("nt"), best("nt_par"), best("empty_1tib"));
+    let best = |name: &str| {
+        m.iter()
+            .filter(|(n, _)| *n == name)
+            .map(|(_, s)| *s)
+            .fold(f64::INFINITY, f64::min)
+    };
+    let (walk, memset, nt, nt_par, empty) = (
+        best("walk"),
+        best("memset"),
+        best("nt"),
+        best("nt_par"),
+        best("empty_1tib"),
+    );
     let gbs = |s: f64| bytes as f64 / s / 1e9;
-    println!("\n== pvfast destroy walk vs zeroing the same region ({} GiB, best sample of each) ==", bytes >> 30);
+    println!(
+        "\n== pvfast destroy walk vs zeroing the same region ({} GiB, best sample of each) ==",
+        bytes >> 30
+    );
     println!("walk                 {:8.2} GB/s (UV pool)", gbs(walk));
     println!("memset               {:8.2} GB/s (1 thread)", gbs(memset));
     println!("nt zero              {:8.2} GB/s (1 thread)", gbs(nt));
@@ -144,7 +178,10 @@ fn summary(bytes: u64) {
     println!("ratio walk/nt        {:.3}", nt / walk);
     println!("ratio walk/nt_par    {:.3}", nt_par / walk);
     println!("ratio walk/memset    {:.3}", memset / walk);
-    println!("ratio walk/nt paired {:.3} (median of 7 back-to-back pairs, UV pool)", best("paired_median"));
+    println!(
+        "ratio walk/nt paired {:.3} (median of 7 back-to-back pairs, UV pool)",
+        best("paired_median")
+    );
     println!("  same, 1-thread UV  {:.3}", best("paired_median_1thread"));
     println!("empty 1 TiB walk     {:.3} ms", empty * 1e3);
 }

@@ -105,8 +105,15 @@ impl Config {
         let mut nonce = [0u8; 12];
         nonce[..4].copy_from_slice(&self.id.to_be_bytes());
         nonce[4..].copy_from_slice(&ctr.to_be_bytes());
-        let tag = self.cipher.encrypt_inout_detached(&nonce.into(), &self.aad(paddr), page.into()).ok()?;
-        Some(ExportTag { owner: self.id, nonce, tag: tag.into() })
+        let tag = self
+            .cipher
+            .encrypt_inout_detached(&nonce.into(), &self.aad(paddr), page.into())
+            .ok()?;
+        Some(ExportTag {
+            owner: self.id,
+            nonce,
+            tag: tag.into(),
+        })
     }
 
     /// Decrypt and verify one exported page. On failure `page` is left unchanged.
@@ -116,7 +123,12 @@ impl Config {
         }
         let mut tmp = [0u8; PAGE_SIZE];
         tmp.copy_from_slice(page);
-        match self.cipher.decrypt_inout_detached(&tag.nonce.into(), &self.aad(paddr), tmp.as_mut_slice().into(), &tag.tag.into()) {
+        match self.cipher.decrypt_inout_detached(
+            &tag.nonce.into(),
+            &self.aad(paddr),
+            tmp.as_mut_slice().into(),
+            &tag.tag.into(),
+        ) {
             Ok(()) => {
                 page.copy_from_slice(&tmp);
                 true

@@ -5,7 +5,7 @@
 use std::sync::{Arc, OnceLock};
 
 use crate::region::Region;
-use crate::ultravisor::{UvOptions, Ultravisor};
+use crate::ultravisor::{Ultravisor, UvOptions};
 use crate::uvc::{rc, Uvc, UvcStatus, CC_ERROR};
 
 /// Header size; a block shorter than this cannot even carry its rc.
@@ -173,7 +173,14 @@ impl Ultravisor {
         let info = &self.core.info;
         let base_len = info.guest_base_stor_len;
         let var_len = info.var_stor_len(guest_len);
-        match self.create_config(&region, guest_len, b.u64(0x50), b.u64(0x48), base_len, var_len) {
+        match self.create_config(
+            &region,
+            guest_len,
+            b.u64(0x50),
+            b.u64(0x48),
+            base_len,
+            var_len,
+        ) {
             Ok((s, h)) => {
                 b.put_u64(0x18, h);
                 s
@@ -225,7 +232,11 @@ impl Ultravisor {
 pub fn fuzz_one(data: &[u8]) {
     static UV: OnceLock<Option<(Ultravisor, Arc<Region>)>> = OnceLock::new();
     let uv = UV.get_or_init(|| {
-        let uv = Ultravisor::new(UvOptions { threads: 1, ..Default::default() }).ok()?;
+        let uv = Ultravisor::new(UvOptions {
+            threads: 1,
+            ..Default::default()
+        })
+        .ok()?;
         let region = uv.create_region(16 << 20).ok()?;
         region.touch(0, 16 << 20).ok()?;
         Some((uv, region))

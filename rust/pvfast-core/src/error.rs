@@ -8,7 +8,11 @@ pub enum CoreError {
     /// An argument has a value the API does not accept (Python: ValueError).
     InvalidArgument { arg: &'static str, msg: String },
     /// An index is outside its sequence (Python: IndexError).
-    IndexOutOfRange { arg: &'static str, index: u64, len: u64 },
+    IndexOutOfRange {
+        arg: &'static str,
+        index: u64,
+        len: u64,
+    },
     /// No such live configuration (Python: KeyError).
     NoSuchConfig(u64),
     /// The region was released; every access fails (Python: ValueError).
@@ -16,7 +20,11 @@ pub enum CoreError {
     /// The region belongs to another Ultravisor (Python: ValueError).
     ForeignRegion(u64),
     /// The host (or a guest) touched a page it may not access (Python: SecureStorageAccess).
-    SecureStorageAccess { offset: u64, state: &'static str, owner: u64 },
+    SecureStorageAccess {
+        offset: u64,
+        state: &'static str,
+        owner: u64,
+    },
     /// An OS call failed with this errno (Python: OSError).
     Os(i32),
 }
@@ -30,9 +38,18 @@ impl fmt::Display for CoreError {
             }
             CoreError::NoSuchConfig(h) => write!(f, "handle: no configuration {h:#x}"),
             CoreError::RegionReleased(id) => write!(f, "region: region {id} has been released"),
-            CoreError::ForeignRegion(id) => write!(f, "region: region {id} belongs to another Ultravisor"),
-            CoreError::SecureStorageAccess { offset, state, owner } => {
-                write!(f, "secure storage access at offset {offset:#x} (page {state}, owner {owner:#x})")
+            CoreError::ForeignRegion(id) => {
+                write!(f, "region: region {id} belongs to another Ultravisor")
+            }
+            CoreError::SecureStorageAccess {
+                offset,
+                state,
+                owner,
+            } => {
+                write!(
+                    f,
+                    "secure storage access at offset {offset:#x} (page {state}, owner {owner:#x})"
+                )
             }
             CoreError::Os(errno) => write!(f, "{}", std::io::Error::from_raw_os_error(*errno)),
         }
@@ -42,5 +59,8 @@ impl fmt::Display for CoreError {
 impl std::error::Error for CoreError {}
 
 pub(crate) fn invalid(arg: &'static str, msg: impl Into<String>) -> CoreError {
-    CoreError::InvalidArgument { arg, msg: msg.into() }
+    CoreError::InvalidArgument {
+        arg,
+        msg: msg.into(),
+    }
 }

@@ -57,7 +57,13 @@ pub struct UnpackResult {
 fn page_range(region: &Region, start: u64, npages: u64) -> Result<(u64, u64), CoreError> {
     match start.checked_add(npages) {
         Some(end) if end <= region.pages() => Ok((start, end)),
-        _ => Err(invalid("npages", format!("pages {start}+{npages} outside region of {} pages", region.pages()))),
+        _ => Err(invalid(
+            "npages",
+            format!(
+                "pages {start}+{npages} outside region of {} pages",
+                region.pages()
+            ),
+        )),
     }
 }
 
@@ -113,12 +119,19 @@ impl Ultravisor {
     }
 
     fn owner_alive(&self, s: u32) -> bool {
-        self.core.config_by_id(ps::owner(s)).is_some_and(|c| c.is_alive())
+        self.core
+            .config_by_id(ps::owner(s))
+            .is_some_and(|c| c.is_alive())
     }
 
     /// Host (or a non-protected guest) touches pages: pin shared, else export, for every
     /// secure/shared/orphaned page. Returns (pinned, exported) successes.
-    pub fn make_accessible_range(&self, region: &Region, start: u64, npages: u64) -> Result<(u64, u64), CoreError> {
+    pub fn make_accessible_range(
+        &self,
+        region: &Region,
+        start: u64,
+        npages: u64,
+    ) -> Result<(u64, u64), CoreError> {
         self.check_region(region)?;
         let (lo, hi) = page_range(region, start, npages)?;
         for_secure_pages(&self.core, region, lo, hi, |ctx, idx| {
@@ -153,8 +166,17 @@ impl Ultravisor {
         cancel: Option<&CancelToken>,
     ) -> Result<UnpackResult, CoreError> {
         self.check_region(region)?;
-        let mut last = UvcStatus { cc: 0, rc: 0, rrc: 0 };
-        let result = |status, last: UvcStatus, done| UnpackResult { status, rc: last.rc, rrc: last.rrc, pages_done: done };
+        let mut last = UvcStatus {
+            cc: 0,
+            rc: 0,
+            rrc: 0,
+        };
+        let result = |status, last: UvcStatus, done| UnpackResult {
+            status,
+            rc: last.rc,
+            rrc: last.rrc,
+            pages_done: done,
+        };
         let page = PAGE_SIZE as u64;
         if !addr.is_multiple_of(page) || size == 0 || !size.is_multiple_of(page) {
             return Ok(result(UnpackStatus::Einval, last, 0));

@@ -18,7 +18,7 @@ pub mod zero;
 pub use error::CoreError;
 pub use kernel::{ImportResult, UnpackResult, UnpackStatus};
 pub use region::{PageState, Region, StateCounts};
-pub use ultravisor::{UvInfo, UvOptions, Ultravisor};
+pub use ultravisor::{Ultravisor, UvInfo, UvOptions};
 pub use uvc::{rc, Uvc, UvcStatus};
 pub use walk::{CancelToken, WalkResult};
 

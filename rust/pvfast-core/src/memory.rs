@@ -53,7 +53,11 @@ impl Mmap {
             )
         };
         if ptr == libc::MAP_FAILED {
-            return Err(CoreError::Os(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::ENOMEM)));
+            return Err(CoreError::Os(
+                std::io::Error::last_os_error()
+                    .raw_os_error()
+                    .unwrap_or(libc::ENOMEM),
+            ));
         }
         match NonNull::new(ptr.cast::<u8>()) {
             Some(ptr) => Ok(Mmap { ptr, len }),
@@ -147,11 +151,21 @@ pub(crate) struct RegionMem {
 impl RegionMem {
     pub(crate) fn new(pages: u64) -> Result<RegionMem, CoreError> {
         let chunks = pages.div_ceil(CHUNK_PAGES);
-        let size = usize::try_from(pages.checked_mul(PAGE_SIZE as u64).ok_or(CoreError::Os(libc::ENOMEM))?)
-            .map_err(|_| CoreError::Os(libc::ENOMEM))?;
+        let size = usize::try_from(
+            pages
+                .checked_mul(PAGE_SIZE as u64)
+                .ok_or(CoreError::Os(libc::ENOMEM))?,
+        )
+        .map_err(|_| CoreError::Os(libc::ENOMEM))?;
         let meta_len = usize::try_from(pages * 4).map_err(|_| CoreError::Os(libc::ENOMEM))?;
         let sum_len = usize::try_from(chunks * 4).map_err(|_| CoreError::Os(libc::ENOMEM))?;
-        Ok(RegionMem { data: Mmap::anon(size)?, meta: Mmap::anon(meta_len)?, summary: Mmap::anon(sum_len)?, pages, chunks })
+        Ok(RegionMem {
+            data: Mmap::anon(size)?,
+            meta: Mmap::anon(meta_len)?,
+            summary: Mmap::anon(sum_len)?,
+            pages,
+            chunks,
+        })
     }
 
     #[inline]
@@ -164,14 +178,21 @@ impl RegionMem {
     pub(crate) fn metas(&self) -> &[AtomicU32] {
         // SAFETY: the meta mapping holds at least `pages` zero-initialised u32 words (page
         // aligned), AtomicU32 has the layout of u32, and the slice lives no longer than `self`.
-        unsafe { std::slice::from_raw_parts(self.meta.as_ptr().cast::<AtomicU32>(), self.pages as usize) }
+        unsafe {
+            std::slice::from_raw_parts(self.meta.as_ptr().cast::<AtomicU32>(), self.pages as usize)
+        }
     }
 
     /// All chunk summary words.
     #[inline]
     pub(crate) fn summaries(&self) -> &[AtomicU32] {
         // SAFETY: as for `metas`, with `chunks` words.
-        unsafe { std::slice::from_raw_parts(self.summary.as_ptr().cast::<AtomicU32>(), self.chunks as usize) }
+        unsafe {
+            std::slice::from_raw_parts(
+                self.summary.as_ptr().cast::<AtomicU32>(),
+                self.chunks as usize,
+            )
+        }
     }
 
     /// Host pointer to page `idx`. Only dereference while holding that page's lock bit.
@@ -193,7 +214,13 @@ impl RegionMem {
         loop {
             let cur = m.load(Ordering::Relaxed);
             if cur & ps::BUSY == 0
-                && m.compare_exchange_weak(cur, cur | ps::BUSY, Ordering::Acquire, Ordering::Relaxed).is_ok()
+                && m.compare_exchange_weak(
+                    cur,
+                    cur | ps::BUSY,
+                    Ordering::Acquire,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
             {
                 return cur;
             }
@@ -209,7 +236,9 @@ impl RegionMem {
     /// Try once to lock a page whose word was just read as `cur`.
     #[inline]
     pub(crate) fn try_lock_from(&self, m: &AtomicU32, cur: u32) -> bool {
-        cur & ps::BUSY == 0 && m.compare_exchange(cur, cur | ps::BUSY, Ordering::Acquire, Ordering::Relaxed).is_ok()
+        cur & ps::BUSY == 0
+            && m.compare_exchange(cur, cur | ps::BUSY, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
     }
 
     /// Release the lock bit, publishing the new state (which must not contain BUSY).

@@ -166,7 +166,8 @@ impl<'a> PageCtx<'a> {
                 return UvcStatus::OK;
             }
             ps::SHARED
-                if self.core.opts.feature_misc && self.owner_config(old).is_some_and(|c| c.is_alive()) =>
+                if self.core.opts.feature_misc
+                    && self.owner_config(old).is_some_and(|c| c.is_alive()) =>
             {
                 // MISC: the UV moves a shared page of another configuration on import.
                 self.zero_for_use(idx);
@@ -178,7 +179,14 @@ impl<'a> PageCtx<'a> {
     }
 
     /// UNPACK_IMG 0x0301: decrypt an image page in place, feed the verifier.
-    pub(crate) fn unpack(&self, idx: u64, cfg: &Config, gaddr: u64, tweak0: u64, tweak1: u64) -> UvcStatus {
+    pub(crate) fn unpack(
+        &self,
+        idx: u64,
+        cfg: &Config,
+        gaddr: u64,
+        tweak0: u64,
+        tweak1: u64,
+    ) -> UvcStatus {
         let m = self.meta(idx);
         let old = self.mem.lock(m);
         let fail = |code| {
@@ -190,7 +198,11 @@ impl<'a> PageCtx<'a> {
         }
         let kind = ps::kind(old);
         if ps::is_secure(old) {
-            return fail(if ps::owner(old) == cfg.id { rc::INV_STATE } else { rc::OTHER_OWNER });
+            return fail(if ps::owner(old) == cfg.id {
+                rc::INV_STATE
+            } else {
+                rc::OTHER_OWNER
+            });
         }
         let mut image = mlock(&cfg.image);
         if image.verified {

@@ -84,7 +84,15 @@ impl Region {
     pub(crate) fn new(id: u64, base: u64, size: u64, core: Arc<Core>) -> Result<Region, CoreError> {
         let pages = size / PAGE_SIZE as u64;
         let mem = RegionMem::new(pages)?;
-        Ok(Region { id, base, size, pages, core, mem: RwLock::new(Some(mem)), exported: Mutex::new(HashMap::new()) })
+        Ok(Region {
+            id,
+            base,
+            size,
+            pages,
+            core,
+            mem: RwLock::new(Some(mem)),
+            exported: Mutex::new(HashMap::new()),
+        })
     }
 
     pub fn id(&self) -> u64 {
@@ -143,13 +151,20 @@ impl Region {
     /// Pages touched so far (sum of the chunk summaries).
     pub fn present_pages(&self) -> Result<u64, CoreError> {
         self.with_mem(|mem| {
-            mem.summaries().iter().map(|s| u64::from(summary_counts(s.load(Ordering::Relaxed)).0)).sum()
+            mem.summaries()
+                .iter()
+                .map(|s| u64::from(summary_counts(s.load(Ordering::Relaxed)).0))
+                .sum()
         })
     }
 
     pub fn page_state(&self, index: u64) -> Result<(PageState, u64), CoreError> {
         if index >= self.pages {
-            return Err(CoreError::IndexOutOfRange { arg: "index", index, len: self.pages });
+            return Err(CoreError::IndexOutOfRange {
+                arg: "index",
+                index,
+                len: self.pages,
+            });
         }
         self.with_mem(|mem| {
             let s = mem.metas()[index as usize].load(Ordering::Acquire);
@@ -194,7 +209,13 @@ impl Region {
     fn check_range(&self, offset: u64, size: u64) -> Result<(), CoreError> {
         match offset.checked_add(size) {
             Some(end) if end <= self.size => Ok(()),
-            _ => Err(invalid("offset", format!("range {offset:#x}+{size:#x} outside region of {:#x} bytes", self.size))),
+            _ => Err(invalid(
+                "offset",
+                format!(
+                    "range {offset:#x}+{size:#x} outside region of {:#x} bytes",
+                    self.size
+                ),
+            )),
         }
     }
 
@@ -202,12 +223,16 @@ impl Region {
     /// became present.
     pub(crate) fn touch_pages(&self, mem: &RegionMem, lo: u64, hi: u64) -> u64 {
         let metas = mem.metas();
-        if metas[lo as usize..hi as usize].iter().all(|m| m.load(Ordering::Relaxed) & ps::PRESENT != 0) {
+        if metas[lo as usize..hi as usize]
+            .iter()
+            .all(|m| m.load(Ordering::Relaxed) & ps::PRESENT != 0)
+        {
             return 0;
         }
         // Populating never changes contents, so it may run without page locks.
-        let populated =
-            mem.data().populate_write(lo as usize * PAGE_SIZE, (hi - lo) as usize * PAGE_SIZE);
+        let populated = mem
+            .data()
+            .populate_write(lo as usize * PAGE_SIZE, (hi - lo) as usize * PAGE_SIZE);
         let mut n = 0;
         for idx in lo..hi {
             let m = &metas[idx as usize];
@@ -248,7 +273,10 @@ impl Region {
     fn access_denied(&self, s: u32, as_config: u64, tables: &Tables) -> Option<(PageState, u64)> {
         let (state, owner) = classify(s, tables);
         let ok = if as_config == 0 {
-            matches!(state, PageState::NonSecure | PageState::Exported | PageState::Shared)
+            matches!(
+                state,
+                PageState::NonSecure | PageState::Exported | PageState::Shared
+            )
         } else {
             match state {
                 PageState::NonSecure => true,
@@ -268,7 +296,10 @@ impl Region {
     ) -> Result<(), CoreError> {
         self.check_range(offset, len)?;
         if as_config != 0 && rlock(&self.core.tables).live(as_config).is_none() {
-            return Err(invalid("as_config", format!("no live configuration {as_config:#x}")));
+            return Err(invalid(
+                "as_config",
+                format!("no live configuration {as_config:#x}"),
+            ));
         }
         if len == 0 {
             return Ok(());
@@ -331,7 +362,9 @@ impl Region {
         if parallel {
             use rayon::prelude::*;
             self.core.pool.install(|| {
-                (0..len.div_ceil(piece)).into_par_iter().for_each(|i| zero(i * piece, piece.min(len - i * piece)))
+                (0..len.div_ceil(piece))
+                    .into_par_iter()
+                    .for_each(|i| zero(i * piece, piece.min(len - i * piece)))
             });
         } else {
             zero(0, len);
@@ -343,7 +376,10 @@ impl Region {
     pub fn read(&self, offset: u64, size: u64, as_config: u64) -> Result<Vec<u8>, CoreError> {
         self.check_range(offset, size)?;
         if size > MAX_READ {
-            return Err(invalid("size", format!("{size:#x} bytes is more than one read may return ({MAX_READ:#x})")));
+            return Err(invalid(
+                "size",
+                format!("{size:#x} bytes is more than one read may return ({MAX_READ:#x})"),
+            ));
         }
         let mut out = vec![0u8; size as usize];
         self.access(offset, size, as_config, |p, at, n| {

@@ -77,7 +77,9 @@ pub fn set_bit_inv(words: &mut [u64; 4], n: u32) {
 
 /// Test MSB-0 bit `n` of a 4-word bit list (the kernel's test_bit_inv).
 pub fn test_bit_inv(words: &[u64; 4], n: u32) -> bool {
-    words.get((n / 64) as usize).is_some_and(|w| w & (1u64 << (63 - n % 64)) != 0)
+    words
+        .get((n / 64) as usize)
+        .is_some_and(|w| w & (1u64 << (63 - n % 64)) != 0)
 }
 
 impl UvInfo {
@@ -119,12 +121,15 @@ impl UvInfo {
     /// Variable storage a configuration of `guest_len` bytes needs (spec §2.3).
     pub fn var_stor_len(&self, guest_len: u64) -> u64 {
         let per = self.guest_virt_var_stor_len.saturating_mul(guest_len / MIB);
-        per.div_ceil(PAGE_SIZE as u64).saturating_mul(PAGE_SIZE as u64).saturating_add(self.guest_virt_base_stor_len)
+        per.div_ceil(PAGE_SIZE as u64)
+            .saturating_mul(PAGE_SIZE as u64)
+            .saturating_add(self.guest_virt_base_stor_len)
     }
 
     pub fn is_installed(&self, uvc: Uvc) -> bool {
         // Destroy-page has no installed-calls bit and is always available.
-        uvc.bit().is_none_or(|b| test_bit_inv(&self.inst_calls_list, b))
+        uvc.bit()
+            .is_none_or(|b| test_bit_inv(&self.inst_calls_list, b))
     }
 }
 
@@ -173,7 +178,9 @@ const FIRST_BASE: u64 = 1 << 32;
 impl Ultravisor {
     pub fn new(opts: UvOptions) -> Result<Ultravisor, CoreError> {
         let threads = if opts.threads == 0 {
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
         } else {
             opts.threads
         };
@@ -213,7 +220,10 @@ impl Ultravisor {
     }
 
     pub fn stats(&self) -> Vec<(&'static str, u64)> {
-        Uvc::ALL.iter().map(|u| (u.name(), self.core.stats.get(*u))).collect()
+        Uvc::ALL
+            .iter()
+            .map(|u| (u.name(), self.core.stats.get(*u)))
+            .collect()
     }
 
     pub fn stat(&self, uvc: Uvc) -> u64 {
@@ -226,13 +236,21 @@ impl Ultravisor {
 
     pub fn config_handles(&self) -> Vec<u64> {
         let t = rlock(&self.core.tables);
-        t.by_handle.values().filter(|c| c.is_alive()).map(|c| c.handle).collect()
+        t.by_handle
+            .values()
+            .filter(|c| c.is_alive())
+            .map(|c| c.handle)
+            .collect()
     }
 
     pub fn cpu_handles(&self, handle: u64) -> Result<Vec<u64>, CoreError> {
         let t = rlock(&self.core.tables);
         let cfg = t.live(handle).ok_or(CoreError::NoSuchConfig(handle))?;
-        Ok(t.cpus.iter().filter(|(_, c)| c.config.id == cfg.id).map(|(h, _)| *h).collect())
+        Ok(t.cpus
+            .iter()
+            .filter(|(_, c)| c.config.id == cfg.id)
+            .map(|(h, _)| *h)
+            .collect())
     }
 
     /// SECURE + SHARED + ORPHANED pages of `handle` (dead handles too), or of everyone.
@@ -250,8 +268,15 @@ impl Ultravisor {
         self.core.donated.load(Ordering::Relaxed)
     }
 
-    pub fn inject_failure(&self, uvc: u16, rc_: u16, rrc: u16, count: u64) -> Result<(), CoreError> {
-        let u = Uvc::from_code(uvc).ok_or_else(|| invalid("uvc", format!("unknown UVC code {uvc:#06x}")))?;
+    pub fn inject_failure(
+        &self,
+        uvc: u16,
+        rc_: u16,
+        rrc: u16,
+        count: u64,
+    ) -> Result<(), CoreError> {
+        let u = Uvc::from_code(uvc)
+            .ok_or_else(|| invalid("uvc", format!("unknown UVC code {uvc:#06x}")))?;
         if rc_ == rc::EXECUTED {
             return Err(invalid("rc", "0x0001 is success, not a failure"));
         }
@@ -271,7 +296,10 @@ impl Ultravisor {
 
     pub fn create_region(&self, size: u64) -> Result<Arc<Region>, CoreError> {
         if size == 0 || !size.is_multiple_of(PAGE_SIZE as u64) {
-            return Err(invalid("size", format!("{size:#x} is not a positive multiple of {PAGE_SIZE}")));
+            return Err(invalid(
+                "size",
+                format!("{size:#x} is not a positive multiple of {PAGE_SIZE}"),
+            ));
         }
         if size > 1 << 46 {
             return Err(invalid("size", format!("{size:#x} is larger than 64 TiB")));
@@ -328,7 +356,16 @@ impl Ultravisor {
             return UvcStatus::err(rc::INV_ADDR);
         };
         region
-            .with_mem(|mem| f(&PageCtx { core: &self.core, region: &region, mem }, idx))
+            .with_mem(|mem| {
+                f(
+                    &PageCtx {
+                        core: &self.core,
+                        region: &region,
+                        mem,
+                    },
+                    idx,
+                )
+            })
             .unwrap_or(UvcStatus::err(rc::INV_ADDR))
     }
 
@@ -353,7 +390,17 @@ impl Ultravisor {
             return UvcStatus::err(rc::INV_ADDR);
         }
         region
-            .with_mem(|mem| f(&PageCtx { core: &self.core, region: &region, mem }, &cfg, idx))
+            .with_mem(|mem| {
+                f(
+                    &PageCtx {
+                        core: &self.core,
+                        region: &region,
+                        mem,
+                    },
+                    &cfg,
+                    idx,
+                )
+            })
             .unwrap_or(UvcStatus::err(rc::INV_ADDR))
     }
 
@@ -391,7 +438,13 @@ impl Ultravisor {
             // An injected rc with the 0x8000 flag means "failed, but a handle exists and must
             // be destroyed": create the configuration for real and hand out its handle.
             if f.rc & rc::NEED_DESTROY != 0 {
-                let (s, h) = self.create_config_checked(region, guest_len, asce, base_stor_len, var_stor_len);
+                let (s, h) = self.create_config_checked(
+                    region,
+                    guest_len,
+                    asce,
+                    base_stor_len,
+                    var_stor_len,
+                );
                 return Ok((f, if s.is_ok() { h } else { 0 }));
             }
             return Ok((f, 0));
@@ -411,7 +464,9 @@ impl Ultravisor {
         // Lock order is region mapping before tables: look at the mapping first.
         let released = region.is_released();
         let mut t = wlock(&self.core.tables);
-        if t.live as u64 >= info.max_num_sec_conf || t.by_id.len() as u64 >= u64::from(ps::MAX_OWNER) {
+        if t.live as u64 >= info.max_num_sec_conf
+            || t.by_id.len() as u64 >= u64::from(ps::MAX_OWNER)
+        {
             return (UvcStatus::err(rc::TOO_MANY_CONFIGS), 0);
         }
         if guest_len == 0 || !guest_len.is_multiple_of(MIB) || guest_len > region.size || released {
@@ -461,7 +516,11 @@ impl Ultravisor {
         if cfg.cpus.load(Ordering::SeqCst) != 0 {
             return Err(UvcStatus::err(rc::CONFIG_HAS_CPUS));
         }
-        cfg.set_state(if uvc == Uvc::DestroySecConfFast { CFG_FAST_DESTROYED } else { CFG_DESTROYED });
+        cfg.set_state(if uvc == Uvc::DestroySecConfFast {
+            CFG_FAST_DESTROYED
+        } else {
+            CFG_DESTROYED
+        });
         t.asce_in_use.remove(&cfg.asce_origin);
         t.live -= 1;
         self.core.donated.fetch_sub(cfg.donated, Ordering::Relaxed);
@@ -517,13 +576,23 @@ impl Ultravisor {
             return (UvcStatus::err(rc::CPU_STOR_TOO_SHORT), 0);
         }
         let num = num as u16;
-        if t.cpus.values().any(|c| c.config.id == cfg.id && c.num == num) {
+        if t.cpus
+            .values()
+            .any(|c| c.config.id == cfg.id && c.num == num)
+        {
             return (UvcStatus::err(rc::CPU_NUM_IN_USE), 0);
         }
         let seq = self.core.cpu_seq.fetch_add(1, Ordering::Relaxed) | (1 << 63);
         let cpu_handle = self.fresh_handle(&t, seq);
         cfg.cpus.fetch_add(1, Ordering::SeqCst);
-        t.cpus.insert(cpu_handle, Cpu { config: cfg, num, stor_len });
+        t.cpus.insert(
+            cpu_handle,
+            Cpu {
+                config: cfg,
+                num,
+                stor_len,
+            },
+        );
         self.core.donated.fetch_add(stor_len, Ordering::Relaxed);
         (UvcStatus::OK, cpu_handle)
     }
@@ -591,7 +660,9 @@ impl Ultravisor {
         if let Some(f) = self.core.begin(Uvc::UnpinPageShared) {
             return f;
         }
-        self.on_gaddr(handle, gaddr, |p, cfg, idx| p.owner_op(idx, cfg, OwnerOp::Unpin))
+        self.on_gaddr(handle, gaddr, |p, cfg, idx| {
+            p.owner_op(idx, cfg, OwnerOp::Unpin)
+        })
     }
 
     /// SET_SHARED_ACCESS 0x1000 (guest side).
@@ -599,7 +670,9 @@ impl Ultravisor {
         if let Some(f) = self.core.begin(Uvc::SetSharedAccess) {
             return f;
         }
-        self.on_gaddr(handle, gaddr, |p, cfg, idx| p.owner_op(idx, cfg, OwnerOp::Share))
+        self.on_gaddr(handle, gaddr, |p, cfg, idx| {
+            p.owner_op(idx, cfg, OwnerOp::Share)
+        })
     }
 
     /// REMOVE_SHARED_ACCESS 0x1001 (guest side).
@@ -607,7 +680,9 @@ impl Ultravisor {
         if let Some(f) = self.core.begin(Uvc::RemoveSharedAccess) {
             return f;
         }
-        self.on_gaddr(handle, gaddr, |p, cfg, idx| p.owner_op(idx, cfg, OwnerOp::Unshare))
+        self.on_gaddr(handle, gaddr, |p, cfg, idx| {
+            p.owner_op(idx, cfg, OwnerOp::Unshare)
+        })
     }
 
     /// SET_SEC_CONF_PARAMS 0x0300: parse and authenticate the SE header.
@@ -638,7 +713,9 @@ impl Ultravisor {
         if let Some(f) = self.core.begin(Uvc::UnpackImg) {
             return f;
         }
-        self.on_gaddr(handle, gaddr, |p, cfg, idx| p.unpack(idx, cfg, gaddr, tweak0, tweak1))
+        self.on_gaddr(handle, gaddr, |p, cfg, idx| {
+            p.unpack(idx, cfg, gaddr, tweak0, tweak1)
+        })
     }
 
     /// VERIFY_IMG 0x0302.
@@ -672,7 +749,9 @@ impl Ultravisor {
         if !self.core.info.is_installed(uvc) {
             return Err(UvcStatus::err(rc::INV_CMD));
         }
-        self.core.live_config(handle).ok_or(UvcStatus::err(rc::INV_GUEST_HANDLE))
+        self.core
+            .live_config(handle)
+            .ok_or(UvcStatus::err(rc::INV_GUEST_HANDLE))
     }
 
     /// PREPARE_RESET 0x0320.

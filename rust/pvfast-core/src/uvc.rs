@@ -72,14 +72,26 @@ pub struct UvcStatus {
 }
 
 impl UvcStatus {
-    pub const OK: UvcStatus = UvcStatus { cc: CC_OK, rc: rc::EXECUTED, rrc: 0 };
+    pub const OK: UvcStatus = UvcStatus {
+        cc: CC_OK,
+        rc: rc::EXECUTED,
+        rrc: 0,
+    };
 
     pub const fn err(rc: u16) -> Self {
-        UvcStatus { cc: CC_ERROR, rc, rrc: 0 }
+        UvcStatus {
+            cc: CC_ERROR,
+            rc,
+            rrc: 0,
+        }
     }
 
     pub const fn err_rrc(rc: u16, rrc: u16) -> Self {
-        UvcStatus { cc: CC_ERROR, rc, rrc }
+        UvcStatus {
+            cc: CC_ERROR,
+            rc,
+            rrc,
+        }
     }
 
     pub const fn is_ok(&self) -> bool {
@@ -169,7 +181,9 @@ pub(crate) struct Stats {
 
 impl Stats {
     pub(crate) fn new() -> Self {
-        Stats { counters: std::array::from_fn(|_| AtomicU64::new(0)) }
+        Stats {
+            counters: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
     }
 
     #[inline]
@@ -199,7 +213,10 @@ pub(crate) struct Injections {
 
 impl Injections {
     pub(crate) fn new() -> Self {
-        Injections { slots: std::array::from_fn(|_| AtomicU64::new(0)), any: AtomicBool::new(false) }
+        Injections {
+            slots: std::array::from_fn(|_| AtomicU64::new(0)),
+            any: AtomicBool::new(false),
+        }
     }
 
     pub(crate) fn set(&self, uvc: Uvc, rc: u16, rrc: u16, count: u32) {
@@ -238,7 +255,12 @@ impl Injections {
             if cur >> 32 == 0 {
                 return None;
             }
-            match slot.compare_exchange_weak(cur, cur - (1 << 32), Ordering::AcqRel, Ordering::Acquire) {
+            match slot.compare_exchange_weak(
+                cur,
+                cur - (1 << 32),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
                 Ok(_) => {
                     // Truncation intended: rc and rrc are the two low 16-bit fields.
                     let rc = (cur >> 16) as u16;
@@ -270,8 +292,14 @@ mod tests {
         let inj = Injections::new();
         inj.set(Uvc::DestrSecStor, 0x1234, 0x56, 2);
         assert!(inj.pending(Uvc::DestrSecStor));
-        assert_eq!(inj.take(Uvc::DestrSecStor), Some(UvcStatus::err_rrc(0x1234, 0x56)));
-        assert_eq!(inj.take(Uvc::DestrSecStor), Some(UvcStatus::err_rrc(0x1234, 0x56)));
+        assert_eq!(
+            inj.take(Uvc::DestrSecStor),
+            Some(UvcStatus::err_rrc(0x1234, 0x56))
+        );
+        assert_eq!(
+            inj.take(Uvc::DestrSecStor),
+            Some(UvcStatus::err_rrc(0x1234, 0x56))
+        );
         assert_eq!(inj.take(Uvc::DestrSecStor), None);
         assert_eq!(inj.take(Uvc::Qui), None);
     }

@@ -60,7 +60,10 @@ struct OwnerTally {
 
 impl OwnerTally {
     fn new() -> Self {
-        OwnerTally { cache: None, counts: Vec::new() }
+        OwnerTally {
+            cache: None,
+            counts: Vec::new(),
+        }
     }
 
     #[inline]
@@ -137,7 +140,9 @@ fn destroy_batch(
         }
         let owner = ps::owner(s);
         let allowed = match mode {
-            Mode::DestroyUvc => !tally.config(core, owner).is_some_and(|c| c.refuses_destroy()),
+            Mode::DestroyUvc => !tally
+                .config(core, owner)
+                .is_some_and(|c| c.refuses_destroy()),
             Mode::CleanOwner(id) => owner == id,
         };
         if !allowed {
@@ -205,7 +210,13 @@ impl WalkShared<'_> {
     /// is one drain per chunk instead of one per batch. Pages of a cancelled walk's unstarted
     /// batches are unlocked unchanged. Returns (present pages visited, destroyed, resume page
     /// if cancelled).
-    fn walk_secure_chunk(&self, chunk: u64, lo: u64, hi: u64, tally: &mut OwnerTally) -> (u64, u64, Option<u64>) {
+    fn walk_secure_chunk(
+        &self,
+        chunk: u64,
+        lo: u64,
+        hi: u64,
+        tally: &mut OwnerTally,
+    ) -> (u64, u64, Option<u64>) {
         const N: usize = CHUNK_PAGES as usize;
         let metas = self.mem.metas();
         let mut present = [0u64; N];
@@ -231,7 +242,10 @@ impl WalkShared<'_> {
                     continue;
                 }
             }
-            if tally.config(self.core, ps::owner(s)).is_some_and(|c| c.refuses_destroy()) {
+            if tally
+                .config(self.core, ps::owner(s))
+                .is_some_and(|c| c.refuses_destroy())
+            {
                 self.mem.unlock(m, s);
                 continue;
             }
@@ -292,7 +306,11 @@ impl WalkShared<'_> {
 
     /// One DESTR_SEC_STOR per page while injections are pending (each may consume one).
     fn slow_batch(&self, batch: &[u64]) -> u64 {
-        let ctx = PageCtx { core: self.core, region: self.region, mem: self.mem };
+        let ctx = PageCtx {
+            core: self.core,
+            region: self.region,
+            mem: self.mem,
+        };
         let mut n = 0;
         for &idx in batch {
             if self.core.inject.take(Uvc::DestrSecStor).is_some() {
@@ -382,11 +400,20 @@ impl WalkShared<'_> {
 fn task_ranges(start: u64, end: u64) -> impl IndexedParallelIterator<Item = (u64, u64)> {
     let span = TASK_CHUNKS * CHUNK_PAGES;
     let first = start / span;
-    let last = if end <= start { first } else { (end - 1) / span + 1 };
+    let last = if end <= start {
+        first
+    } else {
+        (end - 1) / span + 1
+    };
     // Task counts fit usize: at most 2^46 bytes / 64 MiB tasks.
     ((first as usize)..(last as usize))
         .into_par_iter()
-        .map(move |t| ((t as u64 * span).max(start), ((t as u64 + 1) * span).min(end)))
+        .map(move |t| {
+            (
+                (t as u64 * span).max(start),
+                ((t as u64 + 1) * span).min(end),
+            )
+        })
 }
 
 impl Ultravisor {
@@ -461,12 +488,22 @@ pub(crate) fn clean_config(core: &Core, region: &Region, id: u32) {
             let mut len = 0;
             for idx in lo..hi {
                 let s = metas[idx as usize].load(Ordering::Relaxed);
-                if len < batch.len() && (ps::is_secure(s) && ps::owner(s) == id || s & ps::BUSY != 0) {
+                if len < batch.len()
+                    && (ps::is_secure(s) && ps::owner(s) == id || s & ps::BUSY != 0)
+                {
                     batch[len] = idx;
                     len += 1;
                 }
             }
-            destroy_batch(core, mem, chunk, &batch[..len], Mode::CleanOwner(id), &mut tally, None);
+            destroy_batch(
+                core,
+                mem,
+                chunk,
+                &batch[..len],
+                Mode::CleanOwner(id),
+                &mut tally,
+                None,
+            );
         });
     });
 }
@@ -566,7 +603,15 @@ pub(crate) fn mm_teardown(core: &Core, region: &Region) -> Result<(u64, u64), Co
                             }
                         }
                     } else {
-                        let d = destroy_batch(core, mem, chunk, b, Mode::DestroyUvc, &mut tally, Some(&mut refused));
+                        let d = destroy_batch(
+                            core,
+                            mem,
+                            chunk,
+                            b,
+                            Mode::DestroyUvc,
+                            &mut tally,
+                            Some(&mut refused),
+                        );
                         destroyed.fetch_add(d, Ordering::Relaxed);
                     }
                     for &p in &refused {

@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use pvfast_core::dispatch::{expected_len, fuzz_one};
-use pvfast_core::{rc, Uvc, UvOptions};
+use pvfast_core::{rc, UvOptions, Uvc};
 
 fn block(len: u16, cmd: u16, size: usize) -> Vec<u8> {
     let mut b = vec![0u8; size];
@@ -22,7 +22,10 @@ fn get(b: &[u8], off: usize) -> u64 {
 }
 
 fn rc_of(b: &[u8]) -> (u16, u16) {
-    (u16::from_be_bytes([b[4], b[5]]), u16::from_be_bytes([b[6], b[7]]))
+    (
+        u16::from_be_bytes([b[4], b[5]]),
+        u16::from_be_bytes([b[6], b[7]]),
+    )
 }
 
 #[test]
@@ -97,9 +100,19 @@ fn length_and_command_checks() {
     // Too short for a header: returned unchanged with cc 1.
     assert_eq!(uv.call(&[1, 2, 3]), (1, vec![1, 2, 3]));
     // Uninstalled calls are invalid commands.
-    let nofast = uv_with(UvOptions { destroy_fast: false, dump: false, ..Default::default() });
-    assert_eq!(rc_of(&nofast.call(&block(0x48, 0x0102, 0x48)).1).0, rc::INV_CMD);
-    assert_eq!(rc_of(&nofast.call(&block(0x40, 0x0400, 0x40)).1).0, rc::INV_CMD);
+    let nofast = uv_with(UvOptions {
+        destroy_fast: false,
+        dump: false,
+        ..Default::default()
+    });
+    assert_eq!(
+        rc_of(&nofast.call(&block(0x48, 0x0102, 0x48)).1).0,
+        rc::INV_CMD
+    );
+    assert_eq!(
+        rc_of(&nofast.call(&block(0x40, 0x0400, 0x40)).1).0,
+        rc::INV_CMD
+    );
     for u in Uvc::ALL {
         let len = expected_len(*u);
         assert!(len >= 0x20 && len.is_multiple_of(8), "{u:?}");
@@ -121,7 +134,11 @@ fn dispatcher_survives_garbage() {
         let mut b: Vec<u8> = (0..len).map(|_| next() as u8).collect();
         if i % 2 == 0 && len >= 8 {
             let u = Uvc::ALL[(next() % Uvc::ALL.len() as u64) as usize];
-            let l = if i % 4 == 0 { expected_len(u) } else { (next() % 0x200) as u16 };
+            let l = if i % 4 == 0 {
+                expected_len(u)
+            } else {
+                (next() % 0x200) as u16
+            };
             b[0..2].copy_from_slice(&l.to_be_bytes());
             b[2..4].copy_from_slice(&(u as u16).to_be_bytes());
         }

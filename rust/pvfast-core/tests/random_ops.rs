@@ -26,9 +26,16 @@ const PAGES: u64 = 1536; // three summary chunks
 
 fn check_counters(uv: &Ultravisor, r: &pvfast_core::Region, handles: &[u64]) {
     let c = r.state_counts().unwrap();
-    assert_eq!(uv.secure_pages(None), c.secure + c.shared + c.orphaned, "{c:?}");
+    assert_eq!(
+        uv.secure_pages(None),
+        c.secure + c.shared + c.orphaned,
+        "{c:?}"
+    );
     assert_eq!(r.present_pages().unwrap(), c.present);
-    assert_eq!(c.nonsecure + c.secure + c.shared + c.exported + c.orphaned, PAGES);
+    assert_eq!(
+        c.nonsecure + c.secure + c.shared + c.exported + c.orphaned,
+        PAGES
+    );
     let mut owned = std::collections::HashMap::new();
     for p in 0..PAGES {
         let (s, o) = r.page_state(p).unwrap();
@@ -37,13 +44,20 @@ fn check_counters(uv: &Ultravisor, r: &pvfast_core::Region, handles: &[u64]) {
         }
     }
     for &h in handles {
-        assert_eq!(uv.secure_pages(Some(h)), owned.get(&h).copied().unwrap_or(0), "handle {h:#x}");
+        assert_eq!(
+            uv.secure_pages(Some(h)),
+            owned.get(&h).copied().unwrap_or(0),
+            "handle {h:#x}"
+        );
     }
 }
 
 fn run(seed: u64, steps: usize) {
     let mut rng = Rng(seed);
-    let uv = uv_with(UvOptions { feature_misc: seed.is_multiple_of(2), ..Default::default() });
+    let uv = uv_with(UvOptions {
+        feature_misc: seed.is_multiple_of(2),
+        ..Default::default()
+    });
     let r = uv.create_region(PAGES * PAGE).unwrap();
     let mut live: Vec<(u64, Vec<u64>)> = Vec::new(); // (config, cpus)
     let mut all: Vec<u64> = Vec::new();
@@ -92,7 +106,13 @@ fn run(seed: u64, steps: usize) {
             }
             4..=7 => {
                 if let Some(i) = pick(&mut rng, &live) {
-                    let _ = uv.import_range(live[i].0, &r, page, rng.below(40).min(PAGES - page), rng.below(2) == 0);
+                    let _ = uv.import_range(
+                        live[i].0,
+                        &r,
+                        page,
+                        rng.below(40).min(PAGES - page),
+                        rng.below(2) == 0,
+                    );
                 }
             }
             8 => {
@@ -155,7 +175,11 @@ fn run(seed: u64, steps: usize) {
     }
     let w = uv.destroy_walk(&r, 0, None, None).unwrap();
     assert!(!w.interrupted);
-    assert_eq!(uv.secure_pages(None), 0, "seed {seed}: walk left secure pages");
+    assert_eq!(
+        uv.secure_pages(None),
+        0,
+        "seed {seed}: walk left secure pages"
+    );
     let c = r.state_counts().unwrap();
     assert_eq!(c.secure + c.shared + c.orphaned, 0);
     check_counters(&uv, &r, &all);

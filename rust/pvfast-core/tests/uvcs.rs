@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use pvfast_core::ultravisor::test_bit_inv;
-use pvfast_core::{rc, CoreError, Uvc, UvOptions, UvcStatus};
+use pvfast_core::{rc, CoreError, UvOptions, Uvc, UvcStatus};
 
 fn stat(uv: &pvfast_core::Ultravisor, u: Uvc) -> u64 {
     uv.stat(u)
@@ -17,7 +17,10 @@ fn query_and_info() {
     assert_eq!(stat(&uv, Uvc::Qui), 1);
     let i = uv.info();
     assert!(test_bit_inv(&i.inst_calls_list, 23));
-    assert_eq!(i.inst_calls_list[0] & 0x0000_0100_0000_0000, 0x0000_0100_0000_0000);
+    assert_eq!(
+        i.inst_calls_list[0] & 0x0000_0100_0000_0000,
+        0x0000_0100_0000_0000
+    );
     for bit in 24..28 {
         assert!(test_bit_inv(&i.inst_calls_list, bit));
     }
@@ -25,7 +28,12 @@ fn query_and_info() {
     assert_eq!(i.max_guest_cpu_id, 247);
     assert_eq!(i.max_num_sec_conf, 4096);
 
-    let uv = uv_with(UvOptions { destroy_fast: false, dump: false, feature_misc: false, ..Default::default() });
+    let uv = uv_with(UvOptions {
+        destroy_fast: false,
+        dump: false,
+        feature_misc: false,
+        ..Default::default()
+    });
     let i = uv.info();
     assert!(!test_bit_inv(&i.inst_calls_list, 23));
     assert_eq!(i.inst_calls_list[0] & 0xf0_0000_0000, 0);
@@ -41,10 +49,22 @@ fn create_config_errors() {
     let var = info.var_stor_len(64 * MIB);
     let mk = |len, asce, b, v| uv.create_config(&region, len, asce, 0, b, v).unwrap();
     assert_eq!(mk(0, 0x1000, base, var), (err(rc::INV_GUEST_STOR), 0));
-    assert_eq!(mk(MIB + PAGE, 0x1000, base, var), (err(rc::INV_GUEST_STOR), 0));
-    assert_eq!(mk(128 * MIB, 0x1000, base, var), (err(rc::INV_GUEST_STOR), 0));
-    assert_eq!(mk(64 * MIB, 0x1000, base - 1, var), (err(rc::BASE_STOR_TOO_SHORT), 0));
-    assert_eq!(mk(64 * MIB, 0x1000, base, var - 1), (err(rc::VAR_STOR_TOO_SHORT), 0));
+    assert_eq!(
+        mk(MIB + PAGE, 0x1000, base, var),
+        (err(rc::INV_GUEST_STOR), 0)
+    );
+    assert_eq!(
+        mk(128 * MIB, 0x1000, base, var),
+        (err(rc::INV_GUEST_STOR), 0)
+    );
+    assert_eq!(
+        mk(64 * MIB, 0x1000, base - 1, var),
+        (err(rc::BASE_STOR_TOO_SHORT), 0)
+    );
+    assert_eq!(
+        mk(64 * MIB, 0x1000, base, var - 1),
+        (err(rc::VAR_STOR_TOO_SHORT), 0)
+    );
     let (st, h) = mk(64 * MIB, 0x1000 | 0x7, base, var);
     assert_eq!(st, ok());
     assert_ne!(h, 0);
@@ -57,15 +77,24 @@ fn create_config_errors() {
     assert_eq!(uv.donated_bytes(), 0);
     assert_eq!(mk(64 * MIB, 0x1000, base, var).0, ok());
 
-    let small = uv_with(UvOptions { max_guests: 1, ..Default::default() });
+    let small = uv_with(UvOptions {
+        max_guests: 1,
+        ..Default::default()
+    });
     let r = small.create_region(4 * MIB).unwrap();
     assert_eq!(create(&small, &r, 4 * MIB, 0x1000).0, ok());
-    assert_eq!(create(&small, &r, 4 * MIB, 0x2000).0, err(rc::TOO_MANY_CONFIGS));
+    assert_eq!(
+        create(&small, &r, 4 * MIB, 0x2000).0,
+        err(rc::TOO_MANY_CONFIGS)
+    );
 
     // A region of another UV is caller misuse, not a UV error.
     let other = uv_with(UvOptions::default());
     let foreign = other.create_region(4 * MIB).unwrap();
-    assert!(matches!(uv.create_config(&foreign, 4 * MIB, 0x9000, 0, base, var), Err(CoreError::ForeignRegion(_))));
+    assert!(matches!(
+        uv.create_config(&foreign, 4 * MIB, 0x9000, 0, base, var),
+        Err(CoreError::ForeignRegion(_))
+    ));
 }
 
 #[test]
@@ -73,13 +102,19 @@ fn handles_are_opaque() {
     let vm = vm(4 * MIB, 0);
     let uv = &vm.uv;
     assert_eq!(uv.destroy_config(vm.handle + 1), err(rc::INV_GUEST_HANDLE));
-    assert_eq!(uv.destroy_config(vm.handle.wrapping_sub(1)), err(rc::INV_GUEST_HANDLE));
+    assert_eq!(
+        uv.destroy_config(vm.handle.wrapping_sub(1)),
+        err(rc::INV_GUEST_HANDLE)
+    );
     assert_eq!(uv.destroy_config(0), err(rc::INV_GUEST_HANDLE));
     let c = cpu(uv, vm.handle, 0);
     assert_eq!(uv.destroy_cpu(c + 1), err(rc::INV_CPU_HANDLE));
     assert_eq!(uv.destroy_cpu(vm.handle), err(rc::INV_CPU_HANDLE));
     assert_eq!(uv.cpu_handles(vm.handle).unwrap(), vec![c]);
-    assert!(matches!(uv.cpu_handles(vm.handle + 1), Err(CoreError::NoSuchConfig(_))));
+    assert!(matches!(
+        uv.cpu_handles(vm.handle + 1),
+        Err(CoreError::NoSuchConfig(_))
+    ));
     assert_eq!(uv.config_handles(), vec![vm.handle]);
 }
 
@@ -88,9 +123,15 @@ fn cpus_and_config_destroy_order() {
     let vm = vm(4 * MIB, 0);
     let uv = &vm.uv;
     let stor = uv.info().guest_cpu_stor_len;
-    assert_eq!(uv.create_cpu(vm.handle + 1, 0, stor).0, err(rc::INV_GUEST_HANDLE));
+    assert_eq!(
+        uv.create_cpu(vm.handle + 1, 0, stor).0,
+        err(rc::INV_GUEST_HANDLE)
+    );
     assert_eq!(uv.create_cpu(vm.handle, 248, stor).0, err(rc::INV_CPU_NUM));
-    assert_eq!(uv.create_cpu(vm.handle, 0, stor - 1).0, err(rc::CPU_STOR_TOO_SHORT));
+    assert_eq!(
+        uv.create_cpu(vm.handle, 0, stor - 1).0,
+        err(rc::CPU_STOR_TOO_SHORT)
+    );
     let c0 = cpu(uv, vm.handle, 0);
     assert_eq!(uv.create_cpu(vm.handle, 0, stor).0, err(rc::CPU_NUM_IN_USE));
     let c1 = cpu(uv, vm.handle, 1);
@@ -106,7 +147,12 @@ fn cpus_and_config_destroy_order() {
     assert_eq!(uv.destroy_config(vm.handle), err(rc::INV_GUEST_HANDLE));
     assert_eq!(uv.donated_bytes(), 0);
     assert!(uv.config_handles().is_empty());
-    for u in [Uvc::CpuReset, Uvc::CpuResetInitial, Uvc::CpuResetClear, Uvc::CpuSetState] {
+    for u in [
+        Uvc::CpuReset,
+        Uvc::CpuResetInitial,
+        Uvc::CpuResetClear,
+        Uvc::CpuSetState,
+    ] {
         assert_eq!(uv.cpu_uvc(u, c1), err(rc::INV_CPU_HANDLE));
         assert_eq!(stat(uv, u), 1);
     }
@@ -118,7 +164,10 @@ fn import_destroy_transitions() {
     let (uv, r, h) = (&vm.uv, &vm.region, vm.handle);
     r.write(0, b"host data", 0).unwrap();
     // Not present -> 0x010a; out of range / unaligned -> INV_ADDR.
-    assert_eq!(uv.convert_to_secure(h, 2 * MIB), err(rc::PAGE_NOT_ACCESSIBLE));
+    assert_eq!(
+        uv.convert_to_secure(h, 2 * MIB),
+        err(rc::PAGE_NOT_ACCESSIBLE)
+    );
     assert_eq!(uv.convert_to_secure(h, 4 * MIB), err(rc::INV_ADDR));
     assert_eq!(uv.convert_to_secure(h, 12), err(rc::INV_ADDR));
     assert_eq!(uv.convert_to_secure(h + 1, 0), err(rc::INV_GUEST_HANDLE));
@@ -128,7 +177,10 @@ fn import_destroy_transitions() {
     assert_eq!(uv.convert_to_secure(h, 0), ok(), "own secure page: no-op");
     assert_eq!(uv.secure_pages(Some(h)), 1);
     assert_eq!(uv.secure_pages(None), 1);
-    assert!(matches!(r.read(0, 8, 0), Err(CoreError::SecureStorageAccess { .. })));
+    assert!(matches!(
+        r.read(0, 8, 0),
+        Err(CoreError::SecureStorageAccess { .. })
+    ));
     assert_eq!(r.read(0, 9, h).unwrap(), vec![0u8; 9]);
     r.write(0, b"guest secret", h).unwrap();
     // Destroy refused while the owner has CPUs.
@@ -150,7 +202,14 @@ fn import_destroy_transitions() {
 
 #[test]
 fn legacy_destroy_rc() {
-    let vm = vm_with(UvOptions { legacy_destroy_rc: true, ..Default::default() }, 4 * MIB, MIB);
+    let vm = vm_with(
+        UvOptions {
+            legacy_destroy_rc: true,
+            ..Default::default()
+        },
+        4 * MIB,
+        MIB,
+    );
     let (uv, r, h) = (&vm.uv, &vm.region, vm.handle);
     let legacy = UvcStatus::err_rrc(rc::LEGACY_NOT_SECURE, rc::LEGACY_NOT_SECURE_RRC);
     assert_eq!(uv.destroy_page(r.base()), legacy);
@@ -174,8 +233,14 @@ fn export_import_round_trip_and_tamper() {
     assert_eq!(uv.secure_pages(Some(h)), 1);
     let ct = r.read(0, PAGE, 0).unwrap();
     assert_ne!(ct, secret);
-    assert!(!ct.windows(64).any(|w| w == &secret[..64]), "plaintext must not survive export");
-    assert!(matches!(r.read(0, 8, h), Err(CoreError::SecureStorageAccess { .. })));
+    assert!(
+        !ct.windows(64).any(|w| w == &secret[..64]),
+        "plaintext must not survive export"
+    );
+    assert!(matches!(
+        r.read(0, 8, h),
+        Err(CoreError::SecureStorageAccess { .. })
+    ));
     // Exporting twice is a no-op; re-import decrypts.
     assert_eq!(uv.convert_from_secure(r.base()), ok());
     assert_eq!(uv.convert_to_secure(h, 0), ok());
@@ -206,11 +271,26 @@ fn export_import_round_trip_and_tamper() {
 #[test]
 fn shared_pages_pin_and_misc() {
     for misc in [true, false] {
-        let vm = vm_with(UvOptions { feature_misc: misc, ..Default::default() }, 4 * MIB, MIB);
+        let vm = vm_with(
+            UvOptions {
+                feature_misc: misc,
+                ..Default::default()
+            },
+            4 * MIB,
+            MIB,
+        );
         let (uv, r, h) = (&vm.uv, &vm.region, vm.handle);
-        assert_eq!(uv.set_shared_access(h, 0), err(rc::INV_STATE), "not secure yet");
+        assert_eq!(
+            uv.set_shared_access(h, 0),
+            err(rc::INV_STATE),
+            "not secure yet"
+        );
         assert_eq!(uv.convert_to_secure(h, 0), ok());
-        assert_eq!(uv.pin_shared(r.base()), err(rc::INV_STATE), "secure, not shared");
+        assert_eq!(
+            uv.pin_shared(r.base()),
+            err(rc::INV_STATE),
+            "secure, not shared"
+        );
         assert_eq!(uv.set_shared_access(h, 0), ok());
         assert_eq!(state(r, 0), ("shared", h));
         r.write(0, b"shared", 0).unwrap();
@@ -253,7 +333,10 @@ fn destroy_config_cleans_and_fast_orphans() {
     assert_eq!(uv.destroy_config(h), ok());
     assert_eq!(uv.secure_pages(None), 0);
     let c = r.state_counts().unwrap();
-    assert_eq!((c.secure, c.orphaned, c.nonsecure, c.present), (0, 0, r.pages(), r.pages()));
+    assert_eq!(
+        (c.secure, c.orphaned, c.nonsecure, c.present),
+        (0, 0, r.pages(), r.pages())
+    );
     assert_eq!(r.read(0, 1, 0).unwrap(), vec![0]);
 
     let (_, h2) = create(uv, r, 8 * MIB, 0x10_000);
@@ -266,10 +349,17 @@ fn destroy_config_cleans_and_fast_orphans() {
     assert!(uv.donated_bytes() < donated);
     assert_eq!(state(r, 0), ("orphaned", h2));
     assert_eq!(state(r, 5), ("orphaned", h2));
-    assert_eq!(uv.secure_pages(Some(h2)), 100, "dead handle still counts its orphans");
+    assert_eq!(
+        uv.secure_pages(Some(h2)),
+        100,
+        "dead handle still counts its orphans"
+    );
     assert_eq!(r.state_counts().unwrap().orphaned, 100);
     // Orphans are not accessible to the host or taken over by another config.
-    assert!(matches!(r.read(0, 1, 0), Err(CoreError::SecureStorageAccess { .. })));
+    assert!(matches!(
+        r.read(0, 1, 0),
+        Err(CoreError::SecureStorageAccess { .. })
+    ));
     let (_, h3) = create(uv, r, 8 * MIB, 0x10_000);
     assert_eq!(uv.convert_to_secure(h3, 0), err(rc::OTHER_OWNER));
     assert_eq!(uv.convert_to_secure(h3, 5 * PAGE), err(rc::OTHER_OWNER));
@@ -279,8 +369,18 @@ fn destroy_config_cleans_and_fast_orphans() {
     assert_eq!(uv.secure_pages(Some(h2)), 99);
     assert_eq!(uv.destroy_config_fast(h2), err(rc::INV_GUEST_HANDLE));
 
-    let no_fast = vm_with(UvOptions { destroy_fast: false, ..Default::default() }, 4 * MIB, 0);
-    assert_eq!(no_fast.uv.destroy_config_fast(no_fast.handle), err(rc::INV_CMD));
+    let no_fast = vm_with(
+        UvOptions {
+            destroy_fast: false,
+            ..Default::default()
+        },
+        4 * MIB,
+        0,
+    );
+    assert_eq!(
+        no_fast.uv.destroy_config_fast(no_fast.handle),
+        err(rc::INV_CMD)
+    );
     assert_eq!(no_fast.uv.stat(Uvc::DestroySecConfFast), 1);
     assert_eq!(no_fast.uv.config_handles(), vec![no_fast.handle]);
 }
@@ -314,7 +414,8 @@ fn failure_injection_changes_nothing() {
     assert_eq!(create(uv, r, 4 * MIB, 0x40_000), (err(0x0101), 0));
     assert_eq!(uv.config_handles().len(), 1);
     // With the NEED_DESTROY flag a handle exists anyway and must be destroyed.
-    uv.inject_failure(0x0100, 0x0101 | rc::NEED_DESTROY, 0, 1).unwrap();
+    uv.inject_failure(0x0100, 0x0101 | rc::NEED_DESTROY, 0, 1)
+        .unwrap();
     let (st, nd) = create(uv, r, 4 * MIB, 0x40_000);
     assert_eq!(st, err(0x8101));
     assert_ne!(nd, 0);
@@ -336,7 +437,11 @@ fn failure_injection_changes_nothing() {
     assert_eq!(w.destroyed, 7);
     assert_eq!(uv.secure_pages(Some(h)), 3);
     assert_eq!(uv.stat(Uvc::DestrSecStor), 256);
-    assert_eq!(uv.destroy_page(r.base() + 100 * PAGE), ok(), "injections used up");
+    assert_eq!(
+        uv.destroy_page(r.base() + 100 * PAGE),
+        ok(),
+        "injections used up"
+    );
 }
 
 #[test]
@@ -348,7 +453,11 @@ fn image_unpack_verify() {
     let key: [u8; 64] = std::array::from_fn(|i| i as u8);
     let (hdr, enc) = seal_image(&[(0x10000, 0x77, &kernel)], &HOST_KEY_DEFAULT, &key).unwrap();
 
-    assert_eq!(uv.unpack(h, 0x10000, 0x77, 0), err(rc::INV_STATE), "no header yet");
+    assert_eq!(
+        uv.unpack(h, 0x10000, 0x77, 0),
+        err(rc::INV_STATE),
+        "no header yet"
+    );
     assert_eq!(uv.verify(h), err(rc::INV_STATE));
     assert_eq!(uv.set_sec_parms(h, &hdr[..10]).cc, 1);
     assert_ne!(uv.set_sec_parms(h, &hdr[..10]).rc, rc::EXECUTED);
@@ -362,7 +471,11 @@ fn image_unpack_verify() {
     for n in 0..3u64 {
         assert_eq!(uv.unpack(h, 0x10000 + n * PAGE, 0x77, n * PAGE), ok());
     }
-    assert_eq!(uv.unpack(h, 0x10000, 0x77, 0), err(rc::INV_STATE), "already secure");
+    assert_eq!(
+        uv.unpack(h, 0x10000, 0x77, 0),
+        err(rc::INV_STATE),
+        "already secure"
+    );
     assert_eq!(r.read(0x10000, 3 * PAGE, h).unwrap(), kernel);
     assert_eq!(uv.verify(h), ok());
     assert_eq!(uv.verify(h), err(rc::INV_STATE));
@@ -398,7 +511,10 @@ fn dump_sequence() {
     assert_eq!(data[16 + 8], 1, "page 1 secure");
     assert_eq!(data[8], 0, "page 0 non-secure");
     assert_eq!(uv.dump_conf_stor_state(h, PAGE).0, err(rc::INV_DUMP_ADDR));
-    assert_eq!(uv.dump_conf_stor_state(h, 4 * MIB).0, err(rc::INV_DUMP_ADDR));
+    assert_eq!(
+        uv.dump_conf_stor_state(h, 4 * MIB).0,
+        err(rc::INV_DUMP_ADDR)
+    );
     let (st, data) = uv.dump_cpu(c);
     assert_eq!(st, ok());
     assert_eq!(data.len() as u64, info.guest_cpu_stor_len);
@@ -409,7 +525,14 @@ fn dump_sequence() {
     assert_eq!(uv.prepare_reset(h), ok());
     assert_eq!(uv.prepare_reset(h + 1), err(rc::INV_GUEST_HANDLE));
 
-    let nodump = vm_with(UvOptions { dump: false, ..Default::default() }, 4 * MIB, 0);
+    let nodump = vm_with(
+        UvOptions {
+            dump: false,
+            ..Default::default()
+        },
+        4 * MIB,
+        0,
+    );
     assert_eq!(nodump.uv.dump_init(nodump.handle), err(rc::INV_CMD));
 }
 
@@ -427,11 +550,20 @@ fn region_rules() {
     assert_eq!(a.touch(0, 8192).unwrap(), 0);
     assert_eq!(a.present_pages().unwrap(), 2);
     assert!(a.touch(4 * MIB - 1, 2).is_err());
-    assert!(matches!(a.page_state(1024), Err(CoreError::IndexOutOfRange { .. })));
-    assert!(a.read(0, 1, 12345).is_err(), "as_config must be a live handle");
+    assert!(matches!(
+        a.page_state(1024),
+        Err(CoreError::IndexOutOfRange { .. })
+    ));
+    assert!(
+        a.read(0, 1, 12345).is_err(),
+        "as_config must be a live handle"
+    );
     uv.release_region(&a).unwrap();
     assert!(matches!(a.read(0, 1, 0), Err(CoreError::RegionReleased(_))));
-    assert!(matches!(uv.destroy_walk(&a, 0, None, None), Err(CoreError::RegionReleased(_))));
+    assert!(matches!(
+        uv.destroy_walk(&a, 0, None, None),
+        Err(CoreError::RegionReleased(_))
+    ));
     assert_eq!(uv.destroy_page(a.base()), err(rc::INV_ADDR));
     let (st, _) = create(&uv, &b, 4 * MIB, 0x1000);
     assert_eq!(st, ok());
@@ -458,7 +590,11 @@ fn exported_pages_of_a_dead_config_read_as_nonsecure() {
         assert_eq!(uv.convert_to_secure(h, 0), ok());
         assert_eq!(uv.convert_from_secure(r.base()), ok());
         assert_eq!(state(r, 0), ("exported", h));
-        let st = if fast { uv.destroy_config_fast(h) } else { uv.destroy_config(h) };
+        let st = if fast {
+            uv.destroy_config_fast(h)
+        } else {
+            uv.destroy_config(h)
+        };
         assert_eq!(st, ok());
         assert_eq!(state(r, 0), ("nonsecure", 0));
         assert_eq!(r.state_counts().unwrap().exported, 0);

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use pvfast_core::{rc, CancelToken, Uvc, UvOptions, UnpackStatus, BATCH_PAGES};
+use pvfast_core::{rc, CancelToken, UnpackStatus, UvOptions, Uvc, BATCH_PAGES};
 
 #[test]
 fn walk_destroys_present_secure_pages_and_counts_every_present_page() {
@@ -133,7 +133,14 @@ fn concurrent_walk_and_import() {
 #[test]
 fn cancelled_walk_stops_within_one_batch_per_worker() {
     let threads = 2u64;
-    let vm = vm_with(UvOptions { threads: threads as usize, ..Default::default() }, 256 * MIB, 256 * MIB);
+    let vm = vm_with(
+        UvOptions {
+            threads: threads as usize,
+            ..Default::default()
+        },
+        256 * MIB,
+        256 * MIB,
+    );
     let (uv, r, h) = (&vm.uv, &vm.region, vm.handle);
     uv.import_range(h, r, 0, r.pages(), false).unwrap();
     assert_eq!(uv.secure_pages(Some(h)), r.pages());
@@ -143,7 +150,11 @@ fn cancelled_walk_stops_within_one_batch_per_worker() {
     uv.reset_stats();
     let w = uv.destroy_walk(r, 0, None, Some(&cancel)).unwrap();
     assert!(w.interrupted);
-    assert!(w.visited <= threads * BATCH_PAGES as u64, "visited {}", w.visited);
+    assert!(
+        w.visited <= threads * BATCH_PAGES as u64,
+        "visited {}",
+        w.visited
+    );
     assert_eq!(uv.stat(Uvc::DestrSecStor), w.visited);
     // Resume: everything below resume_page is done.
     for p in 0..w.resume_page {
@@ -171,12 +182,25 @@ fn cancelled_walk_stops_within_one_batch_per_worker() {
 
 #[test]
 fn cancelled_walk_over_nonsecure_pages_keeps_batch_granularity() {
-    let vm = vm_with(UvOptions { threads: 1, ..Default::default() }, 8 * MIB, 8 * MIB);
+    let vm = vm_with(
+        UvOptions {
+            threads: 1,
+            ..Default::default()
+        },
+        8 * MIB,
+        8 * MIB,
+    );
     let cancel = CancelToken::new();
     cancel.set();
-    let w = vm.uv.destroy_walk(&vm.region, 0, None, Some(&cancel)).unwrap();
+    let w = vm
+        .uv
+        .destroy_walk(&vm.region, 0, None, Some(&cancel))
+        .unwrap();
     assert!(w.interrupted);
-    assert_eq!((w.visited, w.resume_page), (BATCH_PAGES as u64, BATCH_PAGES as u64));
+    assert_eq!(
+        (w.visited, w.resume_page),
+        (BATCH_PAGES as u64, BATCH_PAGES as u64)
+    );
     let w = vm.uv.destroy_walk(&vm.region, 0, None, None).unwrap();
     assert_eq!((w.visited, w.interrupted), (2048, false));
 }
@@ -186,10 +210,16 @@ fn cancel_after_last_batch_still_reports_interrupted() {
     let vm = vm(4 * MIB, 4 * PAGE);
     let cancel = CancelToken::new();
     cancel.set();
-    let w = vm.uv.destroy_walk(&vm.region, 0, Some(1), Some(&cancel)).unwrap();
+    let w = vm
+        .uv
+        .destroy_walk(&vm.region, 0, Some(1), Some(&cancel))
+        .unwrap();
     assert_eq!(w.visited, 1);
     assert!(w.interrupted);
-    let w = vm.uv.destroy_walk(&vm.region, 1, Some(1), Some(&cancel)).unwrap();
+    let w = vm
+        .uv
+        .destroy_walk(&vm.region, 1, Some(1), Some(&cancel))
+        .unwrap();
     assert!(!w.interrupted, "empty range: no batch, no check");
 }
 
@@ -216,9 +246,17 @@ fn one_tib_region_is_lazy_and_its_empty_walk_is_fast() {
     assert_eq!((w.visited, w.destroyed), (0, 0));
     assert_eq!(r.present_pages().unwrap(), 0);
     let after = vm_rss_kib();
-    assert!(after.saturating_sub(before) < 64 * 1024, "RSS grew by {} KiB", after - before);
+    assert!(
+        after.saturating_sub(before) < 64 * 1024,
+        "RSS grew by {} KiB",
+        after - before
+    );
     // Debug builds are much slower; the 50 ms bound is for optimised code.
-    let bound = if cfg!(debug_assertions) { Duration::from_secs(2) } else { Duration::from_millis(50) };
+    let bound = if cfg!(debug_assertions) {
+        Duration::from_secs(2)
+    } else {
+        Duration::from_millis(50)
+    };
     assert!(took < bound, "empty 1 TiB walk took {took:?}");
     // A touched page far out is found and counted.
     r.touch((1 << 40) - PAGE, PAGE).unwrap();
@@ -233,7 +271,10 @@ fn import_range_paths() {
     let (uv, r, old) = (&vm.uv, &vm.region, vm.handle);
     // Not present -> touched then imported.
     let x = uv.import_range(old, r, 0, 8, false).unwrap();
-    assert_eq!((x.imports, x.exports, x.destroys, x.failed_pages), (8, 0, 0, 0));
+    assert_eq!(
+        (x.imports, x.exports, x.destroys, x.failed_pages),
+        (8, 0, 0, 0)
+    );
     assert_eq!(r.present_pages().unwrap(), 8);
     // Own pages: nothing.
     uv.reset_stats();
@@ -258,13 +299,29 @@ fn import_range_paths() {
     }
     // Without export_first and without MISC a shared page of a live config cannot be taken.
     assert_eq!(uv.destroy_cpu(oc), ok());
-    let nomisc = vm_with(UvOptions { feature_misc: false, ..Default::default() }, 4 * MIB, MIB);
+    let nomisc = vm_with(
+        UvOptions {
+            feature_misc: false,
+            ..Default::default()
+        },
+        4 * MIB,
+        MIB,
+    );
     assert_eq!(nomisc.uv.convert_to_secure(nomisc.handle, 0), ok());
     assert_eq!(nomisc.uv.set_shared_access(nomisc.handle, 0), ok());
     let (_, n2) = create(&nomisc.uv, &nomisc.region, 4 * MIB, 0x40_000);
-    let x = nomisc.uv.import_range(n2, &nomisc.region, 0, 1, false).unwrap();
-    assert_eq!((x.imports, x.failed_pages, x.first_failure_rc), (1, 1, rc::OTHER_OWNER));
-    assert!(uv.import_range(new, r, 2040, 100, false).is_err(), "range outside region");
+    let x = nomisc
+        .uv
+        .import_range(n2, &nomisc.region, 0, 1, false)
+        .unwrap();
+    assert_eq!(
+        (x.imports, x.failed_pages, x.first_failure_rc),
+        (1, 1, rc::OTHER_OWNER)
+    );
+    assert!(
+        uv.import_range(new, r, 2040, 100, false).is_err(),
+        "range outside region"
+    );
 }
 
 #[test]
@@ -289,7 +346,10 @@ fn make_accessible_and_mm_teardown() {
     uv.reset_stats();
     assert_eq!(uv.mm_teardown(r).unwrap(), (10, 0));
     assert_eq!(uv.secure_pages(None), 0);
-    assert_eq!((uv.stat(Uvc::DestrSecStor), uv.stat(Uvc::ConvFromSecStor)), (10, 0));
+    assert_eq!(
+        (uv.stat(Uvc::DestrSecStor), uv.stat(Uvc::ConvFromSecStor)),
+        (10, 0)
+    );
     // An injected destroy failure falls back to export for that page only.
     for p in 0..5 {
         assert_eq!(uv.convert_to_secure(h, p * PAGE), ok());
@@ -297,7 +357,10 @@ fn make_accessible_and_mm_teardown() {
     uv.reset_stats();
     uv.inject_failure(0x0202, 0x0abc, 0, 2).unwrap();
     assert_eq!(uv.mm_teardown(r).unwrap(), (3, 2));
-    assert_eq!((uv.stat(Uvc::DestrSecStor), uv.stat(Uvc::ConvFromSecStor)), (5, 2));
+    assert_eq!(
+        (uv.stat(Uvc::DestrSecStor), uv.stat(Uvc::ConvFromSecStor)),
+        (5, 2)
+    );
     assert_eq!(state(r, 0), ("exported", h));
     assert_eq!(state(r, 4), ("nonsecure", 0));
 }
@@ -311,20 +374,36 @@ fn unpack_range_loop() {
     let key: [u8; 64] = std::array::from_fn(|i| (i * 3) as u8);
     let (hdr, enc) = seal_image(&[(0x20000, 0x99, &data)], &HOST_KEY_DEFAULT, &key).unwrap();
     assert_eq!(uv.set_sec_parms(h, &hdr), ok());
-    let bad = uv.unpack_range(h, r, 0x20001, 4 * PAGE, 0x99, false, None).unwrap();
+    let bad = uv
+        .unpack_range(h, r, 0x20001, 4 * PAGE, 0x99, false, None)
+        .unwrap();
     assert_eq!(bad.status, UnpackStatus::Einval);
     // Pages not present: a set cancel token makes the first 0x010a return -EAGAIN.
     let cancel = CancelToken::new();
     cancel.set();
-    let u = uv.unpack_range(h, r, 0x20000, 4 * PAGE, 0x99, false, Some(&cancel)).unwrap();
-    assert_eq!((u.status, u.rc, u.pages_done), (UnpackStatus::Eagain, rc::PAGE_NOT_ACCESSIBLE, 0));
+    let u = uv
+        .unpack_range(h, r, 0x20000, 4 * PAGE, 0x99, false, Some(&cancel))
+        .unwrap();
+    assert_eq!(
+        (u.status, u.rc, u.pages_done),
+        (UnpackStatus::Eagain, rc::PAGE_NOT_ACCESSIBLE, 0)
+    );
     // The faulted-in page now holds garbage; reload the ciphertext, then unpack for real.
     r.write(0x20000, &enc[0], 0).unwrap();
-    let u = uv.unpack_range(h, r, 0x20000, 4 * PAGE, 0x99, true, None).unwrap();
-    assert_eq!((u.status, u.rc, u.pages_done), (UnpackStatus::Ok, rc::EXECUTED, 4));
+    let u = uv
+        .unpack_range(h, r, 0x20000, 4 * PAGE, 0x99, true, None)
+        .unwrap();
+    assert_eq!(
+        (u.status, u.rc, u.pages_done),
+        (UnpackStatus::Ok, rc::EXECUTED, 4)
+    );
     assert_eq!(uv.verify(h), ok());
-    let u = uv.unpack_range(h, r, 4 * MIB - PAGE, 2 * PAGE, 0x99, false, None).unwrap();
+    let u = uv
+        .unpack_range(h, r, 4 * MIB - PAGE, 2 * PAGE, 0x99, false, None)
+        .unwrap();
     assert_eq!(u.status, UnpackStatus::Einval, "already verified");
-    let u = uv.unpack_range(h, r, 4 * MIB, PAGE, 0x99, false, None).unwrap();
+    let u = uv
+        .unpack_range(h, r, 4 * MIB, PAGE, 0x99, false, None)
+        .unwrap();
     assert_eq!(u.status, UnpackStatus::Efault);
 }

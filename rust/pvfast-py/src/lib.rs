@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use pvfast_core as core_;
 use pvfast_core::{CoreError, UvcStatus};
-use pyo3::exceptions::{PyException, PyIndexError, PyKeyError, PyOSError, PyOverflowError, PyTypeError, PyValueError};
+use pyo3::exceptions::{
+    PyException, PyIndexError, PyKeyError, PyOSError, PyOverflowError, PyTypeError, PyValueError,
+};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyInt};
 
@@ -33,9 +35,9 @@ impl From<Error> for PyErr {
     fn from(Error(e): Error) -> PyErr {
         let msg = e.to_string();
         match e {
-            CoreError::InvalidArgument { .. } | CoreError::RegionReleased(_) | CoreError::ForeignRegion(_) => {
-                PyValueError::new_err(msg)
-            }
+            CoreError::InvalidArgument { .. }
+            | CoreError::RegionReleased(_)
+            | CoreError::ForeignRegion(_) => PyValueError::new_err(msg),
             CoreError::IndexOutOfRange { .. } => PyIndexError::new_err(msg),
             CoreError::NoSuchConfig(h) => PyKeyError::new_err(h),
             CoreError::SecureStorageAccess { .. } => SecureStorageAccess::new_err(msg),
@@ -51,15 +53,22 @@ type R<T> = Result<T, Error>;
 /// An int argument that must fit u64; errors name the argument.
 fn u64_of(name: &str, obj: &Bound<'_, PyAny>) -> PyResult<u64> {
     if obj.is_instance_of::<PyBool>() || !obj.is_instance_of::<PyInt>() {
-        let ty = obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
-        return Err(PyTypeError::new_err(format!("{name}: expected int, got {ty}")));
+        let ty = obj
+            .get_type()
+            .name()
+            .map(|n| n.to_string())
+            .unwrap_or_else(|_| "?".into());
+        return Err(PyTypeError::new_err(format!(
+            "{name}: expected int, got {ty}"
+        )));
     }
     obj.extract::<u64>()
         .map_err(|_| PyOverflowError::new_err(format!("{name}: {obj} is out of range [0, 2**64)")))
 }
 
 fn narrow<T: TryFrom<u64>>(name: &str, v: u64, max: &str) -> PyResult<T> {
-    T::try_from(v).map_err(|_| PyOverflowError::new_err(format!("{name}: {v} is out of range [0, {max}]")))
+    T::try_from(v)
+        .map_err(|_| PyOverflowError::new_err(format!("{name}: {v} is out of range [0, {max}]")))
 }
 
 macro_rules! u64_args {
@@ -110,7 +119,9 @@ struct CancelToken {
 impl CancelToken {
     #[new]
     fn new() -> Self {
-        CancelToken { inner: core_::CancelToken::new() }
+        CancelToken {
+            inner: core_::CancelToken::new(),
+        }
     }
     fn set(&self) {
         self.inner.set();
@@ -179,7 +190,9 @@ impl Region {
         #[pyo3(from_py_with = a_size)] size: u64,
         #[pyo3(from_py_with = a_as_config)] as_config: u64,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        let data = py.detach(|| self.inner.read(offset, size, as_config)).map_err(Error)?;
+        let data = py
+            .detach(|| self.inner.read(offset, size, as_config))
+            .map_err(Error)?;
         Ok(PyBytes::new(py, &data))
     }
 
@@ -209,7 +222,11 @@ impl Region {
             self.inner.id(),
             self.inner.base(),
             self.inner.size(),
-            if self.inner.is_released() { ", released" } else { "" }
+            if self.inner.is_released() {
+                ", released"
+            } else {
+                ""
+            }
         )
     }
 }
@@ -243,7 +260,9 @@ impl Ultravisor {
         #[pyo3(from_py_with = a_threads)] threads: u64,
     ) -> PyResult<Self> {
         if max_cpus == 0 || max_cpus > 65536 {
-            return Err(PyValueError::new_err(format!("max_cpus: {max_cpus} is not in [1, 65536]")));
+            return Err(PyValueError::new_err(format!(
+                "max_cpus: {max_cpus} is not in [1, 65536]"
+            )));
         }
         let opts = core_::UvOptions {
             destroy_fast,
@@ -256,7 +275,9 @@ impl Ultravisor {
             threads: narrow("threads", threads.min(1024), "1024")?,
             ..Default::default()
         };
-        Ok(Ultravisor { inner: core_::Ultravisor::new(opts).map_err(Error)? })
+        Ok(Ultravisor {
+            inner: core_::Ultravisor::new(opts).map_err(Error)?,
+        })
     }
 
     // ---- inspection
@@ -318,7 +339,9 @@ impl Ultravisor {
         let uvc: u16 = narrow("uvc", uvc, "0xffff")?;
         let rc: u16 = narrow("rc", rc, "0xffff")?;
         let rrc: u16 = narrow("rrc", rrc, "0xffff")?;
-        self.inner.inject_failure(uvc, rc, rrc, count).map_err(|e| Error(e).into())
+        self.inner
+            .inject_failure(uvc, rc, rrc, count)
+            .map_err(|e| Error(e).into())
     }
 
     fn clear_failures(&self) {
@@ -351,11 +374,22 @@ impl Ultravisor {
         #[pyo3(from_py_with = a_base_stor_len)] base_stor_len: u64,
         #[pyo3(from_py_with = a_var_stor_len)] var_stor_len: u64,
     ) -> R<(u8, u16, u16, u64)> {
-        let (s, h) = self.inner.create_config(&region.inner, guest_len, asce, sca, base_stor_len, var_stor_len)?;
+        let (s, h) = self.inner.create_config(
+            &region.inner,
+            guest_len,
+            asce,
+            sca,
+            base_stor_len,
+            var_stor_len,
+        )?;
         Ok((s.cc, s.rc, s.rrc, h))
     }
 
-    fn destroy_config(&self, py: Python<'_>, #[pyo3(from_py_with = a_handle)] handle: u64) -> (u8, u16, u16) {
+    fn destroy_config(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = a_handle)] handle: u64,
+    ) -> (u8, u16, u16) {
         st(py.detach(|| self.inner.destroy_config(handle)))
     }
 
@@ -387,11 +421,19 @@ impl Ultravisor {
         st(py.detach(|| self.inner.convert_to_secure(handle, gaddr)))
     }
 
-    fn convert_from_secure(&self, py: Python<'_>, #[pyo3(from_py_with = a_paddr)] paddr: u64) -> (u8, u16, u16) {
+    fn convert_from_secure(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = a_paddr)] paddr: u64,
+    ) -> (u8, u16, u16) {
         st(py.detach(|| self.inner.convert_from_secure(paddr)))
     }
 
-    fn destroy_page(&self, py: Python<'_>, #[pyo3(from_py_with = a_paddr)] paddr: u64) -> (u8, u16, u16) {
+    fn destroy_page(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = a_paddr)] paddr: u64,
+    ) -> (u8, u16, u16) {
         st(py.detach(|| self.inner.destroy_page(paddr)))
     }
 
@@ -443,7 +485,11 @@ impl Ultravisor {
         st(py.detach(|| self.inner.unpack(handle, gaddr, tweak0, tweak1)))
     }
 
-    fn verify(&self, py: Python<'_>, #[pyo3(from_py_with = a_handle)] handle: u64) -> (u8, u16, u16) {
+    fn verify(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = a_handle)] handle: u64,
+    ) -> (u8, u16, u16) {
         st(py.detach(|| self.inner.verify(handle)))
     }
 
@@ -451,7 +497,11 @@ impl Ultravisor {
         st(self.inner.prepare_reset(handle))
     }
 
-    fn unshare_all(&self, py: Python<'_>, #[pyo3(from_py_with = a_handle)] handle: u64) -> (u8, u16, u16) {
+    fn unshare_all(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = a_handle)] handle: u64,
+    ) -> (u8, u16, u16) {
         st(py.detach(|| self.inner.unshare_all(handle)))
     }
 
@@ -504,7 +554,10 @@ impl Ultravisor {
     ) -> R<(u64, u64, bool, u64)> {
         let r = Arc::clone(&region.inner);
         let c = token(&cancel);
-        let w = py.detach(|| self.inner.destroy_walk(&r, start_page, end_page, c.as_ref()))?;
+        let w = py.detach(|| {
+            self.inner
+                .destroy_walk(&r, start_page, end_page, c.as_ref())
+        })?;
         Ok((w.visited, w.destroyed, w.interrupted, w.resume_page))
     }
 
@@ -519,8 +572,17 @@ impl Ultravisor {
         export_first: bool,
     ) -> R<(u64, u64, u64, u64, u16)> {
         let r = Arc::clone(&region.inner);
-        let x = py.detach(|| self.inner.import_range(handle, &r, start_page, npages, export_first))?;
-        Ok((x.imports, x.exports, x.destroys, x.failed_pages, x.first_failure_rc))
+        let x = py.detach(|| {
+            self.inner
+                .import_range(handle, &r, start_page, npages, export_first)
+        })?;
+        Ok((
+            x.imports,
+            x.exports,
+            x.destroys,
+            x.failed_pages,
+            x.first_failure_rc,
+        ))
     }
 
     fn make_accessible_range(
@@ -549,7 +611,10 @@ impl Ultravisor {
     ) -> R<(&'static str, u16, u16, u64)> {
         let r = Arc::clone(&region.inner);
         let c = token(&cancel);
-        let u = py.detach(|| self.inner.unpack_range(handle, &r, addr, size, tweak, export_first, c.as_ref()))?;
+        let u = py.detach(|| {
+            self.inner
+                .unpack_range(handle, &r, addr, size, tweak, export_first, c.as_ref())
+        })?;
         Ok((u.status.name(), u.rc, u.rrc, u.pages_done))
     }
 
@@ -562,7 +627,14 @@ impl Ultravisor {
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
-    m.add("build_profile", if cfg!(debug_assertions) { "debug" } else { "release" })?;
+    m.add(
+        "build_profile",
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        },
+    )?;
     m.add("PAGE_SIZE", core_::PAGE_SIZE)?;
     m.add("BATCH_PAGES", core_::BATCH_PAGES)?;
     m.add("RC_EXECUTED", core_::rc::EXECUTED)?;

@@ -23,10 +23,22 @@ pub fn uv() -> Ultravisor {
 }
 
 /// Create a config on `region` with the exact donation sizes QUI asks for.
-pub fn create(uv: &Ultravisor, region: &Arc<Region>, guest_len: u64, asce: u64) -> (UvcStatus, u64) {
+pub fn create(
+    uv: &Ultravisor,
+    region: &Arc<Region>,
+    guest_len: u64,
+    asce: u64,
+) -> (UvcStatus, u64) {
     let info = uv.info();
-    uv.create_config(region, guest_len, asce, 0, info.guest_base_stor_len, info.var_stor_len(guest_len))
-        .expect("create_config")
+    uv.create_config(
+        region,
+        guest_len,
+        asce,
+        0,
+        info.guest_base_stor_len,
+        info.var_stor_len(guest_len),
+    )
+    .expect("create_config")
 }
 
 /// A UV with one region of `size` bytes (first `touched` bytes touched) and one config over it.
