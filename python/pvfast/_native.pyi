@@ -90,8 +90,10 @@ class Region:
         """("nonsecure" | "secure" | "shared" | "exported" | "orphaned", owner handle or 0).
 
         "orphaned" = secure or shared page whose configuration was removed by Destroy-Fast
-        (owner = the dead handle). An exported page whose configuration is gone reads as
-        ("nonsecure", 0): nobody can import it back. IndexError for an index out of range.
+        (owner = the dead handle). A page exported while its configuration lived reads as
+        ("nonsecure", 0) once that configuration is gone (nobody can import it back); an orphan
+        exported after Destroy-Fast reads as ("exported", dead handle). IndexError for an index
+        out of range.
         """
     def state_counts(self) -> dict[str, int]:
         """Counts of pages per state over the region (keys as page_state, plus "present")."""

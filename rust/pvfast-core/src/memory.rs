@@ -98,7 +98,8 @@ impl Drop for Mmap {
 /// bit 31     PRESENT   page touched ("present PTE")
 /// bit 30     BUSY      transition in progress (page lock)
 /// bits 29-28 KIND      0 NONSECURE, 1 SECURE, 2 SHARED, 3 EXPORTED
-/// bit 27     PINNED    shared page pinned by the host (PIN_PAGE_SHARED)
+/// bit 27     PINNED    shared page pinned by the host (PIN_PAGE_SHARED); on an EXPORTED
+///                      page: ORPHAN_EXPORT (exported after its owner was gone)
 /// bits 26-0  OWNER     configuration id (never reused; 0 = none)
 /// ```
 /// ORPHANED is not stored: it is SECURE/SHARED whose owner was removed by Destroy-Fast.
@@ -112,6 +113,9 @@ pub(crate) mod ps {
     pub const SHARED: u32 = 2;
     pub const EXPORTED: u32 = 3;
     pub const PINNED: u32 = 1 << 27;
+    /// On an EXPORTED page (where PINNED has no meaning): exported after its owner was
+    /// already gone (an orphan), so it still reads as exported.
+    pub const ORPHAN_EXPORT: u32 = PINNED;
     pub const OWNER_MASK: u32 = (1 << 27) - 1;
     pub const MAX_OWNER: u32 = OWNER_MASK;
 

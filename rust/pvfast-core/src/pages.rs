@@ -125,7 +125,8 @@ impl<'a> PageCtx<'a> {
             return UvcStatus::err(rc::INV_STATE);
         };
         mlock(&self.region.exported).insert(idx, tag);
-        self.set(idx, m, old, ps::make(ps::EXPORTED, ps::owner(old)));
+        let orphan = if cfg.is_alive() { 0 } else { ps::ORPHAN_EXPORT };
+        self.set(idx, m, old, ps::make(ps::EXPORTED, ps::owner(old)) | orphan);
         UvcStatus::OK
     }
 

@@ -69,9 +69,10 @@ pub(crate) fn classify(s: u32, tables: &Tables) -> (PageState, u64) {
     let handle = cfg.map_or(0, |c| c.handle);
     let alive = cfg.is_some_and(|c| c.is_alive());
     let state = match kind {
-        // Once its configuration is gone nobody can import an exported page back: it is
-        // plain non-secure memory (holding ciphertext).
-        ps::EXPORTED if !alive => return (PageState::NonSecure, 0),
+        // A page exported while its configuration lived becomes plain non-secure memory
+        // (holding ciphertext) once the configuration is gone: nobody can import it back.
+        // An orphan exported afterwards keeps reading as exported (by the dead handle).
+        ps::EXPORTED if !alive && s & ps::ORPHAN_EXPORT == 0 => return (PageState::NonSecure, 0),
         ps::EXPORTED => PageState::Exported,
         _ if !alive => PageState::Orphaned,
         ps::SECURE => PageState::Secure,

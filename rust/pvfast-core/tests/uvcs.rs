@@ -604,4 +604,16 @@ fn exported_pages_of_a_dead_config_read_as_nonsecure() {
         assert_eq!(uv.convert_to_secure(h2, 0), ok());
         assert_eq!(r.read(0, 16, h2).unwrap(), vec![0u8; 16]);
     }
+    // An orphan exported after Destroy-Fast keeps reading as exported by the dead handle.
+    let vm = vm(4 * MIB, MIB);
+    let (uv, r, h) = (&vm.uv, &vm.region, vm.handle);
+    assert_eq!(uv.convert_to_secure(h, 0), ok());
+    assert_eq!(uv.destroy_config_fast(h), ok());
+    assert_eq!(state(r, 0), ("orphaned", h));
+    assert_eq!(uv.convert_from_secure(r.base()), ok());
+    assert_eq!(state(r, 0), ("exported", h));
+    assert_eq!(uv.secure_pages(Some(h)), 0);
+    let (_, h2) = create(uv, r, 4 * MIB, 0x80_000);
+    assert_eq!(uv.convert_to_secure(h2, 0), ok());
+    assert_eq!(state(r, 0), ("secure", h2));
 }
