@@ -237,9 +237,12 @@ class Ultravisor:
         Other UV error -> "einval". addr not page aligned, size 0 or unaligned -> "einval" with no
         UVC; a page beyond the region -> "efault". Returns (status "ok"|"eagain"|"einval"|"efault",
         rc, rrc of the last unpack UVC (0, 0 if none), pages_done). rcs: docs/UV.md."""
-    def mm_teardown(self, region: Region) -> tuple[int, int]:
+    def mm_teardown(self, region: Region, *, all_present: bool = False) -> tuple[int, int]:
         """exit_mmap of a protected mm: for every present SECURE/SHARED/ORPHANED page destroy
-        (0x0202), on failure export (0x0201). Returns (destroyed, exported), the successful UVCs."""
+        (0x0202), on failure export (0x0201). With all_present=True the destroy goes to every
+        present page (per-PTE teardown without the kernel's PG_arch_1 filter), so an injected
+        destroy failure can also land on a non-secure page. The legacy 0x0107/0x000d answer
+        counts as success (no export). Returns (pages destroyed, successful exports). GIL released."""
 
 # ---- boot image (rust/pvfast-py/src/image.rs; format and rcs in docs/IMAGE.md) ----
 # Header errors raise ValueError("invalid SE header: <reason> (rc 0x01..)") with attribute

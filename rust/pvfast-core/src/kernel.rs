@@ -146,11 +146,12 @@ impl Ultravisor {
         })
     }
 
-    /// exit_mmap of a protected mm: destroy every present secure page (batched and parallel like
-    /// the walk), export it if the destroy is refused. Returns (destroyed, exported) successes.
-    pub fn mm_teardown(&self, region: &Region) -> Result<(u64, u64), CoreError> {
+    /// exit_mmap of a protected mm: destroy every present secure page (every present page with
+    /// `all_present`), batched and parallel like the walk; export a page whose destroy fails.
+    /// Returns (pages destroyed, successful exports).
+    pub fn mm_teardown(&self, region: &Region, all_present: bool) -> Result<(u64, u64), CoreError> {
         self.check_region(region)?;
-        crate::walk::mm_teardown(&self.core, region)
+        crate::walk::mm_teardown(&self.core, region, all_present)
     }
 
     /// KVM_PV_UNPACK's loop over `[addr, addr+size)` with tweak0 = tweak, tweak1 = offset.

@@ -13,7 +13,7 @@ use crate::memory::{ps, summary_counts, RegionMem, CHUNK_PAGES, SUM_SECURE_ONE};
 use crate::pages::PageCtx;
 use crate::region::Region;
 use crate::ultravisor::{Core, Ultravisor};
-use crate::uvc::Uvc;
+use crate::uvc::{rc, Uvc};
 use crate::zero::{store_fence, zero_page_nt};
 use crate::BATCH_PAGES;
 
@@ -462,13 +462,23 @@ impl Ultravisor {
 
 /// Run `f(chunk, lo, hi)` in parallel over the chunks of `mem` that hold a secure page.
 fn for_secure_chunks(core: &Core, mem: &RegionMem, f: impl Fn(u64, u64, u64) + Sync) {
+    for_chunks(core, mem, |word| summary_counts(word).1 != 0, f)
+}
+
+/// Run `f(chunk, lo, hi)` in parallel over the chunks whose summary word passes `want`.
+fn for_chunks(
+    core: &Core,
+    mem: &RegionMem,
+    want: impl Fn(u32) -> bool + Sync,
+    f: impl Fn(u64, u64, u64) + Sync,
+) {
     let pages = mem.pages();
     let sums = mem.summaries();
     core.pool.install(|| {
         task_ranges(0, pages).for_each(|(lo, hi)| {
             let mut c = lo / CHUNK_PAGES;
             while c * CHUNK_PAGES < hi {
-                if summary_counts(sums[c as usize].load(Ordering::Acquire)).1 != 0 {
+                if want(sums[c as usize].load(Ordering::Acquire)) {
                     f(c, c * CHUNK_PAGES, ((c + 1) * CHUNK_PAGES).min(pages));
                 }
                 c += 1;
@@ -567,14 +577,29 @@ pub(crate) fn for_secure_pages(
     })
 }
 
-/// exit_mmap of a protected mm: every present secure page gets a destroy-page UVC (batched like
-/// the walk); a page whose destroy is refused is exported instead. Returns (destroyed, exported).
-pub(crate) fn mm_teardown(core: &Core, region: &Region) -> Result<(u64, u64), CoreError> {
+/// exit_mmap of a protected mm: a destroy-page UVC on every present secure page (or, with
+/// `all_present`, on every present page, as per-PTE teardown without the kernel's PG_arch_1
+/// check would), batched like the walk; a page whose destroy fails is exported instead. The
+/// legacy answer 0x0107/0x000d counts as success, as in the kernel. Returns
+/// (destroyed, exported): pages made non-secure by a destroy, successful exports.
+pub(crate) fn mm_teardown(
+    core: &Core,
+    region: &Region,
+    all_present: bool,
+) -> Result<(u64, u64), CoreError> {
     region.with_mem(|mem| {
         let destroyed = AtomicU64::new(0);
         let exported = AtomicU64::new(0);
         let metas = mem.metas();
-        for_secure_chunks(core, mem, |chunk, lo, hi| {
+        let want = |word: u32| {
+            let (present, secure) = summary_counts(word);
+            if all_present {
+                present != 0
+            } else {
+                secure != 0
+            }
+        };
+        for_chunks(core, mem, want, |chunk, lo, hi| {
             let ctx = PageCtx { core, region, mem };
             let mut tally = OwnerTally::new();
             let mut refused = Vec::new();
@@ -583,43 +608,51 @@ pub(crate) fn mm_teardown(core: &Core, region: &Region) -> Result<(u64, u64), Co
             let mut len = 0;
             for idx in lo..hi {
                 let s = metas[idx as usize].load(Ordering::Relaxed);
-                if len < batch.len() && (ps::is_secure(s) || s & ps::BUSY != 0) {
+                let candidate = if all_present {
+                    s & ps::PRESENT != 0
+                } else {
+                    ps::is_secure(s) || s & ps::BUSY != 0
+                };
+                if len < batch.len() && candidate {
                     batch[len] = idx;
                     len += 1;
                 }
-                if len != 0 && idx + 1 == hi {
-                    let b = &batch[..len];
-                    core.stats.add(Uvc::DestrSecStor, len as u64);
-                    refused.clear();
-                    if core.inject.pending(Uvc::DestrSecStor) {
-                        for &p in b {
-                            let was = ps::is_secure(metas[p as usize].load(Ordering::Acquire));
-                            match core.inject.take(Uvc::DestrSecStor) {
-                                Some(_) => refused.push(p),
-                                None if ctx.destroy(p).is_ok() => {
-                                    destroyed.fetch_add(u64::from(was), Ordering::Relaxed);
-                                }
-                                None => refused.push(p),
-                            }
-                        }
+            }
+            if len == 0 {
+                return;
+            }
+            let b = &batch[..len];
+            core.stats.add(Uvc::DestrSecStor, len as u64);
+            if core.inject.pending(Uvc::DestrSecStor) {
+                for &p in b {
+                    let was = ps::is_secure(metas[p as usize].load(Ordering::Acquire));
+                    let st = match core.inject.take(Uvc::DestrSecStor) {
+                        Some(injected) => injected,
+                        None => ctx.destroy(p),
+                    };
+                    if st.is_ok()
+                        || st.rc == rc::LEGACY_NOT_SECURE && st.rrc == rc::LEGACY_NOT_SECURE_RRC
+                    {
+                        destroyed.fetch_add(u64::from(was && st.is_ok()), Ordering::Relaxed);
                     } else {
-                        let d = destroy_batch(
-                            core,
-                            mem,
-                            chunk,
-                            b,
-                            Mode::DestroyUvc,
-                            &mut tally,
-                            Some(&mut refused),
-                        );
-                        destroyed.fetch_add(d, Ordering::Relaxed);
+                        refused.push(p);
                     }
-                    for &p in &refused {
-                        if core.begin(Uvc::ConvFromSecStor).is_none() && ctx.export(p).is_ok() {
-                            exported.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    len = 0;
+                }
+            } else {
+                let d = destroy_batch(
+                    core,
+                    mem,
+                    chunk,
+                    b,
+                    Mode::DestroyUvc,
+                    &mut tally,
+                    Some(&mut refused),
+                );
+                destroyed.fetch_add(d, Ordering::Relaxed);
+            }
+            for &p in &refused {
+                if core.begin(Uvc::ConvFromSecStor).is_none() && ctx.export(p).is_ok() {
+                    exported.fetch_add(1, Ordering::Relaxed);
                 }
             }
         });

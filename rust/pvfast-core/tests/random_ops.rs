@@ -156,7 +156,7 @@ fn run(seed: u64, steps: usize) {
             }
             18 => {
                 if rng.below(4) == 0 {
-                    uv.mm_teardown(&r).unwrap();
+                    uv.mm_teardown(&r, rng.below(2) == 0).unwrap();
                 }
             }
             _ => {

@@ -295,14 +295,14 @@ fn make_accessible_and_mm_teardown() {
     assert_eq!(state(r, 2), ("exported", h));
     let c = cpu(uv, h, 0);
     // Owner has CPUs: destroys fail, teardown exports (shared pages too).
-    assert_eq!(uv.mm_teardown(r).unwrap(), (0, 8));
+    assert_eq!(uv.mm_teardown(r, false).unwrap(), (0, 8));
     assert_eq!(uv.secure_pages(None), 0);
     assert_eq!(uv.destroy_cpu(c), ok());
     for p in 10..20 {
         assert_eq!(uv.convert_to_secure(h, p * PAGE), ok());
     }
     uv.reset_stats();
-    assert_eq!(uv.mm_teardown(r).unwrap(), (10, 0));
+    assert_eq!(uv.mm_teardown(r, false).unwrap(), (10, 0));
     assert_eq!(uv.secure_pages(None), 0);
     assert_eq!(
         (uv.stat(Uvc::DestrSecStor), uv.stat(Uvc::ConvFromSecStor)),
@@ -314,13 +314,38 @@ fn make_accessible_and_mm_teardown() {
     }
     uv.reset_stats();
     uv.inject_failure(0x0202, 0x0abc, 0, 2).unwrap();
-    assert_eq!(uv.mm_teardown(r).unwrap(), (3, 2));
+    assert_eq!(uv.mm_teardown(r, false).unwrap(), (3, 2));
     assert_eq!(
         (uv.stat(Uvc::DestrSecStor), uv.stat(Uvc::ConvFromSecStor)),
         (5, 2)
     );
     assert_eq!(state(r, 0), ("exported", h));
     assert_eq!(state(r, 4), ("nonsecure", 0));
+
+    // all_present: one destroy per present page (256 touched); an injected failure may land on
+    // a non-secure page, whose export is then a successful no-op.
+    assert_eq!(uv.convert_to_secure(h, 100 * PAGE), ok());
+    uv.reset_stats();
+    uv.inject_failure(0x0202, 0x0abc, 0, 1).unwrap();
+    assert_eq!(uv.mm_teardown(r, true).unwrap(), (1, 1));
+    assert_eq!(
+        (uv.stat(Uvc::DestrSecStor), uv.stat(Uvc::ConvFromSecStor)),
+        (256, 1)
+    );
+    assert_eq!(state(r, 100), ("nonsecure", 0));
+    // The legacy answer on non-secure pages counts as success: no export.
+    let legacy = vm_with(
+        UvOptions {
+            legacy_destroy_rc: true,
+            ..Default::default()
+        },
+        4 * MIB,
+        MIB,
+    );
+    assert_eq!(legacy.uv.convert_to_secure(legacy.handle, 0), ok());
+    assert_eq!(legacy.uv.mm_teardown(&legacy.region, true).unwrap(), (1, 0));
+    assert_eq!(legacy.uv.stat(Uvc::ConvFromSecStor), 0);
+    assert_eq!(legacy.uv.stat(Uvc::DestrSecStor), 256);
 }
 
 #[test]

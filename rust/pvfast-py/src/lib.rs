@@ -618,9 +618,15 @@ impl Ultravisor {
         Ok((u.status.name(), u.rc, u.rrc, u.pages_done))
     }
 
-    fn mm_teardown(&self, py: Python<'_>, region: PyRef<'_, Region>) -> R<(u64, u64)> {
+    #[pyo3(signature = (region, *, all_present = false))]
+    fn mm_teardown(
+        &self,
+        py: Python<'_>,
+        region: PyRef<'_, Region>,
+        all_present: bool,
+    ) -> R<(u64, u64)> {
         let r = Arc::clone(&region.inner);
-        Ok(py.detach(|| self.inner.mm_teardown(&r))?)
+        Ok(py.detach(|| self.inner.mm_teardown(&r, all_present))?)
     }
 }
 
