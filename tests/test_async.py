@@ -504,3 +504,21 @@ def test_signal_at_random_batch_boundaries_loses_nothing(delay):
     assert vm.pv_command(PvCmd.DISABLE).rc == 1  # cleans the current VM and the leftover
     assert host.uv.secure_pages() == 0 and host.uv.config_handles() == set()
     assert vm.pv_state().protected_count == 0
+
+
+def test_async_destroy_0_gates_only_prepare_perform_and_the_capability():
+    host = pvfast.Host(async_destroy=0, feature_misc=False)
+    assert host.check_extension(224) == 0
+    vm = protected_vm(host)
+    with raises_errno(errno.EINVAL):
+        vm.pv_command(PREPARE)
+    with raises_errno(errno.EINVAL) as ei:
+        vm.pv_command(PERFORM, rc=3, rrc=4)
+    assert (ei.value.rc, ei.value.rrc) == (3, 4)
+    assert vm.pv_command(PvCmd.DISABLE).rc == 1  # DISABLE is not gated
+    enable(vm)
+    vm.guest_access(HIGH, 4 * MiB)
+    s0 = host.uv.stats()
+    vm.process.exit()  # the mm-release notifier still uses Destroy-Fast
+    assert host.uv.stats()["DESTROY_SEC_CONF_FAST"] - s0.get("DESTROY_SEC_CONF_FAST", 0) == 1
+    assert_fully_clean(host)
