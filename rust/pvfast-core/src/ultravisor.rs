@@ -433,7 +433,7 @@ impl Ultravisor {
         var_stor_len: u64,
     ) -> Result<(UvcStatus, u64), CoreError> {
         self.check_region(region)?;
-        let _ = sca;
+        let _ = sca; // the SCA origin is recorded by a real UV; nothing in the emulator reads it
         if let Some(f) = self.core.begin(Uvc::CreateSecConf) {
             // An injected rc with the 0x8000 flag means "failed, but a handle exists and must
             // be destroyed": create the configuration for real and hand out its handle.
