@@ -105,6 +105,9 @@ class Region:
         present) the pages read. ValueError out of range or for more than 1 GiB at once."""
     def write(self, offset: int, data: bytes, *, as_config: int = 0) -> None:
         """Write bytes with the same access rules as read. Touches the pages."""
+    def bench_zero(self, nontemporal: bool = True, parallel: bool = True) -> float:
+        """Benchmark floor only: seconds to zero the region's whole memory (non-temporal stores
+        or memset; on the UV's pool or the caller's thread), page states untouched. GIL released."""
     def touch(self, offset: int, size: int) -> int:
         """First-touch pages (host page fault): make them present, content zero. GIL released.
         Returns the number of pages that became present."""

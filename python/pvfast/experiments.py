@@ -581,26 +581,18 @@ def _seconds_label(value: float, _pos: object) -> str:
 # ------------------------------------------------------------------------------------- floors
 
 
-def zero_floor_seconds(size: int, *, repeat: int = 3) -> tuple[float, str]:
+def zero_floor_seconds(size: int, *, repeat: int = 3, nontemporal: bool = True) -> tuple[float, str]:
     """Best time to zero ``size`` bytes of already-touched memory, and what measured it.
 
-    Uses the native non-temporal zeroing (``_native.bench_zero``) when the module exposes it,
-    else a numpy memset over a pre-touched buffer (temporal stores: a slightly optimistic floor
-    for sizes beyond the cache, since the kernel-style walk streams past the cache).
+    The floor is the native zeroing loop (non-temporal stores by default, on the UV's worker
+    pool like the walk) over a touched region of the same size, measured in the same run.
     """
-    from . import _native
+    from ._native import Ultravisor
 
-    bench_zero = getattr(_native, "bench_zero", None)
-    if bench_zero is not None:
-        return min(float(bench_zero(size, True)) for _ in range(repeat)), "native non-temporal zeroing"
-    import numpy as np
-
-    buf = np.ones(size, dtype=np.uint8)  # touched: the walk zeroes pages that are present
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        buf.fill(0)
-        best = min(best, time.perf_counter() - t)
-        buf.fill(1)
-    del buf
-    return best, "numpy memset of a pre-touched buffer"
+    uv = Ultravisor()
+    region = uv.create_region(size)
+    region.touch(0, size)  # the walk zeroes pages that are present
+    best = min(region.bench_zero(nontemporal, True) for _ in range(repeat))
+    uv.release_region(region)
+    kind = "non-temporal" if nontemporal else "memset"
+    return best, f"native {kind} zeroing of a touched region, same worker pool"

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use crate::config::{mix64, random_u64, Config, Cpu, Tables, CFG_DESTROYED, CFG_FAST_DESTROYED};
 use crate::error::{invalid, CoreError};
@@ -143,6 +143,11 @@ pub(crate) struct Core {
     pub(crate) secure_total: AtomicI64,
     pub(crate) donated: AtomicU64,
     pub(crate) pool: rayon::ThreadPool,
+    /// Workers for interruptible (PERFORM) walks. In the kernel PERFORM runs in its own thread
+    /// while other ioctls go on; on one shared rayon pool a long walk would hold every worker and
+    /// queue the foreground UV work of other threads behind it.
+    bg_pool: OnceLock<Result<rayon::ThreadPool, CoreError>>,
+    threads: usize,
     salt: u64,
     cpu_seq: AtomicU64,
 }
@@ -155,6 +160,14 @@ impl Core {
         self.inject.take(uvc)
     }
 
+    /// The pool for background (interruptible) walks, built on first use.
+    pub(crate) fn bg_pool(&self) -> Result<&rayon::ThreadPool, CoreError> {
+        self.bg_pool
+            .get_or_init(|| build_pool(self.threads, "pvfast-uv-bg"))
+            .as_ref()
+            .map_err(|e| e.clone())
+    }
+
     pub(crate) fn config_by_id(&self, id: u32) -> Option<Arc<Config>> {
         rlock(&self.tables).by_id(id).cloned()
     }
@@ -162,6 +175,14 @@ impl Core {
     pub(crate) fn live_config(&self, handle: u64) -> Option<Arc<Config>> {
         rlock(&self.tables).live(handle).cloned()
     }
+}
+
+fn build_pool(threads: usize, name: &'static str) -> Result<rayon::ThreadPool, CoreError> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(move |i| format!("{name}-{i}"))
+        .build()
+        .map_err(|_| CoreError::Os(libc::EAGAIN))
 }
 
 /// One emulated Ultravisor. All methods take `&self` and are thread-safe.
@@ -184,11 +205,7 @@ impl Ultravisor {
         } else {
             opts.threads
         };
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("pvfast-uv-{i}"))
-            .build()
-            .map_err(|_| CoreError::Os(libc::EAGAIN))?;
+        let pool = build_pool(threads, "pvfast-uv")?;
         let info = UvInfo::new(&opts);
         Ok(Ultravisor {
             core: Arc::new(Core {
@@ -200,6 +217,8 @@ impl Ultravisor {
                 secure_total: AtomicI64::new(0),
                 donated: AtomicU64::new(0),
                 pool,
+                bg_pool: OnceLock::new(),
+                threads,
                 salt: random_u64(),
                 cpu_seq: AtomicU64::new(0),
             }),

@@ -429,6 +429,16 @@ impl Ultravisor {
         self.check_region(region)?;
         let end = end.unwrap_or(region.pages).min(region.pages);
         let start = start.min(end);
+        // Interruptible (PERFORM) walks get their own workers, so foreground UV work of other
+        // threads never queues behind them; a walk of one task's size runs on the caller.
+        let inline = end - start <= TASK_CHUNKS * CHUNK_PAGES;
+        let pool = if inline {
+            None
+        } else if cancel.is_some() {
+            Some(self.core.bg_pool()?)
+        } else {
+            Some(&self.core.pool)
+        };
         region.with_mem(|mem| {
             let w = WalkShared {
                 core: &self.core,
@@ -440,7 +450,7 @@ impl Ultravisor {
                 interrupted: AtomicBool::new(false),
                 resume: AtomicU64::new(end),
             };
-            self.core.pool.install(|| {
+            let body = || {
                 task_ranges(start, end).for_each(|(lo, hi)| {
                     if w.cancelled() && w.interrupted.load(Ordering::Relaxed) {
                         // Another worker already stopped; do not start new work.
@@ -449,7 +459,11 @@ impl Ultravisor {
                     }
                     w.walk_range(lo, hi);
                 });
-            });
+            };
+            match pool {
+                Some(pool) => pool.install(body),
+                None => body(),
+            }
             WalkResult {
                 visited: w.visited.load(Ordering::Relaxed),
                 destroyed: w.destroyed.load(Ordering::Relaxed),
@@ -553,26 +567,31 @@ pub(crate) fn for_secure_pages(
         let b = AtomicU64::new(0);
         let metas: &[AtomicU32] = mem.metas();
         let sums = mem.summaries();
-        core.pool.install(|| {
-            task_ranges(lo, hi).for_each(|(tlo, thi)| {
-                let ctx = PageCtx { core, region, mem };
-                let mut idx = tlo;
-                while idx < thi {
-                    let chunk = idx / CHUNK_PAGES;
-                    let chunk_hi = ((chunk + 1) * CHUNK_PAGES).min(thi);
-                    if summary_counts(sums[chunk as usize].load(Ordering::Acquire)).1 != 0 {
-                        for i in idx..chunk_hi {
-                            if ps::is_secure(metas[i as usize].load(Ordering::Acquire)) {
-                                let (x, y) = f(&ctx, i);
-                                a.fetch_add(x, Ordering::Relaxed);
-                                b.fetch_add(y, Ordering::Relaxed);
-                            }
+        let run = |tlo: u64, thi: u64| {
+            let ctx = PageCtx { core, region, mem };
+            let mut idx = tlo;
+            while idx < thi {
+                let chunk = idx / CHUNK_PAGES;
+                let chunk_hi = ((chunk + 1) * CHUNK_PAGES).min(thi);
+                if summary_counts(sums[chunk as usize].load(Ordering::Acquire)).1 != 0 {
+                    for i in idx..chunk_hi {
+                        if ps::is_secure(metas[i as usize].load(Ordering::Acquire)) {
+                            let (x, y) = f(&ctx, i);
+                            a.fetch_add(x, Ordering::Relaxed);
+                            b.fetch_add(y, Ordering::Relaxed);
                         }
                     }
-                    idx = chunk_hi;
                 }
-            })
-        });
+                idx = chunk_hi;
+            }
+        };
+        if hi.saturating_sub(lo) <= TASK_CHUNKS * CHUNK_PAGES {
+            // One task's worth (a host write of a few pages): on the caller's thread.
+            run(lo, hi);
+        } else {
+            core.pool
+                .install(|| task_ranges(lo, hi).for_each(|(tlo, thi)| run(tlo, thi)));
+        }
         (a.into_inner(), b.into_inner())
     })
 }

@@ -216,6 +216,18 @@ impl Region {
         Ok(py.detach(|| self.inner.touch(offset, size))?)
     }
 
+    /// Benchmark floor, not emulation: seconds to zero the whole region's memory with
+    /// non-temporal stores or memset, on the caller's thread or the UV's pool (GIL released).
+    #[pyo3(signature = (nontemporal = true, parallel = true))]
+    fn bench_zero(&self, py: Python<'_>, nontemporal: bool, parallel: bool) -> R<f64> {
+        Ok(py.detach(|| {
+            let t = std::time::Instant::now();
+            self.inner
+                .bench_zero_all(nontemporal, parallel)
+                .map(|()| t.elapsed().as_secs_f64())
+        })?)
+    }
+
     fn __repr__(&self) -> String {
         format!(
             "Region(id={}, base={:#x}, size={:#x}{})",
