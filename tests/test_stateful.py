@@ -38,6 +38,7 @@ from hypothesis.stateful import (
 )
 
 import pvfast
+import pvfast.image
 from pvfast import PvCmd, PvError, Uvc, UvcError
 
 from .model import pvmodel as pm
@@ -94,6 +95,17 @@ PV_CMDS = (
 )
 
 STEPS = {"steps": 0, "examples": 0, "seconds": 0.0}
+
+# Boot images (built once): a kernel below 2 GiB, and for >2 GiB guests a second component above.
+_IMAGES: dict[bool, tuple[Any, list[bytes]]] = {}
+
+
+def boot_image(high: bool) -> tuple[Any, list[bytes]]:
+    if high not in _IMAGES:
+        plain = [b"kernel" * 1500, b"initrd" * 700]
+        comps = [(0x10000, plain[0])] + ([(2 * GiB + 0x20000, plain[1])] if high else [])
+        _IMAGES[high] = (pvfast.image.build(comps), plain[: len(comps)])
+    return _IMAGES[high]
 
 
 class ComparedModel(pm.Model):
@@ -194,6 +206,7 @@ class PvMachine(RuleBasedStateMachine):
         self.injected = False
         self.failures = False
         self.injections = 0
+        self.booted: set[int] = set()  # pvfast handles that got SET_SEC_PARMS already
         self.last_stats: tuple[dict[str, int], dict[str, int]] = ({}, {})
         self.t0 = time.perf_counter()
         STEPS["examples"] += 1
@@ -357,7 +370,8 @@ class PvMachine(RuleBasedStateMachine):
 
     def _pending(self, *names: str) -> bool:
         """An injected failure of one of these UVCs is still waiting to fire."""
-        assert self.model is not None
+        if self.model is None:
+            return False
         return any(self.model.uv.injections.get(n) for n in names)
 
     def _fault_injections_pending(self) -> bool:
@@ -602,6 +616,43 @@ class PvMachine(RuleBasedStateMachine):
         assert not gate.thread.is_alive(), "PERFORM thread did not return (deadlock?)"
         if gate.exc is not None:
             raise gate.exc
+
+    @precondition(
+        lambda self: bool(
+            self._vms_where(lambda pv: pv.handle and pv.handle not in self.booted)
+        )
+    )
+    @rule(i=st.integers(0, 99), load=st.booleans())
+    def protect(self, i: int, load: bool) -> None:
+        """vmm.protect's sequence on a protected VM: load the image (host writes), SET_SEC_PARMS,
+        UNPACK of each component (§3.4, with §6 export-before-import), VERIFY; then the guest
+        reads its plaintext back."""
+        assert self.model is not None
+        v = self._pick(self._vms_where(lambda pv: pv.handle and pv.handle not in self.booted), i)
+        self.booted.add(v.vm.pv.handle)
+        image, plain = boot_image(v.vm.memory_size > 2 * GiB + 0x40000)
+        if load:
+            for comp in image.components:
+                v.vm.host_write(comp.addr, comp.data)
+                assert self.model.host_access(v.vid, comp.addr // PAGE, comp.size // PAGE) == 0
+        got = pv_call(v.vm, PvCmd.SET_SEC_PARMS, header=image.header)
+        want = self.model.pv_command(v.vid, int(PvCmd.SET_SEC_PARMS), header=image.header)
+        self._check_result(PvCmd.SET_SEC_PARMS, got, want)
+        ok = not got[0]
+        for comp in image.components:
+            got = pv_call(v.vm, PvCmd.UNPACK, addr=comp.addr, size=comp.size, tweak=comp.tweak)
+            want = self.model.pv_command(v.vid, int(PvCmd.UNPACK), addr=comp.addr, size=comp.size, tweak=comp.tweak)
+            self._check_result(PvCmd.UNPACK, got, want)
+            ok = ok and not got[0]
+        if not (ok and load):
+            return  # VERIFY's verdict depends on page contents, which the model does not have
+        got = pv_call(v.vm, PvCmd.VERIFY)
+        want = self.model.pv_command(v.vid, int(PvCmd.VERIFY))
+        self._check_result(PvCmd.VERIFY, got, want)
+        if not got[0] and any(x.pv_handle for x in v.vm.vcpu_list):
+            for comp, text in zip(image.components, plain):
+                assert v.vm.guest_read(comp.addr, len(text)) == text
+                assert self.model.guest_access(v.vid, comp.addr // PAGE, comp.size // PAGE) == 0
 
     # ------------------------------------------------------------------ memory
 
