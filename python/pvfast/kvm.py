@@ -9,7 +9,7 @@ from __future__ import annotations
 import struct
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from . import _native
 from . import pv as _pv
@@ -33,6 +33,8 @@ from .pv import UvRc
 
 if TYPE_CHECKING:
     from .mm import Process
+
+T = TypeVar("T")
 
 # Command data (the struct behind kvm_pv_cmd.data), by command.
 _DATA_ARGS: dict[int, tuple[str, ...]] = {
@@ -472,7 +474,7 @@ class Vm:
             if failed:
                 raise UvcError(EFAULT, f"guest fault: CONV_TO_SEC_STOR on {failed} page(s)", frc)
             return handle
-        self.uv.make_accessible_range(self.region, first, npages)
+        self._host_fault(first, npages)
         self.region.touch(first * PAGE_SIZE, npages * PAGE_SIZE)
         return 0
 
@@ -485,37 +487,38 @@ class Vm:
         finally:
             self.process._leave()
 
+    def _with_faults(self, fault: Callable[[], int], access: Callable[[int], T], what: str) -> T:
+        """Resolve faults, then access; a page that raced back to secure faults again, as on hardware."""
+        self._enter()
+        try:
+            for _ in range(8):
+                handle = fault()
+                try:
+                    return access(handle)
+                except _native.SecureStorageAccess:
+                    continue
+            raise RuntimeError(f"{what}: a page kept faulting")
+        finally:
+            self.process._leave()
+
     def guest_write(self, gaddr: int, data: bytes) -> None:
         """The guest writes its own memory (plaintext in its view)."""
         payload = check_bytes("data", data)
         first, npages = self._page_range(gaddr, len(payload))
-        self._enter()
-        try:
-            for _ in range(8):
-                handle = self._guest_fault(first, npages)
-                try:
-                    self.region.write(gaddr, payload, as_config=handle)
-                    return
-                except _native.SecureStorageAccess:
-                    continue  # raced with another CPU or a teardown; fault again, as hardware would
-            raise RuntimeError("guest_write: page kept faulting")
-        finally:
-            self.process._leave()
+        self._with_faults(
+            lambda: self._guest_fault(first, npages),
+            lambda handle: self.region.write(gaddr, payload, as_config=handle),
+            "guest_write",
+        )
 
     def guest_read(self, gaddr: int, size: int) -> bytes:
         """The guest reads its own memory (plaintext in its view)."""
         first, npages = self._page_range(gaddr, size)
-        self._enter()
-        try:
-            for _ in range(8):
-                handle = self._guest_fault(first, npages)
-                try:
-                    return self.region.read(gaddr, size, as_config=handle)
-                except _native.SecureStorageAccess:
-                    continue
-            raise RuntimeError("guest_read: page kept faulting")
-        finally:
-            self.process._leave()
+        return self._with_faults(
+            lambda: self._guest_fault(first, npages),
+            lambda handle: self.region.read(gaddr, size, as_config=handle),
+            "guest_read",
+        )
 
     def guest_share(self, gaddr: int, size: int = PAGE_SIZE) -> None:
         """The protected guest makes pages shared (SET_SHARED_ACCESS, guest-side UVC 0x1000)."""
@@ -533,42 +536,25 @@ class Vm:
         finally:
             self.process._leave()
 
-    def _host_access(self, gaddr: int, size: int) -> tuple[int, int]:
-        first, npages = self._page_range(gaddr, size)
+    def _host_fault(self, first: int, npages: int) -> int:
+        """Host access to guest pages: pin shared pages, export secure ones (spec §4.7)."""
         self.uv.make_accessible_range(self.region, first, npages)
-        return first, npages
+        return 0
 
     def host_read(self, gaddr: int, size: int) -> bytes:
         """The VMM reads guest memory: secure pages are pinned (shared) or exported first."""
-        self._page_range(gaddr, size)
-        self._enter()
-        try:
-            for _ in range(8):
-                self._host_access(gaddr, size)
-                try:
-                    return self.region.read(gaddr, size)
-                except _native.SecureStorageAccess:
-                    continue
-            raise RuntimeError("host_read: page kept faulting")
-        finally:
-            self.process._leave()
+        first, npages = self._page_range(gaddr, size)
+        return self._with_faults(
+            lambda: self._host_fault(first, npages), lambda _: self.region.read(gaddr, size), "host_read"
+        )
 
     def host_write(self, gaddr: int, data: bytes) -> None:
         """The VMM writes guest memory: secure pages are pinned (shared) or exported first."""
         payload = check_bytes("data", data)
-        self._page_range(gaddr, len(payload))
-        self._enter()
-        try:
-            for _ in range(8):
-                self._host_access(gaddr, len(payload))
-                try:
-                    self.region.write(gaddr, payload)
-                    return
-                except _native.SecureStorageAccess:
-                    continue
-            raise RuntimeError("host_write: page kept faulting")
-        finally:
-            self.process._leave()
+        first, npages = self._page_range(gaddr, len(payload))
+        self._with_faults(
+            lambda: self._host_fault(first, npages), lambda _: self.region.write(gaddr, payload), "host_write"
+        )
 
     # -- VM destruction --
     def close(self) -> None:
