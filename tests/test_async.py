@@ -32,11 +32,17 @@ def protected_vm(host: pvfast.Host, size: int = 3 * GiB, vcpus: int = 2, low: in
     return vm
 
 
-def assert_fully_clean(host: pvfast.Host) -> None:
-    """Invariant 13: no secure or orphaned page, no configuration, nothing leaked."""
+def assert_fully_clean(host: pvfast.Host, *, injected: bool = False) -> None:
+    """Invariant 13: no secure or orphaned page, no configuration, nothing leaked; and, without
+    injected failures, invariant 10: every config and CPU destroyed exactly once."""
     assert host.uv.secure_pages() == 0
     assert host.uv.config_handles() == set()
     assert host.leaked() == []
+    assert host.kernel_memory() == 0  # every donation, SIDA page and top table went back
+    if not injected:
+        s = host.uv.stats()
+        assert s.get("DESTROY_SEC_CONF", 0) + s.get("DESTROY_SEC_CONF_FAST", 0) == s.get("CREATE_SEC_CONF", 0)
+        assert s.get("DESTROY_SEC_CPU", 0) == s.get("CREATE_SEC_CPU", 0)
 
 
 # ---------------------------------------------------------------- PREPARE
@@ -90,6 +96,7 @@ def test_prepare_refused_for_segment_asce_after_cpus_are_gone(host):
     st = vm.pv_state()
     assert st.handle == handle and not any(st.vcpu_handles) and not st.service_irq_masked
     assert vm.pv_command(PvCmd.DISABLE).rc == 1  # DISABLE works for small VMs
+    vm.process.exit()
     assert_fully_clean(host)
 
 
@@ -125,7 +132,8 @@ def test_prepare_destroy_fast_failure_keeps_vm_protected():
     assert st.guest_handle == 0  # v6.2 zeroes gmap->guest_handle anyway
     assert host.uv.stats().get("DESTROY_SEC_CONF", 0) == 0  # no fallback inside PREPARE
     vm.pv_command(PvCmd.DISABLE)
-    assert_fully_clean(host)
+    vm.process.exit()
+    assert_fully_clean(host, injected=True)
 
 
 def test_prepare_cpu_failure_is_eio_and_keeps_mask():

@@ -50,6 +50,7 @@ class AsideRecord:
     stor_base: int = 0
     stor_var: int = 0
     old_gmap_table: int = 0
+    kaddr: int = 0  # the record's own allocation (kzalloc), freed by whoever disposes of it
 
     @property
     def fast(self) -> bool:
@@ -259,21 +260,28 @@ def set_aside(vm: Vm, rc: UvRc) -> int:
         return -EINVAL
     if vm.gmap.asce_type == "segment":  # Δ6.4: a segment ASCE cannot be replaced
         return -EINVAL
-    if vm.host.kalloc("aside_record", 64) is None:
+    kaddr = vm.host.kalloc("aside_record", 64)
+    if kaddr is None:
         return -ENOMEM
-    rec = AsideRecord()
+    rec = AsideRecord(kaddr=kaddr)
     if vm.host.destroy_fast_available:
         res = deinit_vm_fast(vm, rc)
         if res:
+            vm.host.kfree(kaddr)
             return res
     else:
         rec = AsideRecord(
-            handle=vm.pv.handle, stor_base=vm.pv.stor_base, stor_var=vm.pv.stor_var, old_gmap_table=vm.gmap.table
+            handle=vm.pv.handle,
+            stor_base=vm.pv.stor_base,
+            stor_var=vm.pv.stor_var,
+            old_gmap_table=vm.gmap.table,
+            kaddr=kaddr,
         )
         vm.gmap.guest_handle = 0
         if vm.gmap.replace_asce():
             # The old table was unlisted before the failure and nobody points to it now.
             vm.host.leak(rec.old_gmap_table, vm, rec.handle)
+            vm.host.kfree(kaddr)
             return -ENOMEM
     destroy_lower_2g(vm)
     vm.pv.clear_state()
@@ -299,6 +307,7 @@ def deinit_aside_vm(vm: Vm, rc: UvRc) -> int:
         if finished:
             if dispose_one_leftover(vm, rec, rc):
                 ret = -EIO
+            vm.host.kfree(rec.kaddr)
             return ret
         with vm.lock:
             vm.pv.need_cleanup.insert(0, rec)  # list_add: at the head
@@ -332,6 +341,7 @@ def deinit_cleanup_all(vm: Vm, rc: UvRc) -> int:
             cc = 1
             if rc.rc == UVC_RC_EXECUTED:  # first error wins; a failed current-VM destroy comes first
                 rc.set(tmp.rc, tmp.rrc)
+        vm.host.kfree(rec.kaddr)
     if need_zap and mm.mmget_not_zero():
         mm.destroy_range(None)
         mm.mmput()
