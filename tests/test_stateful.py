@@ -63,6 +63,8 @@ COMPARED_UVCS = (
     "DESTR_SEC_STOR",
     "SET_SHARED_ACCESS",
     "SET_UNSHARE_ALL",
+    "SET_SEC_CONF_PARAMS",
+    "UNPACK_IMG",
     "VERIFY_IMG",
     "PREPARE_RESET",
     "DUMP_INIT",
@@ -111,11 +113,11 @@ def boot_image(high: bool) -> tuple[Any, list[bytes]]:
 class ComparedModel(pm.Model):
     """The reference model with pvfast's documented choice where the spec is ambiguous.
 
-    D2 (VERIFICATION.md): a protected guest touching a page that another live configuration has
-    made SHARED. Spec §2.5 says such an access raises no exception, so the model does nothing;
-    pvfast (API.md "resolves pages owned by another configuration", _native.pyi import_range)
-    treats it like any foreign page: export-before-import when §6 says so, then import (which the
-    UV allows only with MISC). Everything else is the model's own code.
+    Each override names the item of docs/VERIFICATION.md §1 it implements. D2: a protected guest
+    touching a page that another live configuration has made SHARED. Spec §2.5 says such an
+    access raises no exception, so the model does nothing; pvfast (API.md "resolves pages owned
+    by another configuration", _native.pyi import_range) treats it like any foreign page:
+    export-before-import when §6 says so, then import (which the UV allows only with MISC).
     """
 
     def guest_access(self, vm_id, page, n=1, write=True):  # type: ignore[no-untyped-def]
@@ -125,16 +127,36 @@ class ComparedModel(pm.Model):
             return super().guest_access(vm_id, page, n, write)
         for p in range(page, page + n):
             key = (vm.id, p)
+            vm.mm.present.add(key)
             state, owner = self.uv.page_state(key)
-            if state == pm.SHARED and owner != vm.handle:
-                vm.mm.present.add(key)
-                if self._make_secure(vm, p, "CONV_TO_SEC_STOR", pm.Cmd()):
-                    return pm.EINVAL
+            if owner == vm.handle and state in (pm.SECURE, pm.SHARED):
                 continue
-            err = super().guest_access(vm_id, p, 1, write)
-            if err:
-                return err
+            if state in (pm.SECURE, pm.ORPHANED):
+                # secure-storage violation: destroy page, export if that fails (§4.7)
+                cc, _, _, _ = self.uv.destroy_page(key, "violation")
+                if cc:
+                    self.uv.export_page(key, "violation")
+                    # D10: pvfast goes on with the import even when the export failed too (the
+                    # import then fails); the model returns EFAULT before importing.
+            # D2: a SHARED page of another configuration is imported like any foreign page
+            if self._make_secure(vm, p, "CONV_TO_SEC_STOR", pm.Cmd()):
+                return pm.EINVAL
         return 0
+
+    def _make_secure(self, vm, page, name, out):  # type: ignore[no-untyped-def]
+        """D9 (VERIFICATION.md): UNPACK of a page that is not present yet. pvfast follows the spec's
+        reading of rc 0x010a (§1.2, §3.4): export-before-import (when due), UNPACK_IMG answers 0x010a,
+        the kernel faults the page in, and the page is tried again (export + unpack once more). The
+        model faults the page in first and issues one export + one unpack."""
+        key = (vm.id, page)
+        if name == "UNPACK_IMG" and key not in vm.mm.present:
+            if self._should_export_before_import(vm.mm):
+                self.uv.export_page(key, "ebi")
+            cc, rc, rrc, _ = self.uv._call(name, key, lambda: (1, 0x010A, 0, 0))
+            out.set(rc, rrc)
+            if cc and rc != 0x010A:
+                return pm.EINVAL  # an injected failure ends the UNPACK
+        return super()._make_secure(vm, page, name, out)
 
     def _cpus_from_pv(self, vm, out):  # type: ignore[no-untyped-def]
         """M1 (VERIFICATION.md): kvm_s390_cpus_from_pv passes the caller's rc/rrc pointers to every
@@ -188,6 +210,7 @@ class GatedPerform:
     exc: BaseException | None = None
     thread: threading.Thread | None = None
     token: int | None = None
+    seq: int = 0
 
 
 class PvMachine(RuleBasedStateMachine):
@@ -206,6 +229,7 @@ class PvMachine(RuleBasedStateMachine):
         self.injected = False
         self.failures = False
         self.injections = 0
+        self.gate_seq = 0
         self.booted: set[int] = set()  # pvfast handles that got SET_SEC_PARMS already
         self.last_stats: tuple[dict[str, int], dict[str, int]] = ({}, {})
         self.t0 = time.perf_counter()
@@ -242,6 +266,7 @@ class PvMachine(RuleBasedStateMachine):
         self._wrap_model_teardown()
         self._wrap_model_create()
         self._wrap_model_dump()
+        self._wrap_model_unpack()
         assert self.host.check_extension(224) == self.model.check_extension(224)
         assert self.host.read_sysfs("/sys/module/kvm/parameters/async_destroy") == f"{async_destroy}\n"
         self.last_stats = (self.host.uv.stats(), self.model.uv.stats())
@@ -276,6 +301,23 @@ class PvMachine(RuleBasedStateMachine):
             return real(table, guest_len)
 
         uv.create_conf = create_conf  # type: ignore[method-assign]
+
+    def _wrap_model_unpack(self) -> None:
+        """M3: UNPACK into a page that is already SECURE/SHARED and owned by the same configuration
+        is unspecified; the model lets it succeed (MODEL.md §4 item 9), pvfast's UV refuses it
+        (rc 0x0003), as an import of a page that is already secure. Follow pvfast."""
+        model = self.model
+        assert model is not None
+        uv = model.uv
+        real = uv.import_page
+
+        def import_page(name: str, handle: int, key: Any, ebi_rule: Any) -> Any:
+            state, owner = uv.page_state(key)
+            if name == "UNPACK_IMG" and owner == handle and state in (pm.SECURE, pm.SHARED):
+                return uv._call(name, key, uv._refused, "import", ebi_rule)
+            return real(name, handle, key, ebi_rule)
+
+        uv.import_page = import_page  # type: ignore[method-assign]
 
     def _wrap_model_dump(self) -> None:
         """M2: the model's UV keeps no per-configuration dump state, so after DUMP_INIT, DISABLE and
@@ -332,6 +374,11 @@ class PvMachine(RuleBasedStateMachine):
                     # The fatal signal came before the walk's first batch: the model's
                     # perform_finish(interrupted=True, batches=0). (VERIFICATION.md, harness H1)
                     gate.cancelled = True
+                    # Two interrupted PERFORMs queue their records in a racy order; the model
+                    # finishes them in claim order, so let earlier claims return first (H1).
+                    for other in list(self.gates):
+                        if other.seq < gate.seq and other.pair.proc is gate.pair.proc and other.thread is not None:
+                            other.thread.join(JOIN_TIMEOUT)
                     return False
             return real(cancel)
 
@@ -571,7 +618,8 @@ class PvMachine(RuleBasedStateMachine):
     def perform_claim(self, i: int, rc_in: int) -> None:
         assert self.model is not None
         v = self._pick(self._vms_where(lambda pv: pv.set_aside is not None), i)
-        gate = GatedPerform(v, rc_in, rc_in)
+        self.gate_seq += 1
+        gate = GatedPerform(v, rc_in, rc_in, seq=self.gate_seq)
         machine = self
 
         def run() -> None:
@@ -631,10 +679,19 @@ class PvMachine(RuleBasedStateMachine):
         v = self._pick(self._vms_where(lambda pv: pv.handle and pv.handle not in self.booted), i)
         self.booted.add(v.vm.pv.handle)
         image, plain = boot_image(v.vm.memory_size > 2 * GiB + 0x40000)
+        if self._pending("CONV_FROM_SEC_STOR"):
+            load = False  # host writes with an export failure pending: see host_read (H3)
         if load:
             for comp in image.components:
                 v.vm.host_write(comp.addr, comp.data)
                 assert self.model.host_access(v.vid, comp.addr // PAGE, comp.size // PAGE) == 0
+        # VERIFY's verdict depends on page contents, which the model does not have: compare it only
+        # when every image page holds what the host wrote (not secure/shared when unpacked).
+        clean = all(
+            v.region.page_state(pg)[0] in ("nonsecure", "exported")
+            for comp in image.components
+            for pg in range(comp.addr // PAGE, (comp.addr + comp.size) // PAGE)
+        )
         got = pv_call(v.vm, PvCmd.SET_SEC_PARMS, header=image.header)
         want = self.model.pv_command(v.vid, int(PvCmd.SET_SEC_PARMS), header=image.header)
         self._check_result(PvCmd.SET_SEC_PARMS, got, want)
@@ -644,8 +701,8 @@ class PvMachine(RuleBasedStateMachine):
             want = self.model.pv_command(v.vid, int(PvCmd.UNPACK), addr=comp.addr, size=comp.size, tweak=comp.tweak)
             self._check_result(PvCmd.UNPACK, got, want)
             ok = ok and not got[0]
-        if not (ok and load):
-            return  # VERIFY's verdict depends on page contents, which the model does not have
+        if not (ok and load and clean):
+            return
         got = pv_call(v.vm, PvCmd.VERIFY)
         want = self.model.pv_command(v.vid, int(PvCmd.VERIFY))
         self._check_result(PvCmd.VERIFY, got, want)
