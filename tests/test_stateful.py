@@ -263,7 +263,7 @@ class PvMachine(RuleBasedStateMachine):
             conf_dump_storage_state_len=info["conf_dump_storage_state_len"],
             conf_dump_finalize_len=info["conf_dump_finalize_len"],
         )
-        self._wrap_model_teardown()
+        # D1 fixed: pvfast now issues destroy-page on every present PTE at mm teardown, like the model
         self._wrap_model_create()
         self._wrap_model_dump()
         self._wrap_model_unpack()
@@ -1011,7 +1011,6 @@ def _hold_perform(mm: Any) -> tuple[threading.Event, threading.Event]:
     return entered, release
 
 
-@pytest.mark.xfail(strict=True, reason="B1: vm.close() destroys the VM while its PERFORM ioctl is still running")
 def test_close_while_perform_runs_defers_vm_destroy() -> None:
     """An ioctl in flight holds the file (fdget), so kvm_arch_destroy_vm (§4.8 E) runs only when
     PERFORM returns. pvfast runs it at once: the current configuration (which still has its CPUs
@@ -1039,7 +1038,6 @@ def test_close_while_perform_runs_defers_vm_destroy() -> None:
     assert host.uv.config_handles() == set() and host.uv.secure_pages() == 0
 
 
-@pytest.mark.xfail(strict=True, reason="B2: a non-protected guest access reports success on a page that stays secure")
 def test_guest_access_fails_when_page_cannot_be_made_accessible() -> None:
     """§4.7 / invariant 16: a guest that does not run protected and touches a secure (here
     orphaned) page makes the host export it; if that export fails the access cannot proceed. The
@@ -1058,7 +1056,6 @@ def test_guest_access_fails_when_page_cannot_be_made_accessible() -> None:
         proc.exit()
 
 
-@pytest.mark.xfail(strict=True, reason="D1: mm teardown issues destroy-page only on secure pages, not every present PTE")
 def test_mm_teardown_destroys_every_present_page() -> None:
     """§4.7 page-table teardown: for each present PTE of a protected mm, destroy page (a no-op
     success on non-secure pages, but still one UVC). pvfast skips the non-secure ones, so
@@ -1090,3 +1087,37 @@ def test_guest_share_needs_a_secure_vcpu() -> None:
         vm.guest_share(0)
     assert host.uv.stats().get("SET_SHARED_ACCESS", 0) == before
     proc.exit()
+
+
+def test_close_while_enable_runs_defers_vm_destroy() -> None:
+    """B1, general form (found by tests/test_stress.py): a thread is inside ENABLE (here: between
+    Create Config and Create CPU) when another thread closes the fd. The kernel releases the VM
+    only after the ioctl returns, so ENABLE succeeds and VM destroy then cleans everything. pvfast
+    destroys the VM under the running ENABLE: ENABLE fails with EIO and the teardown leaves a
+    bogus leak-ledger entry and 16 KiB of kernel memory (a freed top-level table)."""
+    host = pvfast.Host()
+    proc = host.spawn_process()
+    vm = proc.create_vm(3 * GiB, 1)
+    real = vm.uv
+    entered, release = threading.Event(), threading.Event()
+
+    class SlowCreateCpu:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def create_cpu(self, *args: Any, **kwargs: Any) -> Any:
+            entered.set()
+            release.wait(10)
+            return real.create_cpu(*args, **kwargs)
+
+    vm.uv = SlowCreateCpu()  # type: ignore[assignment]
+    result: list[Any] = []
+    t = threading.Thread(target=lambda: result.append(pv_call(vm, PvCmd.ENABLE)), daemon=True)
+    t.start()
+    assert entered.wait(10)
+    vm.close()
+    release.set()
+    t.join(10)
+    proc.exit()
+    assert result == [(0, 1, 0)]
+    assert host.leaked() == [] and host.kernel_memory() == 0 and host.uv.config_handles() == set()

@@ -220,10 +220,10 @@ class Ultravisor:
         Returns (imports, exports, destroys, failed_pages, first_failure_rc): the first three count
         the UVCs issued (as in stats()), failed_pages the imports that failed; a page whose import
         failed is left as it was and the walk goes on. first_failure_rc is 0 if none failed."""
-    def make_accessible_range(self, region: Region, start_page: int, npages: int) -> tuple[int, int]:
+    def make_accessible_range(self, region: Region, start_page: int, npages: int) -> tuple[int, int, int]:
         """Host or a non-protected guest touches pages: for each SECURE/SHARED/ORPHANED page,
-        pin-shared (0x0341) and if that fails export (0x0201). Returns (pinned, exported), the
-        successful UVCs. GIL released."""
+        pin-shared (0x0341) and if that fails export (0x0201). Returns (pinned, exported, failed):
+        the successful UVCs, and the pages that stay secure because both failed. GIL released."""
     def unpack_range(
         self,
         handle: int,

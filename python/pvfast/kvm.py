@@ -148,7 +148,11 @@ class Vm:
         self.user_cpu_state_ctrl = False
         self.gisa_enabled = self.host.use_gisa
         self.mmu_notifier_registered = False
-        self.closed = False
+        self.closed = False  # the fd is closed: new calls fail
+        self._destroyed = False  # kvm_arch_destroy_vm has run
+        self._refs = 0  # calls in flight, each holding the file
+        self._destroy_pending = False
+        self._ref_lock = threading.Lock()
         self.perform_started = threading.Event()
         self.name = f"{process.pid}:{id(self) & 0xFFFF:04x}"
 
@@ -175,9 +179,27 @@ class Vm:
         return self.pv.handle != 0
 
     def _enter(self) -> None:
+        """An ioctl or access starts: it holds a reference on the fd (fdget)."""
         if self.closed:
             raise ValueError("VM is closed")
         self.process._enter()
+        with self._ref_lock:
+            self._refs += 1
+
+    def _leave(self) -> None:
+        """The call returns; if the fd was closed meanwhile, the last reference destroys the VM."""
+        with self._ref_lock:
+            self._refs -= 1
+            destroy = self._destroy_pending and self._refs == 0
+            if destroy:
+                self._destroy_pending = False
+        try:
+            if destroy:
+                self._destroy()
+        finally:
+            self.process._leave()
+        if destroy:
+            self.process._vm_closed(self)
 
     # -- VM ioctls --
     def check_extension(self, cap: int) -> int:
@@ -203,7 +225,7 @@ class Vm:
                 self.vcpu_list.append(vcpu)
                 return vcpu.id
         finally:
-            self.process._leave()
+            self._leave()
 
     def pv_state(self) -> PvState:
         if self.closed:
@@ -277,7 +299,7 @@ class Vm:
                 raise PvError(-r, cmd, uvrc.rc, uvrc.rrc, out[0])
             return PvResult(uvrc.rc, uvrc.rrc, out[0], out[1])
         finally:
-            self.process._leave()
+            self._leave()
 
     def _handle_perform(self, rc: UvRc) -> int:
         if not self.host.async_destroy:
@@ -485,7 +507,7 @@ class Vm:
         try:
             self._guest_fault(first, npages)
         finally:
-            self.process._leave()
+            self._leave()
 
     def _with_faults(self, fault: Callable[[], int], access: Callable[[int], T], what: str) -> T:
         """Resolve faults, then access; a page that raced back to secure faults again, as on hardware."""
@@ -499,7 +521,7 @@ class Vm:
                     continue
             raise RuntimeError(f"{what}: a page kept faulting")
         finally:
-            self.process._leave()
+            self._leave()
 
     def guest_write(self, gaddr: int, data: bytes) -> None:
         """The guest writes its own memory (plaintext in its view)."""
@@ -534,11 +556,14 @@ class Vm:
                 if cc:
                     raise UvcError(EIO, f"SET_SHARED_ACCESS at {page * PAGE_SIZE:#x}", r, rr)
         finally:
-            self.process._leave()
+            self._leave()
 
     def _host_fault(self, first: int, npages: int) -> int:
         """Host access to guest pages: pin shared pages, export secure ones (spec §4.7)."""
-        self.uv.make_accessible_range(self.region, first, npages)
+        _, _, failed = self.uv.make_accessible_range(self.region, first, npages)
+        if failed:
+            # Neither pin nor export worked: the page stays secure and the access cannot go on.
+            raise UvcError(EFAULT, f"secure-storage access: {failed} page(s) stay secure", 0)
         return 0
 
     def host_read(self, gaddr: int, size: int) -> bytes:
@@ -558,11 +583,19 @@ class Vm:
 
     # -- VM destruction --
     def close(self) -> None:
-        """Close the VM fd: kvm_arch_destroy_vm (vCPUs, then cleanup-all, then the notifier)."""
-        if self.closed:
-            return
-        if not self.process.alive:
+        """Close the VM fd: kvm_arch_destroy_vm (vCPUs, then cleanup-all, then the notifier).
+
+        A call still in flight on this VM (a PERFORM in another thread, say) holds the file, so
+        the destruction runs when the last such call returns, as in the kernel.
+        """
+        with self._ref_lock:
+            if self.closed:
+                return
             self.closed = True
+            if self._refs:
+                self._destroy_pending = True
+                return
+        if not self.process.alive:
             return
         self.process._enter()
         try:
@@ -572,14 +605,16 @@ class Vm:
         self.process._vm_closed(self)
 
     def _release(self) -> None:
-        """The fd closed by process exit."""
-        if not self.closed:
-            self._destroy()
+        """The fd closed by process exit (every call of the process has returned by then)."""
+        self.closed = True
+        self._destroy_pending = False
+        self._destroy()
 
     def _destroy(self) -> None:
         """kvm_arch_destroy_vm (no kvm->lock)."""
-        if self.closed:
+        if self._destroyed:
             return
+        self._destroyed = True
         self.closed = True
         rc = UvRc()
         for vcpu in self.vcpu_list:

@@ -82,7 +82,7 @@ class AddressSpace:
         destroyed = exported = 0
         if self.is_protected():
             for region in self.regions:
-                d, e = self.uv.mm_teardown(region)
+                d, e = self.uv.mm_teardown(region, all_present=True)  # one UVC per present PTE
                 destroyed += d
                 exported += e
         for region in self.regions:

@@ -131,19 +131,23 @@ impl Ultravisor {
         region: &Region,
         start: u64,
         npages: u64,
-    ) -> Result<(u64, u64), CoreError> {
+    ) -> Result<(u64, u64, u64), CoreError> {
         self.check_region(region)?;
         let (lo, hi) = page_range(region, start, npages)?;
-        for_secure_pages(&self.core, region, lo, hi, |ctx, idx| {
+        // A page neither pinned nor exported stays secure: the access cannot proceed.
+        let failed = std::sync::atomic::AtomicU64::new(0);
+        let (pinned, exported) = for_secure_pages(&self.core, region, lo, hi, |ctx, idx| {
             let paddr = ctx.paddr(idx);
             if self.pin_shared(paddr).is_ok() {
                 (1, 0)
             } else if self.convert_from_secure(paddr).is_ok() {
                 (0, 1)
             } else {
+                failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 (0, 0)
             }
-        })
+        })?;
+        Ok((pinned, exported, failed.into_inner()))
     }
 
     /// exit_mmap of a protected mm: destroy every present secure page (every present page with

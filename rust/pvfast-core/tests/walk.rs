@@ -291,7 +291,7 @@ fn make_accessible_and_mm_teardown() {
     }
     assert_eq!(uv.set_shared_access(h, 0), ok());
     assert_eq!(uv.set_shared_access(h, PAGE), ok());
-    assert_eq!(uv.make_accessible_range(r, 0, 4).unwrap(), (2, 2));
+    assert_eq!(uv.make_accessible_range(r, 0, 4).unwrap(), (2, 2, 0));
     assert_eq!(state(r, 2), ("exported", h));
     let c = cpu(uv, h, 0);
     // Owner has CPUs: destroys fail, teardown exports (shared pages too).

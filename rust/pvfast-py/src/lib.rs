@@ -603,7 +603,7 @@ impl Ultravisor {
         region: PyRef<'_, Region>,
         #[pyo3(from_py_with = a_start_page)] start_page: u64,
         #[pyo3(from_py_with = a_npages)] npages: u64,
-    ) -> R<(u64, u64)> {
+    ) -> R<(u64, u64, u64)> {
         let r = Arc::clone(&region.inner);
         Ok(py.detach(|| self.inner.make_accessible_range(&r, start_page, npages))?)
     }
