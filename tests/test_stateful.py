@@ -342,21 +342,6 @@ class PvMachine(RuleBasedStateMachine):
 
         uv.nodata = nodata  # type: ignore[method-assign]
 
-    def _wrap_model_teardown(self) -> None:
-        """D1: pvfast's mm teardown issues destroy-page only for present pages that are secure; the
-        model (spec §4.7: every present PTE of a protected mm) also for non-secure ones, where it
-        is a no-op. Make the compared model skip those no-op UVCs (no count, no injection used)."""
-        model = self.model
-        assert model is not None
-        real = model.uv.destroy_page
-
-        def destroy_page(key: Any, reason: str = "") -> Any:
-            if reason == "mm-teardown" and model.uv.page_state(key)[0] in (pm.NONSECURE, pm.EXPORTED):
-                return (0, pm.UVC_RC_EXECUTED, 0, 0)
-            return real(key, reason)
-
-        model.uv.destroy_page = destroy_page  # type: ignore[method-assign]
-
     def _patch_mm(self, mm: Any) -> None:
         """Let a PERFORM thread stop between its claim and its walk (test instrumentation)."""
         if id(mm) in self.patched_mms:
@@ -990,8 +975,9 @@ def test_pv_state_machine(request: pytest.FixtureRequest) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Regression tests for what the machine found (docs/VERIFICATION.md §1). Bugs still open in pvfast
-# are strict xfails: they start failing (XPASS) once fixed, so the marker gets removed then.
+# Regression tests for what the machine and the stress test found (docs/VERIFICATION.md §1). A bug
+# still open in pvfast is a strict xfail (it turns into XPASS, i.e. a failure, once fixed, so the
+# marker gets removed then). B1, B2 and D1 were fixed in c08eefd, B3 in d605118.
 
 
 def _hold_perform(mm: Any) -> tuple[threading.Event, threading.Event]:
@@ -1012,9 +998,9 @@ def _hold_perform(mm: Any) -> tuple[threading.Event, threading.Event]:
 
 
 def test_close_while_perform_runs_defers_vm_destroy() -> None:
-    """An ioctl in flight holds the file (fdget), so kvm_arch_destroy_vm (§4.8 E) runs only when
-    PERFORM returns. pvfast runs it at once: the current configuration (which still has its CPUs
-    in the kernel's view) is destroyed under the running PERFORM."""
+    """B1: an ioctl in flight holds the file (fdget), so kvm_arch_destroy_vm (§4.8 E) runs only
+    when PERFORM returns. pvfast used to run it at once, destroying the current configuration
+    under the running PERFORM."""
     host = pvfast.Host(destroy_fast=False)
     proc = host.spawn_process()
     vm = proc.create_vm(3 * GiB, 1)
@@ -1039,9 +1025,9 @@ def test_close_while_perform_runs_defers_vm_destroy() -> None:
 
 
 def test_guest_access_fails_when_page_cannot_be_made_accessible() -> None:
-    """§4.7 / invariant 16: a guest that does not run protected and touches a secure (here
-    orphaned) page makes the host export it; if that export fails the access cannot proceed. The
-    model returns EFAULT. pvfast returns normally and the guest 'accessed' an orphaned page."""
+    """B2, §4.7 / invariant 16: a guest that does not run protected and touches a secure (here
+    orphaned) page makes the host export it; if that export fails the access cannot proceed (the
+    model returns EFAULT). pvfast used to return normally with the page still orphaned."""
     host = pvfast.Host(destroy_fast=True)
     proc = host.spawn_process()
     vm = proc.create_vm(3 * GiB, 1)
@@ -1057,9 +1043,9 @@ def test_guest_access_fails_when_page_cannot_be_made_accessible() -> None:
 
 
 def test_mm_teardown_destroys_every_present_page() -> None:
-    """§4.7 page-table teardown: for each present PTE of a protected mm, destroy page (a no-op
-    success on non-secure pages, but still one UVC). pvfast skips the non-secure ones, so
-    stats()["DESTR_SEC_STOR"] is lower than the kernel's count."""
+    """D1, §4.7 page-table teardown: for each present PTE of a protected mm, destroy page (a no-op
+    success on non-secure pages, but still one UVC). pvfast used to skip the non-secure ones, so
+    stats()["DESTR_SEC_STOR"] was lower than the kernel's count."""
     host = pvfast.Host(destroy_fast=False)
     proc = host.spawn_process()
     vm = proc.create_vm(3 * GiB, 1)
@@ -1093,8 +1079,8 @@ def test_close_while_enable_runs_defers_vm_destroy() -> None:
     """B1, general form (found by tests/test_stress.py): a thread is inside ENABLE (here: between
     Create Config and Create CPU) when another thread closes the fd. The kernel releases the VM
     only after the ioctl returns, so ENABLE succeeds and VM destroy then cleans everything. pvfast
-    destroys the VM under the running ENABLE: ENABLE fails with EIO and the teardown leaves a
-    bogus leak-ledger entry and 16 KiB of kernel memory (a freed top-level table)."""
+    used to destroy the VM under the running ENABLE: EIO, a bogus leak-ledger entry and 16 KiB of
+    kernel memory left (a freed top-level table)."""
     host = pvfast.Host()
     proc = host.spawn_process()
     vm = proc.create_vm(3 * GiB, 1)
