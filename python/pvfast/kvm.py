@@ -261,12 +261,9 @@ class Vm:
             raise TypeError(f"cmd: expected int or PvCmd, got {type(cmd).__name__}")
         if not 0 <= cmd <= 0xFFFFFFFF:
             raise ValueError(f"cmd: {cmd} does not fit the u32 cmd field")
-        if flags:
-            check_int("flags", flags, bits=32)
-        if rc:
-            check_int("rc", rc, bits=16)
-        if rrc:
-            check_int("rrc", rrc, bits=16)
+        check_int("flags", flags, bits=32)  # also for falsy non-ints ('' or None): TypeError
+        check_int("rc", rc, bits=16)
+        check_int("rrc", rrc, bits=16)
         if data:
             for name in data:
                 if name not in _ALL_DATA_ARGS:
