@@ -8,6 +8,9 @@ import os
 from .constants import PvCmd
 
 
+_CMDS: dict[int, PvCmd] = {int(c): c for c in PvCmd}
+
+
 def _cmd_label(cmd: int) -> str:
     try:
         return f"KVM_PV_{PvCmd(cmd).name}"
@@ -25,10 +28,7 @@ class PvError(OSError):
 
     def __init__(self, err: int, cmd: int, rc: int, rrc: int, data: bytes | None = None) -> None:
         super().__init__(err, os.strerror(err))
-        try:
-            self.cmd = PvCmd(cmd)
-        except ValueError:
-            self.cmd = cmd
+        self.cmd = _CMDS.get(cmd, cmd)
         self.rc = rc
         self.rrc = rrc
         self.data = data

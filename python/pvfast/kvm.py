@@ -152,7 +152,6 @@ class Vm:
         self._destroyed = False  # kvm_arch_destroy_vm has run
         self._refs = 0  # calls in flight, each holding the file
         self._destroy_pending = False
-        self._ref_lock = threading.Lock()
         self.perform_started = threading.Event()
         self.name = f"{process.pid}:{id(self) & 0xFFFF:04x}"
 
@@ -179,27 +178,33 @@ class Vm:
         return self.pv.handle != 0
 
     def _enter(self) -> None:
-        """An ioctl or access starts: it holds a reference on the fd (fdget)."""
+        """An ioctl or access starts: it holds a reference on the fd (fdget) and counts as the
+        process's work in flight (one lock: the process's)."""
         if self.closed:
             raise ValueError("VM is closed")
-        self.process._enter()
-        with self._ref_lock:
+        proc = self.process
+        with proc._lock:
+            if not proc.alive or proc._exiting:
+                raise ValueError(f"process {proc.pid} ({proc.name}) has exited")
+            proc._inflight += 1
             self._refs += 1
 
     def _leave(self) -> None:
         """The call returns; if the fd was closed meanwhile, the last reference destroys the VM."""
-        with self._ref_lock:
+        proc = self.process
+        with proc._lock:
             self._refs -= 1
             destroy = self._destroy_pending and self._refs == 0
             if destroy:
                 self._destroy_pending = False
-        try:
-            if destroy:
-                self._destroy()
-        finally:
-            self.process._leave()
+            else:
+                proc._inflight -= 1
         if destroy:
-            self.process._vm_closed(self)
+            try:
+                self._destroy()  # still counted in flight, so an exit waits for it
+            finally:
+                proc._leave()
+            proc._vm_closed(self)
 
     # -- VM ioctls --
     def check_extension(self, cap: int) -> int:
@@ -261,9 +266,10 @@ class Vm:
             raise TypeError(f"cmd: expected int or PvCmd, got {type(cmd).__name__}")
         if not 0 <= cmd <= 0xFFFFFFFF:
             raise ValueError(f"cmd: {cmd} does not fit the u32 cmd field")
-        check_int("flags", flags, bits=32)  # also for falsy non-ints ('' or None): TypeError
-        check_int("rc", rc, bits=16)
-        check_int("rrc", rrc, bits=16)
+        if type(flags) is not int or type(rc) is not int or type(rrc) is not int or flags or (rc | rrc) >> 16 or rc < 0 or rrc < 0:
+            check_int("flags", flags, bits=32)  # also for falsy non-ints ('' or None): TypeError
+            check_int("rc", rc, bits=16)
+            check_int("rrc", rrc, bits=16)
         if data:
             for name in data:
                 if name not in _ALL_DATA_ARGS:
@@ -585,7 +591,7 @@ class Vm:
         A call still in flight on this VM (a PERFORM in another thread, say) holds the file, so
         the destruction runs when the last such call returns, as in the kernel.
         """
-        with self._ref_lock:
+        with self.process._lock:
             if self.closed:
                 return
             self.closed = True
