@@ -586,6 +586,7 @@ class PvMachine(RuleBasedStateMachine):
         assert got == (0, 1, 42)
         s = v.vm.pv_state()
         assert s.handle == 0 and s.set_aside and not any(s.vcpu_handles) and not s.service_irq_masked
+        assert s.guest_handle == 0  # v6.2 zeroes gmap->guest_handle in set_aside (§3.8 d)
         if self.injected:
             return  # a failed CPU destroy keeps the UV CPU, so the [0, 2 GiB) destroys are refused
         end = min(v.vm.memory_size // PAGE, LOW_LIMIT_PAGES)
@@ -1106,3 +1107,59 @@ def test_close_while_enable_runs_defers_vm_destroy() -> None:
     proc.exit()
     assert result == [(0, 1, 0)]
     assert host.leaked() == [] and host.kernel_memory() == 0 and host.uv.config_handles() == set()
+
+
+def test_disable_reports_the_failing_leftover_when_the_current_destroy_succeeds() -> None:
+    """Invariant 21 / §4.5 step 5: the current VM's Destroy Config succeeds, a leftover's fails:
+    DISABLE gives EIO with the leftover's rc/rrc. (The leftover is made undestroyable by giving
+    its configuration a CPU through the raw UV, which only a test can do; found by mutation
+    testing of deinit_cleanup_all, docs/VERIFICATION.md §4.2.)"""
+    host = pvfast.Host(destroy_fast=False)
+    proc = host.spawn_process()
+    vm = proc.create_vm(3 * GiB, 1)
+    vm.pv_command(PvCmd.ENABLE)
+    old = vm.pv_state().handle
+    vm.pv_command(PvCmd.ASYNC_CLEANUP_PREPARE)
+    vm.pv_command(PvCmd.ENABLE)
+    cc, _, _, cpu = host.uv.native.create_cpu(old, num=7, stor_len=host.uv_info["guest_cpu_stor_len"])
+    assert cc == 0
+    with pytest.raises(PvError) as ei:
+        vm.pv_command(PvCmd.DISABLE)
+    err = ei.value
+    assert err.errno == errno.EIO
+    assert (err.rc, err.rrc) != (1, 0)  # the leftover's Destroy Config rc, not the current one's
+    st = vm.pv_state()
+    assert not st.protected and not st.set_aside and st.need_cleanup == 0
+    assert st.protected_count == 1  # the failed leftover keeps its reference for good (§4.2)
+    assert host.uv.config_handles() == {old}
+    host.uv.native.destroy_cpu(cpu)
+    proc.exit()
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "slow"])
+def test_close_zaps_only_when_there_was_something_to_clean(fast: bool) -> None:
+    """§4.5 steps 3-6 (need_zap): closing a VM that has only a set-aside record (no current
+    configuration) still zaps the address space while it lives, so the old guest's pages are
+    destroyed; closing a VM that never had anything issues no destroy-page at all, even though
+    the mm is protected (another VM). (Found by mutation testing, §4.2.)"""
+    host = pvfast.Host(destroy_fast=fast)
+    proc = host.spawn_process()
+    keep = proc.create_vm(3 * GiB, 1)
+    keep.pv_command(PvCmd.ENABLE)
+    keep.guest_access(0, 8 * PAGE)
+    plain = proc.create_vm(3 * GiB, 1)
+    plain.host_read(0, 8 * PAGE)
+    before = host.uv.stats()["DESTR_SEC_STOR"]
+    plain.close()  # nothing to clean: no zap
+    assert host.uv.stats()["DESTR_SEC_STOR"] == before
+    old = proc.create_vm(3 * GiB, 1)
+    old.pv_command(PvCmd.ENABLE)
+    old.guest_access(2 * GiB, 4 * PAGE)
+    handle = old.pv_state().handle
+    old.pv_command(PvCmd.ASYNC_CLEANUP_PREPARE)  # only the record is left
+    assert host.uv.secure_pages(handle) == 4
+    old.close()
+    assert host.uv.secure_pages(handle) == 0  # the zap destroyed the old guest's pages
+    assert host.uv.secure_pages() == 8  # the running VM's pages are untouched (invariant 15)
+    proc.exit()
+    assert host.uv.secure_pages() == 0 and host.uv.config_handles() == set() and host.leaked() == []
