@@ -59,10 +59,10 @@ class Fleet:
             vms.append(proc.create_vm(3 * GiB, vcpus=1))
         helper = proc.clone_vm() if rng.random() < 0.5 else None
         with self.lock:
-            self.procs.append(proc)
-            self.vms.extend(vms)
-            if helper is not None:
-                self.helpers.append(helper)
+            # drop what is gone, so picking stays O(live) over long runs
+            self.procs = [p for p in self.procs if p.alive] + [proc]
+            self.vms = [vm for vm in self.vms if not vm.closed and vm.process.alive] + vms
+            self.helpers = [h for h in self.helpers if h.alive] + ([helper] if helper is not None else [])
 
     def pick_vm(self, rng: random.Random) -> pvfast.Vm | None:
         with self.lock:
@@ -96,6 +96,12 @@ def worker(fleet: Fleet, seed: int, deadline: float, stats: Counter, errors: lis
                 proc = fleet.pick_proc(rng)
                 if proc is not None:
                     (proc.kill if rng.random() < 0.5 else proc.exit)()
+                    # QEMU's async-teardown helper exits once QEMU is gone (§4.8 C): mostly at
+                    # once here, sometimes later (the next kill of anything, or the end)
+                    with fleet.lock:
+                        helpers = [h for h in fleet.helpers if h.alive and (h.helper_of is proc or rng.random() < 0.2)]
+                    for h in helpers:
+                        h.exit()
                     fleet.respawn(rng)
                 stats[op] += 1
                 continue
