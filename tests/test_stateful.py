@@ -880,14 +880,14 @@ class PvMachine(RuleBasedStateMachine):
         if any(s.vcpu_handles):
             assert s.protected, "a secure vCPU without a configuration"
         if s.set_aside:
-            assert s.set_aside_fast == self.host.destroy_fast_available
+            assert self.host is not None and s.set_aside_fast == self.host.destroy_fast_available
 
     def _check_pvfast_invariants(self) -> None:
         """§7 on pvfast's own state (independent of the model)."""
         host = self.host
         assert host is not None
         clean = not self.injected
-        if not self.host.async_destroy:
+        if not host.async_destroy:
             for v in self._open_vms():  # §5: nothing can ever be set aside
                 s = v.vm.pv_state()
                 assert not s.set_aside and s.need_cleanup == 0
@@ -918,8 +918,11 @@ class PvMachine(RuleBasedStateMachine):
                 referenced.add(pv.handle)
                 for rec in ([pv.set_aside] if pv.set_aside else []) + list(pv.need_cleanup):
                     referenced.add(rec.handle)
+            model = self.model
+            assert model is not None
             for g in self.gates:
-                referenced.add(self._real(self.model.tokens[g.token].record.handle) if g.token in self.model.tokens else 0)
+                token = model.tokens.get(g.token) if g.token is not None else None
+                referenced.add(self._real(token.record.handle) if token is not None else 0)
             # invariant 10: every live config is referenced by a VM, a record or a claimed PERFORM
             assert host.uv.config_handles() <= referenced, "I10: an orphan configuration"
 
