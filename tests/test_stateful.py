@@ -158,6 +158,18 @@ class ComparedModel(pm.Model):
                 return pm.EINVAL  # an injected failure ends the UNPACK
         return super()._make_secure(vm, page, name, out)
 
+    def exit(self, pid):  # type: ignore[no-untyped-def]
+        """M4 (VERIFICATION.md): a VM whose fd was closed while its PERFORM ran is released by the
+        PERFORM thread itself when the fatal signal ends the ioctl: the deferred fput runs as task
+        work before that thread's own exit_mm, so cleanup-all still finds the mm alive and zaps.
+        The model (MODEL.md §4 item 18) runs that release after the mm user is dropped."""
+        proc = self.processes[pid]
+        if proc.alive:
+            for token_id, token in list(self.tokens.items()):
+                if token.vm.pid == pid:
+                    self.perform_finish(token_id, interrupted=True, batches=0)
+        return super().exit(pid)
+
     def _cpus_from_pv(self, vm, out):  # type: ignore[no-untyped-def]
         """M1 (VERIFICATION.md): kvm_s390_cpus_from_pv passes the caller's rc/rrc pointers to every
         per-CPU destroy until the first failure (then dummies), so a successful CPU destroy leaves
