@@ -1,4 +1,4 @@
-//! Feed arbitrary bytes to the emulated UV's raw UVC dispatcher (`Ultravisor::call`, the same
+//! Feed arbitrary bytes to the emulated UV's raw UVC dispatcher (`dispatch::call`, the same
 //! entry as `host.uv.native.call`). `fuzz_one` keeps one UV with a registered, touched 16 MiB
 //! region across inputs, so sequences of calls build up state (configs, CPUs, secure pages).
 //! The property: no panic, no crash, no sanitizer report, for any input.

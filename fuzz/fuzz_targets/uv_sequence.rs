@@ -13,7 +13,7 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use pvfast_core::{Ultravisor, UvOptions};
+use pvfast_core::{dispatch, Ultravisor, UvOptions};
 
 const REGION: u64 = 4 << 20;
 
@@ -54,7 +54,7 @@ fuzz_target!(|data: &[u8]| {
             }
             off += 8;
         }
-        let (cc, out) = uv.call(&block);
+        let (cc, out) = dispatch::call(uv, &block);
         if cc == 0 && out.len() >= 0x20 {
             let cmd = u16::from_be_bytes([out[2], out[3]]);
             if cmd == 0x0100 || cmd == 0x0120 {

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use pvfast_core::{Region, Ultravisor, UvOptions, PAGE_SIZE};
+use pvfast_core::{kernel, Region, Ultravisor, UvOptions, PAGE_SIZE};
 
 fn gib() -> u64 {
     std::env::var("PVFAST_BENCH_GIB")
@@ -53,9 +53,8 @@ fn setup(threads: usize, bytes: u64) -> (Ultravisor, std::sync::Arc<Region>, u64
 }
 
 fn resecure(uv: &Ultravisor, region: &Region, handle: u64) {
-    let r = uv
-        .import_range(handle, region, 0, region.pages(), false)
-        .expect("import_range");
+    let r =
+        kernel::import_range(uv, handle, region, 0, region.pages(), false).expect("import_range");
     assert_eq!(r.failed_pages, 0);
 }
 
@@ -67,7 +66,7 @@ fn paired(uv: &Ultravisor, region: &Region, handle: u64) -> (f64, f64) {
     for _ in 0..7 {
         resecure(uv, region, handle);
         let t = Instant::now();
-        uv.destroy_walk(region, 0, None, None).expect("walk");
+        kernel::destroy_walk(uv, region, 0, None, None).expect("walk");
         let walk = t.elapsed().as_secs_f64();
         let t = Instant::now();
         region.bench_zero_all(true, false).expect("nt");
@@ -101,7 +100,7 @@ fn bench(c: &mut Criterion) {
             for _ in 0..iters {
                 resecure(&uv, &region, handle);
                 let t = Instant::now();
-                let w = uv.destroy_walk(&region, 0, None, None).expect("walk");
+                let w = kernel::destroy_walk(&uv, &region, 0, None, None).expect("walk");
                 total += t.elapsed();
                 assert_eq!(w.destroyed, pages);
             }
@@ -147,7 +146,7 @@ fn bench(c: &mut Criterion) {
         b.iter_custom(|iters| {
             let t = Instant::now();
             for _ in 0..iters {
-                black_box(uv.destroy_walk(&tib, 0, None, None).expect("walk"));
+                black_box(kernel::destroy_walk(&uv, &tib, 0, None, None).expect("walk"));
             }
             let total = t.elapsed();
             record("empty_1tib", total.as_secs_f64() / iters as f64);

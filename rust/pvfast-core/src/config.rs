@@ -3,12 +3,12 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 
 use aes_gcm::aead::{AeadInOut, KeyInit};
 use aes_gcm::Aes256Gcm;
 
-use crate::region::Region;
+use crate::image::{SecHeader, Verifier};
 use crate::PAGE_SIZE;
 
 pub(crate) const CFG_ALIVE: u8 = 0;
@@ -26,15 +26,17 @@ pub(crate) struct ExportTag {
 /// Image state of a configuration (SET_SEC_CONF_PARAMS / UNPACK / VERIFY).
 #[derive(Default)]
 pub(crate) struct ImageState {
-    pub(crate) header: Option<Box<crate::image::SecHeader>>,
-    pub(crate) verifier: Option<crate::image::Verifier>,
+    pub(crate) header: Option<Box<SecHeader>>,
+    pub(crate) verifier: Option<Verifier>,
     pub(crate) verified: bool,
 }
 
 pub(crate) struct Config {
     pub(crate) id: u32,
     pub(crate) handle: u64,
-    pub(crate) region: Weak<Region>,
+    /// Base (host address) of the region holding the guest storage: the key of the
+    /// Ultravisor's region registry. Bases are never reused.
+    pub(crate) region_base: u64,
     pub(crate) guest_len: u64,
     pub(crate) asce_origin: u64,
     pub(crate) donated: u64,
@@ -53,7 +55,7 @@ impl Config {
     pub(crate) fn new(
         id: u32,
         handle: u64,
-        region: &Arc<Region>,
+        region_base: u64,
         guest_len: u64,
         asce_origin: u64,
         donated: u64,
@@ -62,7 +64,7 @@ impl Config {
         Config {
             id,
             handle,
-            region: Arc::downgrade(region),
+            region_base,
             guest_len,
             asce_origin,
             donated,

@@ -1,6 +1,6 @@
-//! Raw UVCB dispatcher: parses the big-endian control blocks of spec §1.4 (8-byte header
-//! `len, cmd, rc, rrc`), checks command and length, runs the typed UVC, and writes rc/rrc and
-//! any output fields back. Total over all inputs: never panics, whatever the bytes.
+//! Raw UVCB dispatcher over an [`Ultravisor`]: parses the big-endian control blocks (8-byte
+//! header `len, cmd, rc, rrc`), checks command and length, runs the typed UVC, and writes rc/rrc
+//! and any output fields back. Total over all inputs: never panics, whatever the bytes.
 
 use std::sync::{Arc, OnceLock};
 
@@ -76,155 +76,154 @@ impl Block<'_> {
     }
 }
 
-impl Ultravisor {
-    /// Execute one raw UVCB. Returns the condition code and the block with rc/rrc (and output
-    /// fields) filled in. Bytes beyond the block's `len` are returned unchanged.
-    pub fn call(&self, uvcb: &[u8]) -> (u8, Vec<u8>) {
-        let mut out = uvcb.to_vec();
-        if out.len() < HEADER_LEN {
-            return (CC_ERROR, out);
+/// Execute one raw UVCB. Returns the condition code and the block with rc/rrc (and output
+/// fields) filled in. Bytes beyond the block's `len` are returned unchanged.
+pub fn call(uv: &Ultravisor, uvcb: &[u8]) -> (u8, Vec<u8>) {
+    let mut out = uvcb.to_vec();
+    if out.len() < HEADER_LEN {
+        return (CC_ERROR, out);
+    }
+    let mut b = Block(&mut out);
+    let len = b.u16(0);
+    let cmd = b.u16(2);
+    let status = dispatch(uv, &mut b, len, cmd);
+    b.put_u16(4, status.rc);
+    b.put_u16(6, status.rrc);
+    (status.cc, out)
+}
+
+/// A malformed execution of `uvc` that answers `status`: it still counts, and still consumes
+/// an injected failure (which then takes the place of `status`).
+fn precheck(uv: &Ultravisor, uvc: Uvc, status: UvcStatus) -> UvcStatus {
+    uv.core.execute(uvc, || status)
+}
+
+fn dispatch(uv: &Ultravisor, b: &mut Block<'_>, len: u16, cmd: u16) -> UvcStatus {
+    let Some(uvc) = Uvc::from_code(cmd) else {
+        return UvcStatus::err(rc::INV_CMD);
+    };
+    if !uv.core.info.is_installed(uvc) {
+        return precheck(uv, uvc, UvcStatus::err(rc::INV_CMD));
+    }
+    if len != expected_len(uvc) || usize::from(len) > b.0.len() {
+        return precheck(uv, uvc, UvcStatus::err(rc::INV_LEN));
+    }
+    match uvc {
+        Uvc::Qui => {
+            let s = uv.query();
+            if s.is_ok() {
+                fill_qui(uv, b);
+            }
+            s
         }
-        let mut b = Block(&mut out);
-        let len = b.u16(0);
-        let cmd = b.u16(2);
-        let status = self.dispatch(&mut b, len, cmd);
-        b.put_u16(4, status.rc);
-        b.put_u16(6, status.rrc);
-        (status.cc, out)
+        Uvc::InitUv => uv.init_uv(),
+        Uvc::CreateSecConf => raw_create_config(uv, b),
+        Uvc::DestroySecConf => uv.destroy_config(b.u64(0x18)),
+        Uvc::DestroySecConfFast => uv.destroy_config_fast(b.u64(0x18)),
+        Uvc::CreateSecCpu => {
+            let num = u64::from(b.u16(0x36));
+            let stor_len = uv.core.info.guest_cpu_stor_len;
+            let (s, h) = uv.create_cpu(b.u64(0x20), num, stor_len);
+            b.put_u64(0x18, h);
+            s
+        }
+        Uvc::DestroySecCpu => uv.destroy_cpu(b.u64(0x18)),
+        Uvc::ConvToSecStor => uv.convert_to_secure(b.u64(0x18), b.u64(0x20)),
+        Uvc::ConvFromSecStor => uv.convert_from_secure(b.u64(0x18)),
+        Uvc::DestrSecStor => uv.destroy_page(b.u64(0x18)),
+        Uvc::SetSecConfParams => raw_set_sec_parms(uv, b),
+        Uvc::UnpackImg => uv.unpack(b.u64(0x18), b.u64(0x20), b.u64(0x28), b.u64(0x30)),
+        Uvc::VerifyImg => uv.verify(b.u64(0x18)),
+        Uvc::PrepareReset => uv.prepare_reset(b.u64(0x18)),
+        Uvc::SetUnshareAll => uv.unshare_all(b.u64(0x18)),
+        Uvc::CpuReset | Uvc::CpuResetInitial | Uvc::CpuResetClear | Uvc::CpuSetState => {
+            uv.cpu_uvc(uvc, b.u64(0x18))
+        }
+        Uvc::PinPageShared => uv.pin_shared(b.u64(0x18)),
+        Uvc::UnpinPageShared => uv.unpin_shared(b.u64(0x18), b.u64(0x20)),
+        Uvc::DumpInit => uv.dump_init(b.u64(0x18)),
+        // The dump data has no host memory to go to in a raw call; only rc/rrc are returned.
+        Uvc::DumpConfStorState => uv.dump_conf_stor_state(b.u64(0x18), b.u64(0x28)).0,
+        Uvc::DumpCpu => uv.dump_cpu(b.u64(0x18)).0,
+        Uvc::DumpComplete => uv.dump_complete(b.u64(0x18)).0,
+        Uvc::SetSharedAccess => uv.set_shared_access(b.u64(0x18), b.u64(0x20)),
+        Uvc::RemoveSharedAccess => uv.remove_shared_access(b.u64(0x18), b.u64(0x20)),
     }
+}
 
-    fn precheck(&self, uvc: Uvc, status: UvcStatus) -> UvcStatus {
-        // A malformed execution still counts, and still consumes an injected failure.
-        self.core.begin(uvc).unwrap_or(status)
-    }
-
-    fn dispatch(&self, b: &mut Block<'_>, len: u16, cmd: u16) -> UvcStatus {
-        let Some(uvc) = Uvc::from_code(cmd) else {
-            return UvcStatus::err(rc::INV_CMD);
+/// The region a raw Create Config means: guest_stor_origin 0 = the only registered region;
+/// otherwise the region whose base equals the origin.
+fn raw_region(uv: &Ultravisor, origin: u64) -> Option<Arc<Region>> {
+    let regions = uv.regions();
+    if origin == 0 {
+        return match regions.as_slice() {
+            [only] => Some(Arc::clone(only)),
+            _ => None,
         };
-        if !self.core.info.is_installed(uvc) {
-            return self.precheck(uvc, UvcStatus::err(rc::INV_CMD));
-        }
-        if len != expected_len(uvc) || usize::from(len) > b.0.len() {
-            return self.precheck(uvc, UvcStatus::err(rc::INV_LEN));
-        }
-        match uvc {
-            Uvc::Qui => {
-                let s = self.query();
-                if s.is_ok() {
-                    self.fill_qui(b);
-                }
-                s
-            }
-            Uvc::InitUv => self.init_uv(),
-            Uvc::CreateSecConf => self.raw_create_config(b),
-            Uvc::DestroySecConf => self.destroy_config(b.u64(0x18)),
-            Uvc::DestroySecConfFast => self.destroy_config_fast(b.u64(0x18)),
-            Uvc::CreateSecCpu => {
-                let num = u64::from(b.u16(0x36));
-                let stor_len = self.core.info.guest_cpu_stor_len;
-                let (s, h) = self.create_cpu(b.u64(0x20), num, stor_len);
-                b.put_u64(0x18, h);
-                s
-            }
-            Uvc::DestroySecCpu => self.destroy_cpu(b.u64(0x18)),
-            Uvc::ConvToSecStor => self.convert_to_secure(b.u64(0x18), b.u64(0x20)),
-            Uvc::ConvFromSecStor => self.convert_from_secure(b.u64(0x18)),
-            Uvc::DestrSecStor => self.destroy_page(b.u64(0x18)),
-            Uvc::SetSecConfParams => self.raw_set_sec_parms(b),
-            Uvc::UnpackImg => self.unpack(b.u64(0x18), b.u64(0x20), b.u64(0x28), b.u64(0x30)),
-            Uvc::VerifyImg => self.verify(b.u64(0x18)),
-            Uvc::PrepareReset => self.prepare_reset(b.u64(0x18)),
-            Uvc::SetUnshareAll => self.unshare_all(b.u64(0x18)),
-            Uvc::CpuReset | Uvc::CpuResetInitial | Uvc::CpuResetClear | Uvc::CpuSetState => {
-                self.cpu_uvc(uvc, b.u64(0x18))
-            }
-            Uvc::PinPageShared => self.pin_shared(b.u64(0x18)),
-            Uvc::UnpinPageShared => self.unpin_shared(b.u64(0x18), b.u64(0x20)),
-            Uvc::DumpInit => self.dump_init(b.u64(0x18)),
-            // The dump data has no host memory to go to in a raw call; only rc/rrc are returned.
-            Uvc::DumpConfStorState => self.dump_conf_stor_state(b.u64(0x18), b.u64(0x28)).0,
-            Uvc::DumpCpu => self.dump_cpu(b.u64(0x18)).0,
-            Uvc::DumpComplete => self.dump_complete(b.u64(0x18)).0,
-            Uvc::SetSharedAccess => self.set_shared_access(b.u64(0x18), b.u64(0x20)),
-            Uvc::RemoveSharedAccess => self.remove_shared_access(b.u64(0x18), b.u64(0x20)),
-        }
     }
+    regions.into_iter().find(|r| r.base() == origin)
+}
 
-    /// The region a raw Create Config means: guest_stor_origin 0 = the only registered region;
-    /// otherwise the region whose base equals the origin.
-    fn raw_region(&self, origin: u64) -> Option<Arc<Region>> {
-        let regions = self.regions();
-        if origin == 0 {
-            return match regions.as_slice() {
-                [only] => Some(Arc::clone(only)),
-                _ => None,
-            };
+fn raw_create_config(uv: &Ultravisor, b: &mut Block<'_>) -> UvcStatus {
+    let guest_len = b.u64(0x40);
+    let Some(region) = raw_region(uv, b.u64(0x38)) else {
+        b.put_u64(0x18, 0);
+        return precheck(uv, Uvc::CreateSecConf, UvcStatus::err(rc::INV_GUEST_STOR));
+    };
+    let info = &uv.core.info;
+    let base_len = info.guest_base_stor_len;
+    let var_len = info.var_stor_len(guest_len);
+    match uv.create_config(
+        &region,
+        guest_len,
+        b.u64(0x50),
+        b.u64(0x48),
+        base_len,
+        var_len,
+    ) {
+        Ok((s, h)) => {
+            b.put_u64(0x18, h);
+            s
         }
-        regions.into_iter().find(|r| r.base() == origin)
+        Err(_) => UvcStatus::err(rc::INV_GUEST_STOR),
     }
+}
 
-    fn raw_create_config(&self, b: &mut Block<'_>) -> UvcStatus {
-        let guest_len = b.u64(0x40);
-        let Some(region) = self.raw_region(b.u64(0x38)) else {
-            b.put_u64(0x18, 0);
-            return self.precheck(Uvc::CreateSecConf, UvcStatus::err(rc::INV_GUEST_STOR));
-        };
-        let info = &self.core.info;
-        let base_len = info.guest_base_stor_len;
-        let var_len = info.var_stor_len(guest_len);
-        match self.create_config(
-            &region,
-            guest_len,
-            b.u64(0x50),
-            b.u64(0x48),
-            base_len,
-            var_len,
-        ) {
-            Ok((s, h)) => {
-                b.put_u64(0x18, h);
-                s
-            }
-            Err(_) => UvcStatus::err(rc::INV_GUEST_STOR),
-        }
-    }
-
-    /// SET_SEC_CONF_PARAMS: the header origin is read as a host address inside a region.
-    fn raw_set_sec_parms(&self, b: &mut Block<'_>) -> UvcStatus {
-        let handle = b.u64(0x18);
-        let origin = b.u64(0x20);
-        let len = u64::from(b.u32(0x28));
-        let header = (len <= MAX_SEC_HEADER)
-            .then(|| {
-                self.regions().into_iter().find_map(|r| {
-                    let off = origin.checked_sub(r.base())?;
-                    r.read(off, len, 0).ok()
-                })
+/// SET_SEC_CONF_PARAMS: the header origin is read as a host address inside a region.
+fn raw_set_sec_parms(uv: &Ultravisor, b: &mut Block<'_>) -> UvcStatus {
+    let handle = b.u64(0x18);
+    let origin = b.u64(0x20);
+    let len = u64::from(b.u32(0x28));
+    let header = (len <= MAX_SEC_HEADER)
+        .then(|| {
+            uv.regions().into_iter().find_map(|r| {
+                let off = origin.checked_sub(r.base())?;
+                r.read(off, len, 0).ok()
             })
-            .flatten();
-        match header {
-            Some(h) => self.set_sec_parms(handle, &h),
-            None => self.precheck(Uvc::SetSecConfParams, UvcStatus::err(rc::INV_ADDR)),
-        }
+        })
+        .flatten();
+    match header {
+        Some(h) => uv.set_sec_parms(handle, &h),
+        None => precheck(uv, Uvc::SetSecConfParams, UvcStatus::err(rc::INV_ADDR)),
     }
+}
 
-    /// QUI output fields (the v6.2 `struct uv_cb_qui` offsets).
-    fn fill_qui(&self, b: &mut Block<'_>) {
-        let i = &self.core.info;
-        for (n, w) in i.inst_calls_list.iter().enumerate() {
-            b.put_u64(0x10 + 8 * n, *w);
-        }
-        b.put_u64(0x50, i.guest_base_stor_len);
-        b.put_u64(0x58, i.guest_virt_base_stor_len);
-        b.put_u64(0x60, i.guest_virt_var_stor_len);
-        b.put_u64(0x68, i.guest_cpu_stor_len);
-        b.put_u32(0x7c, u32::try_from(i.max_num_sec_conf).unwrap_or(u32::MAX));
-        b.put_u64(0x80, i.max_sec_stor_addr);
-        b.put_u16(0x9e, u16::try_from(i.max_guest_cpu_id).unwrap_or(u16::MAX));
-        b.put_u64(0xa0, i.uv_feature_indications);
-        b.put_u64(0xc8, i.conf_dump_storage_state_len);
-        b.put_u64(0xd0, i.conf_dump_finalize_len);
+/// QUI output fields (the v6.2 `struct uv_cb_qui` offsets).
+fn fill_qui(uv: &Ultravisor, b: &mut Block<'_>) {
+    let i = &uv.core.info;
+    for (n, w) in i.inst_calls_list.iter().enumerate() {
+        b.put_u64(0x10 + 8 * n, *w);
     }
+    b.put_u64(0x50, i.guest_base_stor_len);
+    b.put_u64(0x58, i.guest_virt_base_stor_len);
+    b.put_u64(0x60, i.guest_virt_var_stor_len);
+    b.put_u64(0x68, i.guest_cpu_stor_len);
+    b.put_u32(0x7c, u32::try_from(i.max_num_sec_conf).unwrap_or(u32::MAX));
+    b.put_u64(0x80, i.max_sec_stor_addr);
+    b.put_u16(0x9e, u16::try_from(i.max_guest_cpu_id).unwrap_or(u16::MAX));
+    b.put_u64(0xa0, i.uv_feature_indications);
+    b.put_u64(0xc8, i.conf_dump_storage_state_len);
+    b.put_u64(0xd0, i.conf_dump_finalize_len);
 }
 
 /// `cargo fuzz` entry: run one arbitrary byte string through a shared emulated UV that has a
@@ -242,6 +241,6 @@ pub fn fuzz_one(data: &[u8]) {
         Some((uv, region))
     });
     if let Some((uv, _)) = uv {
-        let _ = uv.call(data);
+        let _ = call(uv, data);
     }
 }

@@ -12,19 +12,19 @@ use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use sha2::{Digest, Sha512};
 use xts_mode::{Array, Xts128};
 
+use crate::PAGE_SIZE;
+
 /// The emulated machine's host key (AES-256). Real hosts hold a private ECDH key; the
 /// emulator wraps the image key directly under this symmetric key. Public by design.
 pub const HOST_KEY_DEFAULT: [u8; 32] = *b"pvfast-emulated-ultravisor-key-1";
 /// Largest header the emulated UV accepts (the v6.2 kernel limit, 2 * PAGE_SIZE).
-pub const MAX_HEADER_LEN: usize = 8192;
+pub const MAX_HEADER_LEN: usize = 2 * PAGE_SIZE;
 /// Header magic, as in real Secure Execution headers.
 pub const MAGIC: [u8; 8] = *b"IBMSecEx";
 /// The only header version this UV understands.
 pub const VERSION: u32 = 0x0000_0100;
 /// Bytes of the AES-256-XTS image key (two AES-256 keys: data key, tweak key).
 pub const IMAGE_KEY_LEN: usize = 64;
-/// Granule of components, encryption and digests.
-pub const IMAGE_PAGE_SIZE: usize = 4096;
 
 const OFF_MAGIC: usize = 0x00;
 const OFF_VERSION: usize = 0x08;
@@ -78,7 +78,7 @@ pub struct ComponentDesc {
 impl ComponentDesc {
     /// Pages of the component.
     pub fn pages(&self) -> u64 {
-        self.size / IMAGE_PAGE_SIZE as u64
+        self.size / PAGE_SIZE as u64
     }
 }
 
@@ -276,7 +276,7 @@ fn validate_table(components: &[ComponentDesc]) -> Result<u64, (Option<usize>, S
             ),
         ));
     }
-    let page = IMAGE_PAGE_SIZE as u64;
+    let page = PAGE_SIZE as u64;
     let mut pages: u64 = 0;
     for (i, c) in components.iter().enumerate() {
         if c.addr % page != 0 {
@@ -520,7 +520,7 @@ pub fn seal_image(
     if image_key[..32] == image_key[32..] {
         return Err("image_key: its two halves (XTS data and tweak keys) must differ".into());
     }
-    let page = IMAGE_PAGE_SIZE as u64;
+    let page = PAGE_SIZE as u64;
     let mut table = Vec::with_capacity(components.len());
     for (i, &(addr, tweak, data)) in components.iter().enumerate() {
         if data.is_empty() {
@@ -543,7 +543,7 @@ pub fn seal_image(
         let size = usize::try_from(desc.size).map_err(|_| "component too large".to_string())?;
         let mut buf = vec![0u8; size];
         buf[..data.len()].copy_from_slice(data);
-        for (n, chunk) in buf.chunks_exact_mut(IMAGE_PAGE_SIZE).enumerate() {
+        for (n, chunk) in buf.chunks_exact_mut(PAGE_SIZE).enumerate() {
             let offset = n as u64 * page;
             pld.update(&*chunk);
             ald.update((desc.addr + offset).to_be_bytes());

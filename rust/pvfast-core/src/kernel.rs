@@ -1,15 +1,16 @@
-//! Kernel-side range helpers: what the s390 fault handlers and exit_mmap do per page (spec §4.7
-//! and §6), expressed as UVC sequences. Each UVC is counted like a single call would be. Whether
-//! to export before import is the caller's (KVM layer's) decision.
+//! Kernel-side range helpers, as free functions over an [`Ultravisor`]: what the s390 fault
+//! handlers, KVM_PV_UNPACK, exit_mmap and `__s390_uv_destroy_range` do to a range of pages,
+//! expressed as UVC sequences. Each UVC is counted like a single call would be. Whether to export
+//! before import is the caller's (KVM layer's) decision.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{invalid, CoreError};
 use crate::memory::ps;
 use crate::region::Region;
 use crate::ultravisor::Ultravisor;
 use crate::uvc::{rc, UvcStatus};
-use crate::walk::{for_secure_pages, CancelToken};
+use crate::walk::{self, CancelToken, WalkResult};
 use crate::PAGE_SIZE;
 
 /// Result of `import_range`: UVCs issued per kind, and the failed imports.
@@ -23,9 +24,26 @@ pub struct ImportResult {
     pub first_failure_rc: u16,
 }
 
+/// Result of `make_accessible_range`: successful pins and exports, and the pages that stay
+/// secure because both failed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AccessResult {
+    pub pinned: u64,
+    pub exported: u64,
+    pub failed: u64,
+}
+
+/// Result of `mm_teardown`: pages made non-secure by a destroy, and successful exports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TeardownResult {
+    pub destroyed: u64,
+    pub exported: u64,
+}
+
 /// Outcome of `unpack_range` (KVM_PV_UNPACK's loop).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UnpackStatus {
+    /// Every page unpacked.
     Ok,
     /// Interrupted by a fatal signal while a page had to be faulted in (-EAGAIN).
     Eagain,
@@ -46,6 +64,8 @@ impl UnpackStatus {
     }
 }
 
+/// Result of `unpack_range`: the outcome, rc/rrc of the last unpack UVC (0, 0 if none), and
+/// the pages unpacked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UnpackResult {
     pub status: UnpackStatus,
@@ -67,151 +87,176 @@ fn page_range(region: &Region, start: u64, npages: u64) -> Result<(u64, u64), Co
     }
 }
 
-impl Ultravisor {
-    /// A protected guest touches pages `[start, start+npages)`: fault in, then per page the
-    /// kernel's non-secure-access / secure-storage-violation handling (see the .pyi).
-    pub fn import_range(
-        &self,
-        handle: u64,
-        region: &Region,
-        start: u64,
-        npages: u64,
-        export_first: bool,
-    ) -> Result<ImportResult, CoreError> {
-        self.check_region(region)?;
-        let (lo, hi) = page_range(region, start, npages)?;
-        let mut r = ImportResult::default();
-        let owner_id = self.core.live_config(handle).map(|c| c.id);
-        region.with_mem(|mem| {
-            region.touch_pages(mem, lo, hi);
-        })?;
-        for idx in lo..hi {
-            let paddr = region.base() + idx * PAGE_SIZE as u64;
-            let gaddr = idx * PAGE_SIZE as u64;
-            let s = region.with_mem(|mem| mem.metas()[idx as usize].load(Ordering::Acquire))?;
-            let kind = ps::kind(s);
-            let own = owner_id.is_some_and(|id| ps::owner(s) == id);
-            if ps::is_secure(s) && own {
-                continue;
-            }
-            if kind == ps::SECURE || (kind == ps::SHARED && !self.owner_alive(s)) {
-                // Secure-storage violation: destroy, fall back to export.
-                r.destroys += 1;
-                if !self.destroy_page(paddr).is_ok() {
-                    r.exports += 1;
-                    let _ = self.convert_from_secure(paddr);
-                }
-            }
-            if export_first {
+/// A protected guest touches pages `[start, start+npages)`: fault in, then per page the
+/// kernel's non-secure-access / secure-storage-violation handling (see the .pyi).
+pub fn import_range(
+    uv: &Ultravisor,
+    handle: u64,
+    region: &Region,
+    start: u64,
+    npages: u64,
+    export_first: bool,
+) -> Result<ImportResult, CoreError> {
+    uv.check_region(region)?;
+    let (lo, hi) = page_range(region, start, npages)?;
+    let mut r = ImportResult::default();
+    let owner_id = uv.core.live_config(handle).map(|c| c.id);
+    region.with_mem(|mem| {
+        region.touch_pages(mem, lo, hi);
+    })?;
+    for idx in lo..hi {
+        let paddr = region.base() + idx * PAGE_SIZE as u64;
+        let gaddr = idx * PAGE_SIZE as u64;
+        let s = region.with_mem(|mem| mem.metas()[idx as usize].load(Ordering::Acquire))?;
+        let kind = ps::kind(s);
+        let own = owner_id.is_some_and(|id| ps::owner(s) == id);
+        if ps::is_secure(s) && own {
+            continue;
+        }
+        if kind == ps::SECURE || (kind == ps::SHARED && !owner_alive(uv, s)) {
+            // Secure-storage violation: destroy, fall back to export.
+            r.destroys += 1;
+            if !uv.destroy_page(paddr).is_ok() {
                 r.exports += 1;
-                let _ = self.convert_from_secure(paddr);
-            }
-            r.imports += 1;
-            let st = self.convert_to_secure(handle, gaddr);
-            if !st.is_ok() {
-                r.failed_pages += 1;
-                if r.first_failure_rc == 0 {
-                    r.first_failure_rc = st.rc;
-                }
+                let _ = uv.convert_from_secure(paddr);
             }
         }
-        Ok(r)
-    }
-
-    fn owner_alive(&self, s: u32) -> bool {
-        self.core
-            .config_by_id(ps::owner(s))
-            .is_some_and(|c| c.is_alive())
-    }
-
-    /// Host (or a non-protected guest) touches pages: pin shared, else export, for every
-    /// secure/shared/orphaned page. Returns (pinned, exported) successes.
-    pub fn make_accessible_range(
-        &self,
-        region: &Region,
-        start: u64,
-        npages: u64,
-    ) -> Result<(u64, u64, u64), CoreError> {
-        self.check_region(region)?;
-        let (lo, hi) = page_range(region, start, npages)?;
-        // A page neither pinned nor exported stays secure: the access cannot proceed.
-        let failed = std::sync::atomic::AtomicU64::new(0);
-        let (pinned, exported) = for_secure_pages(&self.core, region, lo, hi, |ctx, idx| {
-            let paddr = ctx.paddr(idx);
-            if self.pin_shared(paddr).is_ok() {
-                (1, 0)
-            } else if self.convert_from_secure(paddr).is_ok() {
-                (0, 1)
-            } else {
-                failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                (0, 0)
+        if export_first {
+            r.exports += 1;
+            let _ = uv.convert_from_secure(paddr);
+        }
+        r.imports += 1;
+        let st = uv.convert_to_secure(handle, gaddr);
+        if !st.is_ok() {
+            r.failed_pages += 1;
+            if r.first_failure_rc == 0 {
+                r.first_failure_rc = st.rc;
             }
-        })?;
-        Ok((pinned, exported, failed.into_inner()))
+        }
     }
+    Ok(r)
+}
 
-    /// exit_mmap of a protected mm: destroy every present secure page (every present page with
-    /// `all_present`), batched and parallel like the walk; export a page whose destroy fails.
-    /// Returns (pages destroyed, successful exports).
-    pub fn mm_teardown(&self, region: &Region, all_present: bool) -> Result<(u64, u64), CoreError> {
-        self.check_region(region)?;
-        crate::walk::mm_teardown(&self.core, region, all_present)
+fn owner_alive(uv: &Ultravisor, s: u32) -> bool {
+    uv.core
+        .config_by_id(ps::owner(s))
+        .is_some_and(|c| c.is_alive())
+}
+
+/// Host (or a non-protected guest) touches pages: pin shared, else export, for every
+/// secure/shared/orphaned page.
+pub fn make_accessible_range(
+    uv: &Ultravisor,
+    region: &Region,
+    start: u64,
+    npages: u64,
+) -> Result<AccessResult, CoreError> {
+    uv.check_region(region)?;
+    let (lo, hi) = page_range(region, start, npages)?;
+    // A page neither pinned nor exported stays secure: the access cannot proceed.
+    let failed = AtomicU64::new(0);
+    let (pinned, exported) = walk::for_secure_pages(&uv.core, region, lo, hi, |ctx, idx| {
+        let paddr = ctx.paddr(idx);
+        if uv.pin_shared(paddr).is_ok() {
+            (1, 0)
+        } else if uv.convert_from_secure(paddr).is_ok() {
+            (0, 1)
+        } else {
+            failed.fetch_add(1, Ordering::Relaxed);
+            (0, 0)
+        }
+    })?;
+    Ok(AccessResult {
+        pinned,
+        exported,
+        failed: failed.into_inner(),
+    })
+}
+
+/// exit_mmap of a protected mm: destroy every present secure page (every present page with
+/// `all_present`), batched and parallel like the walk; export a page whose destroy fails.
+pub fn mm_teardown(
+    uv: &Ultravisor,
+    region: &Region,
+    all_present: bool,
+) -> Result<TeardownResult, CoreError> {
+    uv.check_region(region)?;
+    let (destroyed, exported) = walk::mm_teardown(&uv.core, region, all_present)?;
+    Ok(TeardownResult {
+        destroyed,
+        exported,
+    })
+}
+
+/// `__s390_uv_destroy_range`: one destroy-page UVC per present page of `[start, end)` (`end`
+/// clamped to the region, `None` = its end), results ignored, parallel, and with `cancel`
+/// interruptible after every batch of `BATCH_PAGES` present pages.
+pub fn destroy_walk(
+    uv: &Ultravisor,
+    region: &Region,
+    start: u64,
+    end: Option<u64>,
+    cancel: Option<&CancelToken>,
+) -> Result<WalkResult, CoreError> {
+    uv.check_region(region)?;
+    walk::destroy_range(&uv.core, region, start, end, cancel)
+}
+
+/// KVM_PV_UNPACK's loop over `[addr, addr+size)` with tweak0 = tweak, tweak1 = offset.
+// The arguments are KVM_PV_UNPACK's (handle, addr, size, tweak) plus the emulator's context
+// (UV, region, export policy, fatal-signal flag); a struct for them would only rename them.
+#[allow(clippy::too_many_arguments)]
+pub fn unpack_range(
+    uv: &Ultravisor,
+    handle: u64,
+    region: &Region,
+    addr: u64,
+    size: u64,
+    tweak: u64,
+    export_first: bool,
+    cancel: Option<&CancelToken>,
+) -> Result<UnpackResult, CoreError> {
+    uv.check_region(region)?;
+    let mut last = UvcStatus {
+        cc: 0,
+        rc: 0,
+        rrc: 0,
+    };
+    let result = |status, last: UvcStatus, done| UnpackResult {
+        status,
+        rc: last.rc,
+        rrc: last.rrc,
+        pages_done: done,
+    };
+    let page = PAGE_SIZE as u64;
+    if !addr.is_multiple_of(page) || size == 0 || !size.is_multiple_of(page) {
+        return Ok(result(UnpackStatus::Einval, last, 0));
     }
-
-    /// KVM_PV_UNPACK's loop over `[addr, addr+size)` with tweak0 = tweak, tweak1 = offset.
-    #[allow(clippy::too_many_arguments)]
-    pub fn unpack_range(
-        &self,
-        handle: u64,
-        region: &Region,
-        addr: u64,
-        size: u64,
-        tweak: u64,
-        export_first: bool,
-        cancel: Option<&CancelToken>,
-    ) -> Result<UnpackResult, CoreError> {
-        self.check_region(region)?;
-        let mut last = UvcStatus {
-            cc: 0,
-            rc: 0,
-            rrc: 0,
+    let mut done = 0;
+    let mut offset = 0;
+    while offset < size {
+        let gaddr = match addr.checked_add(offset) {
+            Some(g) if g < region.size() => g,
+            _ => return Ok(result(UnpackStatus::Efault, last, done)),
         };
-        let result = |status, last: UvcStatus, done| UnpackResult {
-            status,
-            rc: last.rc,
-            rrc: last.rrc,
-            pages_done: done,
-        };
-        let page = PAGE_SIZE as u64;
-        if !addr.is_multiple_of(page) || size == 0 || !size.is_multiple_of(page) {
-            return Ok(result(UnpackStatus::Einval, last, 0));
+        if export_first {
+            let _ = uv.convert_from_secure(region.base() + gaddr);
         }
-        let mut done = 0;
-        let mut offset = 0;
-        while offset < size {
-            let gaddr = match addr.checked_add(offset) {
-                Some(g) if g < region.size() => g,
-                _ => return Ok(result(UnpackStatus::Efault, last, done)),
-            };
-            if export_first {
-                let _ = self.convert_from_secure(region.base() + gaddr);
-            }
-            last = self.unpack(handle, gaddr, tweak, offset);
-            if last.is_ok() {
-                done += 1;
-                offset += page;
-                continue;
-            }
-            if last.rc != rc::PAGE_NOT_ACCESSIBLE {
-                return Ok(result(UnpackStatus::Einval, last, done));
-            }
-            // Fault the page in, then -EAGAIN: stop on a fatal signal, else retry.
-            region.touch(gaddr, page)?;
-            if cancel.is_some_and(|c| c.is_set()) {
-                return Ok(result(UnpackStatus::Eagain, last, done));
-            }
-            std::thread::yield_now();
+        last = uv.unpack(handle, gaddr, tweak, offset);
+        if last.is_ok() {
+            done += 1;
+            offset += page;
+            continue;
         }
-        Ok(result(UnpackStatus::Ok, last, done))
+        if last.rc != rc::PAGE_NOT_ACCESSIBLE {
+            return Ok(result(UnpackStatus::Einval, last, done));
+        }
+        // Fault the page in, then -EAGAIN: stop on a fatal signal, else retry.
+        region.touch(gaddr, page)?;
+        if cancel.is_some_and(|c| c.is_set()) {
+            return Ok(result(UnpackStatus::Eagain, last, done));
+        }
+        std::thread::yield_now();
     }
+    Ok(result(UnpackStatus::Ok, last, done))
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::memory::{mlock, ps, rlock, RegionMem};
 use crate::region::Region;
-use crate::ultravisor::Core;
+use crate::state::Core;
 use crate::uvc::{rc, UvcStatus};
 use crate::zero::{store_fence, zero_page_nt};
 use crate::PAGE_SIZE;

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use crate::config::{ExportTag, Tables};
 use crate::error::{invalid, CoreError};
 use crate::memory::{mlock, ps, rlock, summary_counts, wlock, RegionMem, CHUNK_PAGES};
-use crate::ultravisor::Core;
+use crate::state::Core;
 use crate::PAGE_SIZE;
 
 /// Page state as reported to callers. ORPHANED = secure/shared page of a dead configuration.

@@ -1,189 +1,21 @@
-//! The emulated Ultravisor: options and QUI information, the configuration/CPU tables, the
-//! region registry, and one typed method per UVC.
+//! The Ultravisor façade: region registry, inspection, fault injection, and one typed method
+//! per UVC. Every UVC method starts with `Core::execute`, the shared counting/injection prologue.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
-use crate::config::{mix64, random_u64, Config, Cpu, Tables, CFG_DESTROYED, CFG_FAST_DESTROYED};
+use crate::config::{Config, Cpu, CFG_DESTROYED, CFG_FAST_DESTROYED};
 use crate::error::{invalid, CoreError};
+use crate::image;
 use crate::memory::{mlock, ps, rlock, wlock};
 use crate::pages::{OwnerOp, PageCtx};
-use crate::region::Region;
-use crate::uvc::{rc, Injections, Stats, Uvc, UvcStatus};
-use crate::{image, PAGE_SIZE};
-
-const MIB: u64 = 1 << 20;
-
-/// Construction options (mirrors `Ultravisor.__init__`).
-#[derive(Debug, Clone)]
-pub struct UvOptions {
-    /// Installed-call bit 23 (Destroy Secure Configuration Fast).
-    pub destroy_fast: bool,
-    /// Feature bit 0: importing a shared page of another configuration moves it.
-    pub feature_misc: bool,
-    /// Feature bit 1.
-    pub feature_aiv: bool,
-    /// Installed-call bits 24..27.
-    pub dump: bool,
-    pub max_guests: u32,
-    pub max_cpus: u32,
-    /// Destroy-page on a non-secure page answers cc 1, rc 0x0107, rrc 0x000d.
-    pub legacy_destroy_rc: bool,
-    /// Worker threads for walks; 0 = number of CPUs.
-    pub threads: usize,
-    /// Host key that SE headers are wrapped for.
-    pub host_key: [u8; 32],
-}
-
-impl Default for UvOptions {
-    fn default() -> Self {
-        UvOptions {
-            destroy_fast: true,
-            feature_misc: true,
-            feature_aiv: true,
-            dump: true,
-            max_guests: 4096,
-            max_cpus: 248,
-            legacy_destroy_rc: false,
-            threads: 0,
-            host_key: image::HOST_KEY_DEFAULT,
-        }
-    }
-}
-
-/// The QUI answer (`uv_info`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UvInfo {
-    pub inst_calls_list: [u64; 4],
-    pub uv_feature_indications: u64,
-    pub guest_base_stor_len: u64,
-    pub guest_virt_base_stor_len: u64,
-    pub guest_virt_var_stor_len: u64,
-    pub guest_cpu_stor_len: u64,
-    pub max_guest_cpu_id: u64,
-    pub max_num_sec_conf: u64,
-    pub max_sec_stor_addr: u64,
-    pub conf_dump_storage_state_len: u64,
-    pub conf_dump_finalize_len: u64,
-}
-
-/// Set MSB-0 bit `n` of a 4-word bit list.
-pub fn set_bit_inv(words: &mut [u64; 4], n: u32) {
-    if let Some(w) = words.get_mut((n / 64) as usize) {
-        *w |= 1u64 << (63 - n % 64);
-    }
-}
-
-/// Test MSB-0 bit `n` of a 4-word bit list (the kernel's test_bit_inv).
-pub fn test_bit_inv(words: &[u64; 4], n: u32) -> bool {
-    words
-        .get((n / 64) as usize)
-        .is_some_and(|w| w & (1u64 << (63 - n % 64)) != 0)
-}
-
-impl UvInfo {
-    fn new(o: &UvOptions) -> UvInfo {
-        let mut calls = [0u64; 4];
-        for u in Uvc::ALL {
-            let Some(bit) = u.bit() else { continue };
-            let installed = match u {
-                Uvc::DestroySecConfFast => o.destroy_fast,
-                Uvc::DumpInit | Uvc::DumpConfStorState | Uvc::DumpCpu | Uvc::DumpComplete => o.dump,
-                _ => true,
-            };
-            if installed {
-                set_bit_inv(&mut calls, bit);
-            }
-        }
-        let mut feat = 0u64;
-        if o.feature_misc {
-            feat |= 1 << 63;
-        }
-        if o.feature_aiv {
-            feat |= 1 << 62;
-        }
-        UvInfo {
-            inst_calls_list: calls,
-            uv_feature_indications: feat,
-            guest_base_stor_len: 0x10_0000,
-            guest_virt_base_stor_len: 0x4000,
-            guest_virt_var_stor_len: 0x20,
-            guest_cpu_stor_len: 0x2000,
-            max_guest_cpu_id: u64::from(o.max_cpus.saturating_sub(1)).min(u64::from(u16::MAX)),
-            max_num_sec_conf: u64::from(o.max_guests),
-            max_sec_stor_addr: (1u64 << 53) - 1,
-            conf_dump_storage_state_len: 0x1000,
-            conf_dump_finalize_len: 0x200,
-        }
-    }
-
-    /// Variable storage a configuration of `guest_len` bytes needs (spec §2.3).
-    pub fn var_stor_len(&self, guest_len: u64) -> u64 {
-        let per = self.guest_virt_var_stor_len.saturating_mul(guest_len / MIB);
-        per.div_ceil(PAGE_SIZE as u64)
-            .saturating_mul(PAGE_SIZE as u64)
-            .saturating_add(self.guest_virt_base_stor_len)
-    }
-
-    pub fn is_installed(&self, uvc: Uvc) -> bool {
-        // Destroy-page has no installed-calls bit and is always available.
-        uvc.bit()
-            .is_none_or(|b| test_bit_inv(&self.inst_calls_list, b))
-    }
-}
-
-/// State shared by the Ultravisor and its regions.
-pub(crate) struct Core {
-    pub(crate) opts: UvOptions,
-    pub(crate) info: UvInfo,
-    pub(crate) tables: RwLock<Tables>,
-    pub(crate) stats: Stats,
-    pub(crate) inject: Injections,
-    pub(crate) secure_total: AtomicI64,
-    pub(crate) donated: AtomicU64,
-    pub(crate) pool: rayon::ThreadPool,
-    /// Workers for interruptible (PERFORM) walks. In the kernel PERFORM runs in its own thread
-    /// while other ioctls go on; on one shared rayon pool a long walk would hold every worker and
-    /// queue the foreground UV work of other threads behind it.
-    bg_pool: OnceLock<Result<rayon::ThreadPool, CoreError>>,
-    threads: usize,
-    salt: u64,
-    cpu_seq: AtomicU64,
-}
-
-impl Core {
-    /// Count one execution of `uvc`; returns the injected failure if one is pending.
-    #[inline]
-    pub(crate) fn begin(&self, uvc: Uvc) -> Option<UvcStatus> {
-        self.stats.add(uvc, 1);
-        self.inject.take(uvc)
-    }
-
-    /// The pool for background (interruptible) walks, built on first use.
-    pub(crate) fn bg_pool(&self) -> Result<&rayon::ThreadPool, CoreError> {
-        self.bg_pool
-            .get_or_init(|| build_pool(self.threads, "pvfast-uv-bg"))
-            .as_ref()
-            .map_err(|e| e.clone())
-    }
-
-    pub(crate) fn config_by_id(&self, id: u32) -> Option<Arc<Config>> {
-        rlock(&self.tables).by_id(id).cloned()
-    }
-
-    pub(crate) fn live_config(&self, handle: u64) -> Option<Arc<Config>> {
-        rlock(&self.tables).live(handle).cloned()
-    }
-}
-
-fn build_pool(threads: usize, name: &'static str) -> Result<rayon::ThreadPool, CoreError> {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .thread_name(move |i| format!("{name}-{i}"))
-        .build()
-        .map_err(|_| CoreError::Os(libc::EAGAIN))
-}
+use crate::region::{classify, PageState, Region};
+use crate::state::Core;
+pub use crate::state::{set_bit_inv, test_bit_inv, UvInfo, UvOptions};
+use crate::uvc::{rc, Uvc, UvcStatus};
+use crate::walk;
+use crate::{MIB, PAGE_SIZE};
 
 /// One emulated Ultravisor. All methods take `&self` and are thread-safe.
 pub struct Ultravisor {
@@ -198,30 +30,8 @@ const FIRST_BASE: u64 = 1 << 32;
 
 impl Ultravisor {
     pub fn new(opts: UvOptions) -> Result<Ultravisor, CoreError> {
-        let threads = if opts.threads == 0 {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        } else {
-            opts.threads
-        };
-        let pool = build_pool(threads, "pvfast-uv")?;
-        let info = UvInfo::new(&opts);
         Ok(Ultravisor {
-            core: Arc::new(Core {
-                opts,
-                info,
-                tables: RwLock::new(Tables::default()),
-                stats: Stats::new(),
-                inject: Injections::new(),
-                secure_total: AtomicI64::new(0),
-                donated: AtomicU64::new(0),
-                pool,
-                bg_pool: OnceLock::new(),
-                threads,
-                salt: random_u64(),
-                cpu_seq: AtomicU64::new(0),
-            }),
+            core: Arc::new(Core::new(opts)?),
             regions: RwLock::new(BTreeMap::new()),
             next_base: Mutex::new(FIRST_BASE),
             next_region_id: AtomicU64::new(1),
@@ -359,6 +169,11 @@ impl Ultravisor {
         rlock(&self.regions).values().cloned().collect()
     }
 
+    /// The registered region holding a configuration's guest storage (None once released).
+    fn region_of(&self, cfg: &Config) -> Option<Arc<Region>> {
+        rlock(&self.regions).get(&cfg.region_base).cloned()
+    }
+
     /// The region and page index of a host absolute address.
     fn resolve_paddr(&self, paddr: u64) -> Option<(Arc<Region>, u64)> {
         if !paddr.is_multiple_of(PAGE_SIZE as u64) {
@@ -401,7 +216,7 @@ impl Ultravisor {
         if !gaddr.is_multiple_of(PAGE_SIZE as u64) || gaddr >= cfg.guest_len {
             return UvcStatus::err(rc::INV_ADDR);
         }
-        let Some(region) = cfg.region.upgrade() else {
+        let Some(region) = self.region_of(&cfg) else {
             return UvcStatus::err(rc::INV_ADDR);
         };
         let idx = gaddr / PAGE_SIZE as u64;
@@ -427,18 +242,12 @@ impl Ultravisor {
 
     /// QUI 0x0001.
     pub fn query(&self) -> UvcStatus {
-        if let Some(f) = self.core.begin(Uvc::Qui) {
-            return f;
-        }
-        UvcStatus::OK
+        self.core.execute(Uvc::Qui, || UvcStatus::OK)
     }
 
     /// INIT_UV 0x000f: the emulated UV is initialised at construction; this is a no-op.
     pub fn init_uv(&self) -> UvcStatus {
-        if let Some(f) = self.core.begin(Uvc::InitUv) {
-            return f;
-        }
-        UvcStatus::OK
+        self.core.execute(Uvc::InitUv, || UvcStatus::OK)
     }
 
     /// CREATE_SEC_CONF 0x0100 -> (status, handle).
@@ -453,22 +262,19 @@ impl Ultravisor {
     ) -> Result<(UvcStatus, u64), CoreError> {
         self.check_region(region)?;
         let _ = sca; // the SCA origin is recorded by a real UV; nothing in the emulator reads it
-        if let Some(f) = self.core.begin(Uvc::CreateSecConf) {
-            // An injected rc with the 0x8000 flag means "failed, but a handle exists and must
-            // be destroyed": create the configuration for real and hand out its handle.
-            if f.rc & rc::NEED_DESTROY != 0 {
-                let (s, h) = self.create_config_checked(
-                    region,
-                    guest_len,
-                    asce,
-                    base_stor_len,
-                    var_stor_len,
-                );
-                return Ok((f, if s.is_ok() { h } else { 0 }));
+        let create =
+            || self.create_config_checked(region, guest_len, asce, base_stor_len, var_stor_len);
+        // Not `execute`: the one injected failure that changes something. An injected rc with
+        // the 0x8000 flag means "failed, but a handle exists and must be destroyed", so the
+        // configuration is created for real and its handle handed out.
+        Ok(match self.core.begin(Uvc::CreateSecConf) {
+            None => create(),
+            Some(f) if f.rc & rc::NEED_DESTROY != 0 => {
+                let (s, h) = create();
+                (f, if s.is_ok() { h } else { 0 })
             }
-            return Ok((f, 0));
-        }
-        Ok(self.create_config_checked(region, guest_len, asce, base_stor_len, var_stor_len))
+            Some(f) => (f, 0),
+        })
     }
 
     fn create_config_checked(
@@ -502,29 +308,22 @@ impl Ultravisor {
             return (UvcStatus::err(rc::ASCE_IN_USE), 0);
         }
         let id = t.by_id.len() as u32 + 1;
-        let handle = self.fresh_handle(&t, u64::from(id));
+        let handle = self.core.fresh_handle(&t, u64::from(id));
         let donated = base_stor_len.saturating_add(var_stor_len);
-        let cfg = Arc::new(Config::new(id, handle, region, guest_len, origin, donated));
+        let cfg = Arc::new(Config::new(
+            id,
+            handle,
+            region.base,
+            guest_len,
+            origin,
+            donated,
+        ));
         t.by_id.push(Arc::clone(&cfg));
         t.by_handle.insert(handle, cfg);
         t.asce_in_use.insert(origin);
         t.live += 1;
         self.core.donated.fetch_add(donated, Ordering::Relaxed);
         (UvcStatus::OK, handle)
-    }
-
-    /// An opaque handle: non-zero, unused, and with both neighbours unused (so that
-    /// "handle + 1" is always invalid).
-    fn fresh_handle(&self, t: &Tables, seq: u64) -> u64 {
-        let taken = |h: u64| h == 0 || t.by_handle.contains_key(&h) || t.cpus.contains_key(&h);
-        let mut attempt = 0u64;
-        loop {
-            let h = mix64(seq ^ self.core.salt ^ mix64(attempt)) & !0xff;
-            if !taken(h) && !taken(h.wrapping_add(1)) && !taken(h.wrapping_sub(1)) {
-                return h;
-            }
-            attempt += 1;
-        }
     }
 
     fn destroy_config_common(&self, handle: u64, uvc: Uvc) -> Result<Arc<Config>, UvcStatus> {
@@ -551,226 +350,211 @@ impl Ultravisor {
 
     /// DESTROY_SEC_CONF 0x0101: refused while the config has CPUs; cleans all its pages.
     pub fn destroy_config(&self, handle: u64) -> UvcStatus {
-        if let Some(f) = self.core.begin(Uvc::DestroySecConf) {
-            return f;
-        }
-        match self.destroy_config_common(handle, Uvc::DestroySecConf) {
-            Ok(cfg) => {
-                if let Some(region) = cfg.region.upgrade() {
-                    crate::walk::clean_config(&self.core, &region, cfg.id);
+        self.core.execute(Uvc::DestroySecConf, || {
+            match self.destroy_config_common(handle, Uvc::DestroySecConf) {
+                Ok(cfg) => {
+                    if let Some(region) = self.region_of(&cfg) {
+                        walk::clean_config(&self.core, &region, cfg.id);
+                    }
+                    UvcStatus::OK
                 }
-                UvcStatus::OK
+                Err(s) => s,
             }
-            Err(s) => s,
-        }
+        })
     }
 
     /// DESTROY_SEC_CONF_FAST 0x0102: O(1); the config's pages become ORPHANED.
     pub fn destroy_config_fast(&self, handle: u64) -> UvcStatus {
-        if let Some(f) = self.core.begin(Uvc::DestroySecConfFast) {
-            return f;
-        }
-        if !self.core.opts.destroy_fast {
-            return UvcStatus::err(rc::INV_CMD);
-        }
-        match self.destroy_config_common(handle, Uvc::DestroySecConfFast) {
-            Ok(_) => UvcStatus::OK,
-            Err(s) => s,
-        }
+        self.core.execute(Uvc::DestroySecConfFast, || {
+            if !self.core.opts.destroy_fast {
+                return UvcStatus::err(rc::INV_CMD);
+            }
+            match self.destroy_config_common(handle, Uvc::DestroySecConfFast) {
+                Ok(_) => UvcStatus::OK,
+                Err(s) => s,
+            }
+        })
     }
 
     /// CREATE_SEC_CPU 0x0120 -> (status, cpu handle).
     pub fn create_cpu(&self, handle: u64, num: u64, stor_len: u64) -> (UvcStatus, u64) {
-        if let Some(f) = self.core.begin(Uvc::CreateSecCpu) {
-            return (f, 0);
-        }
-        let mut t = wlock(&self.core.tables);
-        let Some(cfg) = t.live(handle).cloned() else {
-            return (UvcStatus::err(rc::INV_GUEST_HANDLE), 0);
-        };
-        if num > self.core.info.max_guest_cpu_id {
-            return (UvcStatus::err(rc::INV_CPU_NUM), 0);
-        }
-        if stor_len < self.core.info.guest_cpu_stor_len {
-            return (UvcStatus::err(rc::CPU_STOR_TOO_SHORT), 0);
-        }
-        let num = num as u16;
-        if t.cpus
-            .values()
-            .any(|c| c.config.id == cfg.id && c.num == num)
-        {
-            return (UvcStatus::err(rc::CPU_NUM_IN_USE), 0);
-        }
-        let seq = self.core.cpu_seq.fetch_add(1, Ordering::Relaxed) | (1 << 63);
-        let cpu_handle = self.fresh_handle(&t, seq);
-        cfg.cpus.fetch_add(1, Ordering::SeqCst);
-        t.cpus.insert(
-            cpu_handle,
-            Cpu {
-                config: cfg,
-                num,
-                stor_len,
-            },
-        );
-        self.core.donated.fetch_add(stor_len, Ordering::Relaxed);
-        (UvcStatus::OK, cpu_handle)
+        self.core.execute(Uvc::CreateSecCpu, || {
+            let mut t = wlock(&self.core.tables);
+            let Some(cfg) = t.live(handle).cloned() else {
+                return (UvcStatus::err(rc::INV_GUEST_HANDLE), 0);
+            };
+            if num > self.core.info.max_guest_cpu_id {
+                return (UvcStatus::err(rc::INV_CPU_NUM), 0);
+            }
+            if stor_len < self.core.info.guest_cpu_stor_len {
+                return (UvcStatus::err(rc::CPU_STOR_TOO_SHORT), 0);
+            }
+            let num = num as u16;
+            if t.cpus
+                .values()
+                .any(|c| c.config.id == cfg.id && c.num == num)
+            {
+                return (UvcStatus::err(rc::CPU_NUM_IN_USE), 0);
+            }
+            let cpu_handle = self.core.fresh_handle(&t, self.core.next_cpu_seq());
+            cfg.cpus.fetch_add(1, Ordering::SeqCst);
+            t.cpus.insert(
+                cpu_handle,
+                Cpu {
+                    config: cfg,
+                    num,
+                    stor_len,
+                },
+            );
+            self.core.donated.fetch_add(stor_len, Ordering::Relaxed);
+            (UvcStatus::OK, cpu_handle)
+        })
     }
 
     /// DESTROY_SEC_CPU 0x0121.
     pub fn destroy_cpu(&self, cpu_handle: u64) -> UvcStatus {
-        if let Some(f) = self.core.begin(Uvc::DestroySecCpu) {
-            return f;
-        }
-        let mut t = wlock(&self.core.tables);
-        let Some(cpu) = t.cpus.remove(&cpu_handle) else {
-            return UvcStatus::err(rc::INV_CPU_HANDLE);
-        };
-        cpu.config.cpus.fetch_sub(1, Ordering::SeqCst);
-        self.core.donated.fetch_sub(cpu.stor_len, Ordering::Relaxed);
-        UvcStatus::OK
+        self.core.execute(Uvc::DestroySecCpu, || {
+            let mut t = wlock(&self.core.tables);
+            let Some(cpu) = t.cpus.remove(&cpu_handle) else {
+                return UvcStatus::err(rc::INV_CPU_HANDLE);
+            };
+            cpu.config.cpus.fetch_sub(1, Ordering::SeqCst);
+            self.core.donated.fetch_sub(cpu.stor_len, Ordering::Relaxed);
+            UvcStatus::OK
+        })
     }
 
     /// A UVC addressed to a CPU handle that only checks it (resets, set-state).
     pub fn cpu_uvc(&self, uvc: Uvc, cpu_handle: u64) -> UvcStatus {
-        if let Some(f) = self.core.begin(uvc) {
-            return f;
-        }
-        if rlock(&self.core.tables).cpus.contains_key(&cpu_handle) {
-            UvcStatus::OK
-        } else {
-            UvcStatus::err(rc::INV_CPU_HANDLE)
-        }
+        self.core.execute(uvc, || {
+            if rlock(&self.core.tables).cpus.contains_key(&cpu_handle) {
+                UvcStatus::OK
+            } else {
+                UvcStatus::err(rc::INV_CPU_HANDLE)
+            }
+        })
     }
 
     /// CONV_TO_SEC_STOR 0x0200.
     pub fn convert_to_secure(&self, handle: u64, gaddr: u64) -> UvcStatus {
-        if let Some(f) = self.core.begin(Uvc::ConvToSecStor) {
-            return f;
-        }
-        self.on_gaddr(handle, gaddr, |p, cfg, idx| p.import(idx, cfg))
+        self.core.execute(Uvc::ConvToSecStor, || {
+            self.on_gaddr(handle, gaddr, |p, cfg, idx| p.import(idx, cfg))
+        })
     }
 
     /// CONV_FROM_SEC_STOR 0x0201.
     pub fn convert_from_secure(&self, paddr: u64) -> UvcStatus {
-        if let Some(f) = self.core.begin(Uvc::ConvFromSecStor) {
-            return f;
-        }
-        self.on_paddr(paddr, |p, idx| p.export(idx))
+        self.core.execute(Uvc::ConvFromSecStor, || {
+            self.on_paddr(paddr, |p, idx| p.export(idx))
+        })
     }
 
     /// DESTR_SEC_STOR 0x0202.
     pub fn destroy_page(&self, paddr: u64) -> UvcStatus {
-        if let Some(f) = self.core.begin(Uvc::DestrSecStor) {
-            return f;
-        }
-        self.on_paddr(paddr, |p, idx| p.destroy(idx))
+        self.core.execute(Uvc::DestrSecStor, || {
+            self.on_paddr(paddr, |p, idx| p.destroy(idx))
+        })
     }
 
     /// PIN_PAGE_SHARED 0x0341.
     pub fn pin_shared(&self, paddr: u64) -> UvcStatus {
-        if let Some(f) = self.core.begin(Uvc::PinPageShared) {
-            return f;
-        }
-        self.on_paddr(paddr, |p, idx| p.pin(idx))
+        self.core.execute(Uvc::PinPageShared, || {
+            self.on_paddr(paddr, |p, idx| p.pin(idx))
+        })
     }
 
     /// UNPIN_PAGE_SHARED 0x0342.
     pub fn unpin_shared(&self, handle: u64, gaddr: u64) -> UvcStatus {
-        if let Some(f) = self.core.begin(Uvc::UnpinPageShared) {
-            return f;
-        }
-        self.on_gaddr(handle, gaddr, |p, cfg, idx| {
-            p.owner_op(idx, cfg, OwnerOp::Unpin)
+        self.core.execute(Uvc::UnpinPageShared, || {
+            self.on_gaddr(handle, gaddr, |p, cfg, idx| {
+                p.owner_op(idx, cfg, OwnerOp::Unpin)
+            })
         })
     }
 
     /// SET_SHARED_ACCESS 0x1000 (guest side).
     pub fn set_shared_access(&self, handle: u64, gaddr: u64) -> UvcStatus {
-        if let Some(f) = self.core.begin(Uvc::SetSharedAccess) {
-            return f;
-        }
-        self.on_gaddr(handle, gaddr, |p, cfg, idx| {
-            p.owner_op(idx, cfg, OwnerOp::Share)
+        self.core.execute(Uvc::SetSharedAccess, || {
+            self.on_gaddr(handle, gaddr, |p, cfg, idx| {
+                p.owner_op(idx, cfg, OwnerOp::Share)
+            })
         })
     }
 
     /// REMOVE_SHARED_ACCESS 0x1001 (guest side).
     pub fn remove_shared_access(&self, handle: u64, gaddr: u64) -> UvcStatus {
-        if let Some(f) = self.core.begin(Uvc::RemoveSharedAccess) {
-            return f;
-        }
-        self.on_gaddr(handle, gaddr, |p, cfg, idx| {
-            p.owner_op(idx, cfg, OwnerOp::Unshare)
+        self.core.execute(Uvc::RemoveSharedAccess, || {
+            self.on_gaddr(handle, gaddr, |p, cfg, idx| {
+                p.owner_op(idx, cfg, OwnerOp::Unshare)
+            })
         })
     }
 
     /// SET_SEC_CONF_PARAMS 0x0300: parse and authenticate the SE header.
     pub fn set_sec_parms(&self, handle: u64, header: &[u8]) -> UvcStatus {
-        if let Some(f) = self.core.begin(Uvc::SetSecConfParams) {
-            return f;
-        }
-        let Some(cfg) = self.core.live_config(handle) else {
-            return UvcStatus::err(rc::INV_GUEST_HANDLE);
-        };
-        let mut image = mlock(&cfg.image);
-        if image.header.is_some() {
-            return UvcStatus::err(rc::CONFIG_STATE);
-        }
-        match image::parse_header(header, &self.core.opts.host_key) {
-            Ok(hdr) => {
-                image.header = Some(Box::new(hdr));
-                image.verifier = Some(image::Verifier::new());
-                image.verified = false;
-                UvcStatus::OK
+        self.core.execute(Uvc::SetSecConfParams, || {
+            let Some(cfg) = self.core.live_config(handle) else {
+                return UvcStatus::err(rc::INV_GUEST_HANDLE);
+            };
+            let mut image = mlock(&cfg.image);
+            if image.header.is_some() {
+                return UvcStatus::err(rc::CONFIG_STATE);
             }
-            Err(e) => UvcStatus::err(e.rc()),
-        }
+            match image::parse_header(header, &self.core.opts.host_key) {
+                Ok(hdr) => {
+                    image.header = Some(Box::new(hdr));
+                    image.verifier = Some(image::Verifier::new());
+                    image.verified = false;
+                    UvcStatus::OK
+                }
+                Err(e) => UvcStatus::err(e.rc()),
+            }
+        })
     }
 
     /// UNPACK_IMG 0x0301.
     pub fn unpack(&self, handle: u64, gaddr: u64, tweak0: u64, tweak1: u64) -> UvcStatus {
-        if let Some(f) = self.core.begin(Uvc::UnpackImg) {
-            return f;
-        }
-        self.on_gaddr(handle, gaddr, |p, cfg, idx| {
-            p.unpack(idx, cfg, gaddr, tweak0, tweak1)
+        self.core.execute(Uvc::UnpackImg, || {
+            self.on_gaddr(handle, gaddr, |p, cfg, idx| {
+                p.unpack(idx, cfg, gaddr, tweak0, tweak1)
+            })
         })
     }
 
     /// VERIFY_IMG 0x0302.
     pub fn verify(&self, handle: u64) -> UvcStatus {
-        if let Some(f) = self.core.begin(Uvc::VerifyImg) {
-            return f;
-        }
-        let Some(cfg) = self.core.live_config(handle) else {
-            return UvcStatus::err(rc::INV_GUEST_HANDLE);
-        };
-        let mut image = mlock(&cfg.image);
-        let (Some(hdr), Some(ver)) = (image.header.as_deref(), image.verifier.as_ref()) else {
-            return UvcStatus::err(rc::CONFIG_STATE);
-        };
-        if image.verified {
-            return UvcStatus::err(rc::CONFIG_STATE);
-        }
-        match ver.finish(hdr) {
-            Ok(()) => {
-                image.verified = true;
-                UvcStatus::OK
+        self.core.execute(Uvc::VerifyImg, || {
+            let Some(cfg) = self.core.live_config(handle) else {
+                return UvcStatus::err(rc::INV_GUEST_HANDLE);
+            };
+            let mut image = mlock(&cfg.image);
+            let (Some(hdr), Some(ver)) = (image.header.as_deref(), image.verifier.as_ref()) else {
+                return UvcStatus::err(rc::CONFIG_STATE);
+            };
+            if image.verified {
+                return UvcStatus::err(rc::CONFIG_STATE);
             }
-            Err(code) => UvcStatus::err(code),
-        }
+            match ver.finish(hdr) {
+                Ok(()) => {
+                    image.verified = true;
+                    UvcStatus::OK
+                }
+                Err(code) => UvcStatus::err(code),
+            }
+        })
     }
 
+    /// Prologue of the configuration-level UVCs without input data: count, injection,
+    /// installed check, live handle.
     fn nodata(&self, uvc: Uvc, handle: u64) -> Result<Arc<Config>, UvcStatus> {
-        if let Some(f) = self.core.begin(uvc) {
-            return Err(f);
-        }
-        if !self.core.info.is_installed(uvc) {
-            return Err(UvcStatus::err(rc::INV_CMD));
-        }
-        self.core
-            .live_config(handle)
-            .ok_or(UvcStatus::err(rc::INV_GUEST_HANDLE))
+        self.core.execute(uvc, || {
+            if !self.core.info.is_installed(uvc) {
+                return Err(UvcStatus::err(rc::INV_CMD));
+            }
+            self.core
+                .live_config(handle)
+                .ok_or(UvcStatus::err(rc::INV_GUEST_HANDLE))
+        })
     }
 
     /// PREPARE_RESET 0x0320.
@@ -785,8 +569,8 @@ impl Ultravisor {
     pub fn unshare_all(&self, handle: u64) -> UvcStatus {
         match self.nodata(Uvc::SetUnshareAll, handle) {
             Ok(cfg) => {
-                if let Some(region) = cfg.region.upgrade() {
-                    crate::walk::unshare_config(&self.core, &region, cfg.id);
+                if let Some(region) = self.region_of(&cfg) {
+                    walk::unshare_config(&self.core, &region, cfg.id);
                 }
                 UvcStatus::OK
             }
@@ -824,7 +608,7 @@ impl Ultravisor {
         }
         let len = self.core.info.conf_dump_storage_state_len as usize;
         let mut out = vec![0u8; len];
-        if let Some(region) = cfg.region.upgrade() {
+        if let Some(region) = self.region_of(&cfg) {
             let _ = region.with_mem(|mem| {
                 let tables = rlock(&self.core.tables);
                 let first = gaddr / PAGE_SIZE as u64;
@@ -834,12 +618,12 @@ impl Ultravisor {
                         break;
                     }
                     let s = mem.metas()[idx as usize].load(Ordering::Acquire);
-                    let code = match crate::region::classify(s, &tables).0 {
-                        crate::region::PageState::NonSecure => 0,
-                        crate::region::PageState::Secure => 1,
-                        crate::region::PageState::Shared => 2,
-                        crate::region::PageState::Exported => 3,
-                        crate::region::PageState::Orphaned => 4,
+                    let code = match classify(s, &tables).0 {
+                        PageState::NonSecure => 0,
+                        PageState::Secure => 1,
+                        PageState::Shared => 2,
+                        PageState::Exported => 3,
+                        PageState::Orphaned => 4,
                     };
                     rec[..8].copy_from_slice(&(idx * PAGE_SIZE as u64).to_be_bytes());
                     rec[8] = code;
@@ -851,24 +635,23 @@ impl Ultravisor {
 
     /// DUMP_CPU 0x0402: guest_cpu_stor_len bytes (cpu handle, cpu number, config handle).
     pub fn dump_cpu(&self, cpu_handle: u64) -> (UvcStatus, Vec<u8>) {
-        if let Some(f) = self.core.begin(Uvc::DumpCpu) {
-            return (f, Vec::new());
-        }
-        if !self.core.info.is_installed(Uvc::DumpCpu) {
-            return (UvcStatus::err(rc::INV_CMD), Vec::new());
-        }
-        let t = rlock(&self.core.tables);
-        let Some(cpu) = t.cpus.get(&cpu_handle) else {
-            return (UvcStatus::err(rc::INV_CPU_HANDLE), Vec::new());
-        };
-        if !cpu.config.dumping.load(Ordering::SeqCst) {
-            return (UvcStatus::err(rc::NOT_DUMPING), Vec::new());
-        }
-        let mut out = vec![0u8; self.core.info.guest_cpu_stor_len as usize];
-        out[..8].copy_from_slice(&cpu_handle.to_be_bytes());
-        out[8..10].copy_from_slice(&cpu.num.to_be_bytes());
-        out[16..24].copy_from_slice(&cpu.config.handle.to_be_bytes());
-        (UvcStatus::OK, out)
+        self.core.execute(Uvc::DumpCpu, || {
+            if !self.core.info.is_installed(Uvc::DumpCpu) {
+                return (UvcStatus::err(rc::INV_CMD), Vec::new());
+            }
+            let t = rlock(&self.core.tables);
+            let Some(cpu) = t.cpus.get(&cpu_handle) else {
+                return (UvcStatus::err(rc::INV_CPU_HANDLE), Vec::new());
+            };
+            if !cpu.config.dumping.load(Ordering::SeqCst) {
+                return (UvcStatus::err(rc::NOT_DUMPING), Vec::new());
+            }
+            let mut out = vec![0u8; self.core.info.guest_cpu_stor_len as usize];
+            out[..8].copy_from_slice(&cpu_handle.to_be_bytes());
+            out[8..10].copy_from_slice(&cpu.num.to_be_bytes());
+            out[16..24].copy_from_slice(&cpu.config.handle.to_be_bytes());
+            (UvcStatus::OK, out)
+        })
     }
 
     /// DUMP_COMPLETE 0x0403: conf_dump_finalize_len bytes; ends the dump.

@@ -12,7 +12,7 @@ use crate::error::CoreError;
 use crate::memory::{ps, summary_counts, RegionMem, CHUNK_PAGES, SUM_SECURE_ONE};
 use crate::pages::PageCtx;
 use crate::region::Region;
-use crate::ultravisor::{Core, Ultravisor};
+use crate::state::Core;
 use crate::uvc::{rc, Uvc};
 use crate::zero::{store_fence, zero_page_nt};
 use crate::BATCH_PAGES;
@@ -304,7 +304,8 @@ impl WalkShared<'_> {
         (n, hi)
     }
 
-    /// One DESTR_SEC_STOR per page while injections are pending (each may consume one).
+    /// One DESTR_SEC_STOR per page while injections are pending (each counts and may consume
+    /// one). Returns the pages destroyed.
     fn slow_batch(&self, batch: &[u64]) -> u64 {
         let ctx = PageCtx {
             core: self.core,
@@ -313,11 +314,10 @@ impl WalkShared<'_> {
         };
         let mut n = 0;
         for &idx in batch {
-            if self.core.inject.take(Uvc::DestrSecStor).is_some() {
-                continue; // injected failure: nothing changes
-            }
             let before = self.mem.metas()[idx as usize].load(Ordering::Acquire);
-            if ctx.destroy(idx).is_ok() && ps::is_secure(before) {
+            // An injected failure is an error status: the page is not counted as destroyed.
+            let st = self.core.execute(Uvc::DestrSecStor, || ctx.destroy(idx));
+            if st.is_ok() && ps::is_secure(before) {
                 n += 1;
             }
         }
@@ -379,7 +379,6 @@ impl WalkShared<'_> {
                     if len == BATCH_PAGES || (idx == chunk_hi && len != 0) {
                         let b = &batch[..len];
                         let d = self.slow_batch(b);
-                        self.core.stats.add(Uvc::DestrSecStor, len as u64);
                         self.visited.fetch_add(len as u64, Ordering::Relaxed);
                         self.destroyed.fetch_add(d, Ordering::Relaxed);
                         len = 0;
@@ -416,62 +415,60 @@ fn task_ranges(start: u64, end: u64) -> impl IndexedParallelIterator<Item = (u64
         })
 }
 
-impl Ultravisor {
-    /// `__s390_uv_destroy_range`: one destroy-page UVC per present page of `[start, end)`
-    /// (`end` clamped to the region), results ignored, parallel, cancellable per batch.
-    pub fn destroy_walk(
-        &self,
-        region: &Region,
-        start: u64,
-        end: Option<u64>,
-        cancel: Option<&CancelToken>,
-    ) -> Result<WalkResult, CoreError> {
-        self.check_region(region)?;
-        let end = end.unwrap_or(region.pages).min(region.pages);
-        let start = start.min(end);
-        // Interruptible (PERFORM) walks get their own workers, so foreground UV work of other
-        // threads never queues behind them; a walk of one task's size runs on the caller.
-        let inline = end - start <= TASK_CHUNKS * CHUNK_PAGES;
-        let pool = if inline {
-            None
-        } else if cancel.is_some() {
-            Some(self.core.bg_pool()?)
-        } else {
-            Some(&self.core.pool)
+/// `__s390_uv_destroy_range`: one destroy-page UVC per present page of `[start, end)`
+/// (`end` clamped to the region), results ignored, parallel, cancellable per batch. The caller
+/// has checked that `region` belongs to `core`.
+pub(crate) fn destroy_range(
+    core: &Core,
+    region: &Region,
+    start: u64,
+    end: Option<u64>,
+    cancel: Option<&CancelToken>,
+) -> Result<WalkResult, CoreError> {
+    let end = end.unwrap_or(region.pages).min(region.pages);
+    let start = start.min(end);
+    // Interruptible (PERFORM) walks get their own workers, so foreground UV work of other
+    // threads never queues behind them; a walk of one task's size runs on the caller.
+    let inline = end - start <= TASK_CHUNKS * CHUNK_PAGES;
+    let pool = if inline {
+        None
+    } else if cancel.is_some() {
+        Some(core.bg_pool()?)
+    } else {
+        Some(&core.pool)
+    };
+    region.with_mem(|mem| {
+        let w = WalkShared {
+            core,
+            region,
+            mem,
+            cancel,
+            visited: AtomicU64::new(0),
+            destroyed: AtomicU64::new(0),
+            interrupted: AtomicBool::new(false),
+            resume: AtomicU64::new(end),
         };
-        region.with_mem(|mem| {
-            let w = WalkShared {
-                core: &self.core,
-                region,
-                mem,
-                cancel,
-                visited: AtomicU64::new(0),
-                destroyed: AtomicU64::new(0),
-                interrupted: AtomicBool::new(false),
-                resume: AtomicU64::new(end),
-            };
-            let body = || {
-                task_ranges(start, end).for_each(|(lo, hi)| {
-                    if w.cancelled() && w.interrupted.load(Ordering::Relaxed) {
-                        // Another worker already stopped; do not start new work.
-                        w.stop_at(lo);
-                        return;
-                    }
-                    w.walk_range(lo, hi);
-                });
-            };
-            match pool {
-                Some(pool) => pool.install(body),
-                None => body(),
-            }
-            WalkResult {
-                visited: w.visited.load(Ordering::Relaxed),
-                destroyed: w.destroyed.load(Ordering::Relaxed),
-                interrupted: w.interrupted.load(Ordering::Relaxed),
-                resume_page: w.resume.load(Ordering::Relaxed),
-            }
-        })
-    }
+        let body = || {
+            task_ranges(start, end).for_each(|(lo, hi)| {
+                if w.cancelled() && w.interrupted.load(Ordering::Relaxed) {
+                    // Another worker already stopped; do not start new work.
+                    w.stop_at(lo);
+                    return;
+                }
+                w.walk_range(lo, hi);
+            });
+        };
+        match pool {
+            Some(pool) => pool.install(body),
+            None => body(),
+        }
+        WalkResult {
+            visited: w.visited.load(Ordering::Relaxed),
+            destroyed: w.destroyed.load(Ordering::Relaxed),
+            interrupted: w.interrupted.load(Ordering::Relaxed),
+            resume_page: w.resume.load(Ordering::Relaxed),
+        }
+    })
 }
 
 /// Run `f(chunk, lo, hi)` in parallel over the chunks of `mem` that hold a secure page.
@@ -641,14 +638,10 @@ pub(crate) fn mm_teardown(
                 return;
             }
             let b = &batch[..len];
-            core.stats.add(Uvc::DestrSecStor, len as u64);
             if core.inject.pending(Uvc::DestrSecStor) {
                 for &p in b {
                     let was = ps::is_secure(metas[p as usize].load(Ordering::Acquire));
-                    let st = match core.inject.take(Uvc::DestrSecStor) {
-                        Some(injected) => injected,
-                        None => ctx.destroy(p),
-                    };
+                    let st = core.execute(Uvc::DestrSecStor, || ctx.destroy(p));
                     if st.is_ok()
                         || st.rc == rc::LEGACY_NOT_SECURE && st.rrc == rc::LEGACY_NOT_SECURE_RRC
                     {
@@ -658,6 +651,8 @@ pub(crate) fn mm_teardown(
                     }
                 }
             } else {
+                // No injection pending: the batch's UVCs are counted at once.
+                core.stats.add(Uvc::DestrSecStor, len as u64);
                 let d = destroy_batch(
                     core,
                     mem,
@@ -670,7 +665,7 @@ pub(crate) fn mm_teardown(
                 destroyed.fetch_add(d, Ordering::Relaxed);
             }
             for &p in &refused {
-                if core.begin(Uvc::ConvFromSecStor).is_none() && ctx.export(p).is_ok() {
+                if core.execute(Uvc::ConvFromSecStor, || ctx.export(p)).is_ok() {
                     exported.fetch_add(1, Ordering::Relaxed);
                 }
             }

@@ -7,6 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use pvfast_core::kernel;
 
 fn vm_rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -26,7 +27,7 @@ fn one_tib_region_is_lazy_and_its_empty_walk_is_fast() {
     let r = uv.create_region(1 << 40).unwrap();
     assert_eq!(r.pages(), 1 << 28);
     let t = Instant::now();
-    let w = uv.destroy_walk(&r, 0, None, None).unwrap();
+    let w = kernel::destroy_walk(&uv, &r, 0, None, None).unwrap();
     let took = t.elapsed();
     assert_eq!((w.visited, w.destroyed), (0, 0));
     assert_eq!(r.present_pages().unwrap(), 0);
@@ -45,7 +46,7 @@ fn one_tib_region_is_lazy_and_its_empty_walk_is_fast() {
     assert!(took < bound, "empty 1 TiB walk took {took:?}");
     // A touched page far out is found and counted.
     r.touch((1 << 40) - PAGE, PAGE).unwrap();
-    let w = uv.destroy_walk(&r, 0, None, None).unwrap();
+    let w = kernel::destroy_walk(&uv, &r, 0, None, None).unwrap();
     assert_eq!(w.visited, 1);
     uv.release_region(&r).unwrap();
 }

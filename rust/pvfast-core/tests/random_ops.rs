@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use pvfast_core::{Ultravisor, UvOptions, UvcStatus};
+use pvfast_core::{kernel, Ultravisor, UvOptions, UvcStatus};
 
 struct Rng(u64);
 
@@ -106,7 +106,8 @@ fn run(seed: u64, steps: usize) {
             }
             4..=7 => {
                 if let Some(i) = pick(&mut rng, &live) {
-                    let _ = uv.import_range(
+                    let _ = kernel::import_range(
+                        &uv,
                         live[i].0,
                         &r,
                         page,
@@ -141,10 +142,11 @@ fn run(seed: u64, steps: usize) {
             }
             14 => {
                 let end = page + rng.below(PAGES);
-                uv.destroy_walk(&r, page, Some(end), None).unwrap();
+                kernel::destroy_walk(&uv, &r, page, Some(end), None).unwrap();
             }
             15 => {
-                let _ = uv.make_accessible_range(&r, page, rng.below(64).min(PAGES - page));
+                let _ =
+                    kernel::make_accessible_range(&uv, &r, page, rng.below(64).min(PAGES - page));
             }
             16 => {
                 if let Some(i) = pick(&mut rng, &live) {
@@ -156,7 +158,7 @@ fn run(seed: u64, steps: usize) {
             }
             18 => {
                 if rng.below(4) == 0 {
-                    uv.mm_teardown(&r, rng.below(2) == 0).unwrap();
+                    kernel::mm_teardown(&uv, &r, rng.below(2) == 0).unwrap();
                 }
             }
             _ => {
@@ -173,7 +175,7 @@ fn run(seed: u64, steps: usize) {
             assert_eq!(uv.destroy_cpu(c), ok());
         }
     }
-    let w = uv.destroy_walk(&r, 0, None, None).unwrap();
+    let w = kernel::destroy_walk(&uv, &r, 0, None, None).unwrap();
     assert!(!w.interrupted);
     assert_eq!(
         uv.secure_pages(None),

@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use pvfast_core::ultravisor::test_bit_inv;
-use pvfast_core::{rc, CoreError, UvOptions, Uvc, UvcStatus};
+use pvfast_core::{kernel, rc, CoreError, UvOptions, Uvc, UvcStatus};
 
 fn stat(uv: &pvfast_core::Ultravisor, u: Uvc) -> u64 {
     uv.stat(u)
@@ -432,7 +432,7 @@ fn failure_injection_changes_nothing() {
     }
     uv.reset_stats();
     uv.inject_failure(0x0202, 0x0abc, 0, 3).unwrap();
-    let w = uv.destroy_walk(r, 0, None, None).unwrap();
+    let w = kernel::destroy_walk(uv, r, 0, None, None).unwrap();
     assert_eq!(w.visited, 256);
     assert_eq!(w.destroyed, 7);
     assert_eq!(uv.secure_pages(Some(h)), 3);
@@ -561,7 +561,7 @@ fn region_rules() {
     uv.release_region(&a).unwrap();
     assert!(matches!(a.read(0, 1, 0), Err(CoreError::RegionReleased(_))));
     assert!(matches!(
-        uv.destroy_walk(&a, 0, None, None),
+        kernel::destroy_walk(&uv, &a, 0, None, None),
         Err(CoreError::RegionReleased(_))
     ));
     assert_eq!(uv.destroy_page(a.base()), err(rc::INV_ADDR));

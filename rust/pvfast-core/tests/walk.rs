@@ -8,7 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use pvfast_core::{rc, CancelToken, UnpackStatus, UvOptions, Uvc, BATCH_PAGES};
+use pvfast_core::{
+    kernel, rc, AccessResult, CancelToken, TeardownResult, UnpackStatus, UvOptions, Uvc,
+    BATCH_PAGES,
+};
 
 #[test]
 fn walk_destroys_present_secure_pages_and_counts_every_present_page() {
@@ -20,7 +23,7 @@ fn walk_destroys_present_secure_pages_and_counts_every_present_page() {
         assert_eq!(uv.convert_to_secure(h, p * PAGE), ok());
     }
     uv.reset_stats();
-    let w = uv.destroy_walk(r, 0, None, None).unwrap();
+    let w = kernel::destroy_walk(uv, r, 0, None, None).unwrap();
     assert_eq!(w.visited, 8192);
     assert_eq!(w.destroyed, 6);
     assert!(!w.interrupted);
@@ -31,7 +34,7 @@ fn walk_destroys_present_secure_pages_and_counts_every_present_page() {
         assert_eq!(state(r, p), ("nonsecure", 0));
     }
     // Idempotent second pass, still one UVC per present page.
-    let w = uv.destroy_walk(r, 0, None, None).unwrap();
+    let w = kernel::destroy_walk(uv, r, 0, None, None).unwrap();
     assert_eq!((w.visited, w.destroyed), (8192, 0));
     assert_eq!(uv.stat(Uvc::DestrSecStor), 2 * 8192);
 }
@@ -43,14 +46,14 @@ fn walk_subrange_and_clamping() {
     for p in 0..2048 {
         assert_eq!(uv.convert_to_secure(h, p * PAGE), ok());
     }
-    let w = uv.destroy_walk(r, 100, Some(700), None).unwrap();
+    let w = kernel::destroy_walk(uv, r, 100, Some(700), None).unwrap();
     assert_eq!((w.visited, w.destroyed, w.resume_page), (600, 600, 700));
     assert_eq!(state(r, 99), ("secure", h));
     assert_eq!(state(r, 100), ("nonsecure", 0));
     assert_eq!(state(r, 699), ("nonsecure", 0));
     assert_eq!(state(r, 700), ("secure", h));
     assert_eq!(uv.secure_pages(Some(h)), 2048 - 600);
-    let w = uv.destroy_walk(r, 5000, Some(1 << 40), None).unwrap();
+    let w = kernel::destroy_walk(uv, r, 5000, Some(1 << 40), None).unwrap();
     assert_eq!((w.visited, w.resume_page), (0, 2048));
 }
 
@@ -69,7 +72,7 @@ fn walk_leaves_pages_of_a_config_with_cpus_untouched() {
         assert_eq!(uv.convert_to_secure(new, p * PAGE), ok());
         r.write(p * PAGE, &p.to_be_bytes(), new).unwrap();
     }
-    let w = uv.destroy_walk(r, 0, None, None).unwrap();
+    let w = kernel::destroy_walk(uv, r, 0, None, None).unwrap();
     assert_eq!(w.destroyed, 1024, "only the orphans");
     assert_eq!(uv.secure_pages(Some(old)), 0);
     assert_eq!(uv.secure_pages(Some(new)), 1024);
@@ -94,32 +97,39 @@ fn concurrent_walk_and_import() {
     let (_, new) = create(&uv, &r, 64 * MIB, 0x40_000);
     let _c = cpu(&uv, new, 0);
     let done = Arc::new(AtomicBool::new(false));
+    let started = Arc::new(AtomicBool::new(false));
     let importer = {
-        let (uv, r, done) = (Arc::clone(&uv), Arc::clone(&r), Arc::clone(&done));
+        let (uv, r) = (Arc::clone(&uv), Arc::clone(&r));
+        let (done, started) = (Arc::clone(&done), Arc::clone(&started));
         std::thread::spawn(move || {
             let mut imported = Vec::new();
             let mut p = 0u64;
             // Import over the orphans (secure-storage violation path) and fresh pages.
             while p < 16384 && !done.load(Ordering::Relaxed) {
-                let x = uv.import_range(new, &r, p, 16, false).unwrap();
+                kernel::import_range(&uv, new, &r, p, 16, false).unwrap();
                 for q in p..p + 16 {
                     if uv.convert_to_secure(new, q * PAGE).is_ok() {
                         r.write(q * PAGE, &q.to_le_bytes(), new).unwrap();
                         imported.push(q);
                     }
                 }
-                let _ = x;
+                started.store(true, Ordering::Release);
                 p += 16;
             }
             imported
         })
     };
+    // The walks must overlap the imports: on a loaded machine the importer may not have run
+    // at all before 20 walks are over.
+    while !started.load(Ordering::Acquire) {
+        std::thread::yield_now();
+    }
     for _ in 0..20 {
-        uv.destroy_walk(&r, 0, None, None).unwrap();
+        kernel::destroy_walk(&uv, &r, 0, None, None).unwrap();
     }
     done.store(true, Ordering::Relaxed);
     let imported = importer.join().unwrap();
-    uv.destroy_walk(&r, 0, None, None).unwrap();
+    kernel::destroy_walk(&uv, &r, 0, None, None).unwrap();
     assert!(!imported.is_empty());
     for &q in &imported {
         assert_eq!(state(&r, q), ("secure", new), "page {q}");
@@ -142,13 +152,13 @@ fn cancelled_walk_stops_within_one_batch_per_worker() {
         256 * MIB,
     );
     let (uv, r, h) = (&vm.uv, &vm.region, vm.handle);
-    uv.import_range(h, r, 0, r.pages(), false).unwrap();
+    kernel::import_range(uv, h, r, 0, r.pages(), false).unwrap();
     assert_eq!(uv.secure_pages(Some(h)), r.pages());
     // Already set: every worker does at most one batch.
     let cancel = CancelToken::new();
     cancel.set();
     uv.reset_stats();
-    let w = uv.destroy_walk(r, 0, None, Some(&cancel)).unwrap();
+    let w = kernel::destroy_walk(uv, r, 0, None, Some(&cancel)).unwrap();
     assert!(w.interrupted);
     assert!(
         w.visited <= threads * BATCH_PAGES as u64,
@@ -168,14 +178,14 @@ fn cancelled_walk_stops_within_one_batch_per_worker() {
         c2.set();
     });
     let mut start = w.resume_page;
-    let w2 = uv.destroy_walk(r, start, None, Some(&cancel)).unwrap();
+    let w2 = kernel::destroy_walk(uv, r, start, None, Some(&cancel)).unwrap();
     t.join().unwrap();
     cancel.clear();
     if w2.interrupted {
         assert!(w2.resume_page < r.pages());
     }
     start = w2.resume_page;
-    let w3 = uv.destroy_walk(r, start, None, Some(&cancel)).unwrap();
+    let w3 = kernel::destroy_walk(uv, r, start, None, Some(&cancel)).unwrap();
     assert!(!w3.interrupted);
     assert_eq!(uv.secure_pages(None), 0);
 }
@@ -192,16 +202,13 @@ fn cancelled_walk_over_nonsecure_pages_keeps_batch_granularity() {
     );
     let cancel = CancelToken::new();
     cancel.set();
-    let w = vm
-        .uv
-        .destroy_walk(&vm.region, 0, None, Some(&cancel))
-        .unwrap();
+    let w = kernel::destroy_walk(&vm.uv, &vm.region, 0, None, Some(&cancel)).unwrap();
     assert!(w.interrupted);
     assert_eq!(
         (w.visited, w.resume_page),
         (BATCH_PAGES as u64, BATCH_PAGES as u64)
     );
-    let w = vm.uv.destroy_walk(&vm.region, 0, None, None).unwrap();
+    let w = kernel::destroy_walk(&vm.uv, &vm.region, 0, None, None).unwrap();
     assert_eq!((w.visited, w.interrupted), (2048, false));
 }
 
@@ -210,16 +217,10 @@ fn cancel_after_last_batch_still_reports_interrupted() {
     let vm = vm(4 * MIB, 4 * PAGE);
     let cancel = CancelToken::new();
     cancel.set();
-    let w = vm
-        .uv
-        .destroy_walk(&vm.region, 0, Some(1), Some(&cancel))
-        .unwrap();
+    let w = kernel::destroy_walk(&vm.uv, &vm.region, 0, Some(1), Some(&cancel)).unwrap();
     assert_eq!(w.visited, 1);
     assert!(w.interrupted);
-    let w = vm
-        .uv
-        .destroy_walk(&vm.region, 1, Some(1), Some(&cancel))
-        .unwrap();
+    let w = kernel::destroy_walk(&vm.uv, &vm.region, 1, Some(1), Some(&cancel)).unwrap();
     assert!(!w.interrupted, "empty range: no batch, no check");
 }
 
@@ -228,7 +229,7 @@ fn import_range_paths() {
     let vm = vm(8 * MIB, 0);
     let (uv, r, old) = (&vm.uv, &vm.region, vm.handle);
     // Not present -> touched then imported.
-    let x = uv.import_range(old, r, 0, 8, false).unwrap();
+    let x = kernel::import_range(uv, old, r, 0, 8, false).unwrap();
     assert_eq!(
         (x.imports, x.exports, x.destroys, x.failed_pages),
         (8, 0, 0, 0)
@@ -236,14 +237,14 @@ fn import_range_paths() {
     assert_eq!(r.present_pages().unwrap(), 8);
     // Own pages: nothing.
     uv.reset_stats();
-    let x = uv.import_range(old, r, 0, 8, true).unwrap();
+    let x = kernel::import_range(uv, old, r, 0, 8, true).unwrap();
     assert_eq!((x.imports, x.exports, x.destroys), (0, 0, 0));
     assert_eq!(uv.set_shared_access(old, 0), ok());
     // New config with CPUs; old one still alive with a CPU (secure pages resist destroy).
     let oc = cpu(uv, old, 0);
     let (_, new) = create(uv, r, 8 * MIB, 0x40_000);
     uv.reset_stats();
-    let x = uv.import_range(new, r, 0, 4, true).unwrap();
+    let x = kernel::import_range(uv, new, r, 0, 4, true).unwrap();
     // Page 0 SHARED(old): export first, then import (foreign exported -> zeroed, moved).
     // Pages 1..4 SECURE(old) with CPUs: destroy fails -> export; export_first; import.
     assert_eq!(x.destroys, 3);
@@ -268,16 +269,13 @@ fn import_range_paths() {
     assert_eq!(nomisc.uv.convert_to_secure(nomisc.handle, 0), ok());
     assert_eq!(nomisc.uv.set_shared_access(nomisc.handle, 0), ok());
     let (_, n2) = create(&nomisc.uv, &nomisc.region, 4 * MIB, 0x40_000);
-    let x = nomisc
-        .uv
-        .import_range(n2, &nomisc.region, 0, 1, false)
-        .unwrap();
+    let x = kernel::import_range(&nomisc.uv, n2, &nomisc.region, 0, 1, false).unwrap();
     assert_eq!(
         (x.imports, x.failed_pages, x.first_failure_rc),
         (1, 1, rc::OTHER_OWNER)
     );
     assert!(
-        uv.import_range(new, r, 2040, 100, false).is_err(),
+        kernel::import_range(uv, new, r, 2040, 100, false).is_err(),
         "range outside region"
     );
 }
@@ -291,18 +289,37 @@ fn make_accessible_and_mm_teardown() {
     }
     assert_eq!(uv.set_shared_access(h, 0), ok());
     assert_eq!(uv.set_shared_access(h, PAGE), ok());
-    assert_eq!(uv.make_accessible_range(r, 0, 4).unwrap(), (2, 2, 0));
+    assert_eq!(
+        kernel::make_accessible_range(uv, r, 0, 4).unwrap(),
+        AccessResult {
+            pinned: 2,
+            exported: 2,
+            failed: 0
+        }
+    );
     assert_eq!(state(r, 2), ("exported", h));
     let c = cpu(uv, h, 0);
     // Owner has CPUs: destroys fail, teardown exports (shared pages too).
-    assert_eq!(uv.mm_teardown(r, false).unwrap(), (0, 8));
+    assert_eq!(
+        kernel::mm_teardown(uv, r, false).unwrap(),
+        TeardownResult {
+            destroyed: 0,
+            exported: 8
+        }
+    );
     assert_eq!(uv.secure_pages(None), 0);
     assert_eq!(uv.destroy_cpu(c), ok());
     for p in 10..20 {
         assert_eq!(uv.convert_to_secure(h, p * PAGE), ok());
     }
     uv.reset_stats();
-    assert_eq!(uv.mm_teardown(r, false).unwrap(), (10, 0));
+    assert_eq!(
+        kernel::mm_teardown(uv, r, false).unwrap(),
+        TeardownResult {
+            destroyed: 10,
+            exported: 0
+        }
+    );
     assert_eq!(uv.secure_pages(None), 0);
     assert_eq!(
         (uv.stat(Uvc::DestrSecStor), uv.stat(Uvc::ConvFromSecStor)),
@@ -314,7 +331,13 @@ fn make_accessible_and_mm_teardown() {
     }
     uv.reset_stats();
     uv.inject_failure(0x0202, 0x0abc, 0, 2).unwrap();
-    assert_eq!(uv.mm_teardown(r, false).unwrap(), (3, 2));
+    assert_eq!(
+        kernel::mm_teardown(uv, r, false).unwrap(),
+        TeardownResult {
+            destroyed: 3,
+            exported: 2
+        }
+    );
     assert_eq!(
         (uv.stat(Uvc::DestrSecStor), uv.stat(Uvc::ConvFromSecStor)),
         (5, 2)
@@ -327,7 +350,13 @@ fn make_accessible_and_mm_teardown() {
     assert_eq!(uv.convert_to_secure(h, 100 * PAGE), ok());
     uv.reset_stats();
     uv.inject_failure(0x0202, 0x0abc, 0, 1).unwrap();
-    assert_eq!(uv.mm_teardown(r, true).unwrap(), (1, 1));
+    assert_eq!(
+        kernel::mm_teardown(uv, r, true).unwrap(),
+        TeardownResult {
+            destroyed: 1,
+            exported: 1
+        }
+    );
     assert_eq!(
         (uv.stat(Uvc::DestrSecStor), uv.stat(Uvc::ConvFromSecStor)),
         (256, 1)
@@ -343,7 +372,13 @@ fn make_accessible_and_mm_teardown() {
         MIB,
     );
     assert_eq!(legacy.uv.convert_to_secure(legacy.handle, 0), ok());
-    assert_eq!(legacy.uv.mm_teardown(&legacy.region, true).unwrap(), (1, 0));
+    assert_eq!(
+        kernel::mm_teardown(&legacy.uv, &legacy.region, true).unwrap(),
+        TeardownResult {
+            destroyed: 1,
+            exported: 0
+        }
+    );
     assert_eq!(legacy.uv.stat(Uvc::ConvFromSecStor), 0);
     assert_eq!(legacy.uv.stat(Uvc::DestrSecStor), 256);
 }
@@ -357,36 +392,26 @@ fn unpack_range_loop() {
     let key: [u8; 64] = std::array::from_fn(|i| (i * 3) as u8);
     let (hdr, enc) = seal_image(&[(0x20000, 0x99, &data)], &HOST_KEY_DEFAULT, &key).unwrap();
     assert_eq!(uv.set_sec_parms(h, &hdr), ok());
-    let bad = uv
-        .unpack_range(h, r, 0x20001, 4 * PAGE, 0x99, false, None)
-        .unwrap();
+    let bad = kernel::unpack_range(uv, h, r, 0x20001, 4 * PAGE, 0x99, false, None).unwrap();
     assert_eq!(bad.status, UnpackStatus::Einval);
     // Pages not present: a set cancel token makes the first 0x010a return -EAGAIN.
     let cancel = CancelToken::new();
     cancel.set();
-    let u = uv
-        .unpack_range(h, r, 0x20000, 4 * PAGE, 0x99, false, Some(&cancel))
-        .unwrap();
+    let u = kernel::unpack_range(uv, h, r, 0x20000, 4 * PAGE, 0x99, false, Some(&cancel)).unwrap();
     assert_eq!(
         (u.status, u.rc, u.pages_done),
         (UnpackStatus::Eagain, rc::PAGE_NOT_ACCESSIBLE, 0)
     );
     // The faulted-in page now holds garbage; reload the ciphertext, then unpack for real.
     r.write(0x20000, &enc[0], 0).unwrap();
-    let u = uv
-        .unpack_range(h, r, 0x20000, 4 * PAGE, 0x99, true, None)
-        .unwrap();
+    let u = kernel::unpack_range(uv, h, r, 0x20000, 4 * PAGE, 0x99, true, None).unwrap();
     assert_eq!(
         (u.status, u.rc, u.pages_done),
         (UnpackStatus::Ok, rc::EXECUTED, 4)
     );
     assert_eq!(uv.verify(h), ok());
-    let u = uv
-        .unpack_range(h, r, 4 * MIB - PAGE, 2 * PAGE, 0x99, false, None)
-        .unwrap();
+    let u = kernel::unpack_range(uv, h, r, 4 * MIB - PAGE, 2 * PAGE, 0x99, false, None).unwrap();
     assert_eq!(u.status, UnpackStatus::Einval, "already verified");
-    let u = uv
-        .unpack_range(h, r, 4 * MIB, PAGE, 0x99, false, None)
-        .unwrap();
+    let u = kernel::unpack_range(uv, h, r, 4 * MIB, PAGE, 0x99, false, None).unwrap();
     assert_eq!(u.status, UnpackStatus::Efault);
 }

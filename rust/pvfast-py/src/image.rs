@@ -4,15 +4,13 @@
 
 use pvfast_core::image::{
     parse_header, random_image_key, seal_image, HeaderError, SecHeader, Verifier, HOST_KEY_DEFAULT,
-    IMAGE_KEY_LEN, IMAGE_PAGE_SIZE, MAX_COMPONENTS, MAX_HEADER_LEN,
+    IMAGE_KEY_LEN, MAX_COMPONENTS, MAX_HEADER_LEN,
 };
+use pvfast_core::{rc, PAGE_SIZE};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::{PyBytes, PyDict, PyInt, PyList, PyTuple};
-
-/// RC_EXECUTED: what image_verify returns when VERIFY would succeed.
-const RC_EXECUTED: u16 = 0x0001;
 
 /// ValueError carrying the UV rc as attribute `rc`, e.g. "... (rc 0x0108)".
 fn header_error(py: Python<'_>, err: &HeaderError) -> PyErr {
@@ -170,9 +168,9 @@ fn image_decrypt_page<'py>(
     host_key: Option<PyBackedBytes>,
 ) -> PyResult<Bound<'py, PyBytes>> {
     let host_key = key_arg("host_key", host_key.as_ref(), &HOST_KEY_DEFAULT)?;
-    if page.len() != IMAGE_PAGE_SIZE {
+    if page.len() != PAGE_SIZE {
         return Err(PyValueError::new_err(format!(
-            "page: must be {IMAGE_PAGE_SIZE} bytes, got {}",
+            "page: must be {PAGE_SIZE} bytes, got {}",
             page.len()
         )));
     }
@@ -208,7 +206,7 @@ fn image_verify(
         for (gaddr, tweak0, tweak1, plaintext) in &owned {
             verifier.add_page(*gaddr, *tweak0, *tweak1, plaintext);
         }
-        verifier.finish(&hdr).err().unwrap_or(RC_EXECUTED)
+        verifier.finish(&hdr).err().unwrap_or(rc::EXECUTED)
     });
     Ok(rc)
 }

@@ -550,7 +550,7 @@ impl Ultravisor {
     }
 
     fn call<'py>(&self, py: Python<'py>, uvcb: Vec<u8>) -> (u8, Bound<'py, PyBytes>) {
-        let (cc, out) = py.detach(|| self.inner.call(&uvcb));
+        let (cc, out) = py.detach(|| core_::dispatch::call(&self.inner, &uvcb));
         (cc, PyBytes::new(py, &out))
     }
 
@@ -567,8 +567,7 @@ impl Ultravisor {
         let r = Arc::clone(&region.inner);
         let c = token(&cancel);
         let w = py.detach(|| {
-            self.inner
-                .destroy_walk(&r, start_page, end_page, c.as_ref())
+            core_::kernel::destroy_walk(&self.inner, &r, start_page, end_page, c.as_ref())
         })?;
         Ok((w.visited, w.destroyed, w.interrupted, w.resume_page))
     }
@@ -585,8 +584,7 @@ impl Ultravisor {
     ) -> R<(u64, u64, u64, u64, u16)> {
         let r = Arc::clone(&region.inner);
         let x = py.detach(|| {
-            self.inner
-                .import_range(handle, &r, start_page, npages, export_first)
+            core_::kernel::import_range(&self.inner, handle, &r, start_page, npages, export_first)
         })?;
         Ok((
             x.imports,
@@ -605,7 +603,9 @@ impl Ultravisor {
         #[pyo3(from_py_with = a_npages)] npages: u64,
     ) -> R<(u64, u64, u64)> {
         let r = Arc::clone(&region.inner);
-        Ok(py.detach(|| self.inner.make_accessible_range(&r, start_page, npages))?)
+        let a = py
+            .detach(|| core_::kernel::make_accessible_range(&self.inner, &r, start_page, npages))?;
+        Ok((a.pinned, a.exported, a.failed))
     }
 
     #[pyo3(signature = (handle, region, addr, size, tweak, *, export_first, cancel = None))]
@@ -624,8 +624,16 @@ impl Ultravisor {
         let r = Arc::clone(&region.inner);
         let c = token(&cancel);
         let u = py.detach(|| {
-            self.inner
-                .unpack_range(handle, &r, addr, size, tweak, export_first, c.as_ref())
+            core_::kernel::unpack_range(
+                &self.inner,
+                handle,
+                &r,
+                addr,
+                size,
+                tweak,
+                export_first,
+                c.as_ref(),
+            )
         })?;
         Ok((u.status.name(), u.rc, u.rrc, u.pages_done))
     }
@@ -638,7 +646,8 @@ impl Ultravisor {
         all_present: bool,
     ) -> R<(u64, u64)> {
         let r = Arc::clone(&region.inner);
-        Ok(py.detach(|| self.inner.mm_teardown(&r, all_present))?)
+        let t = py.detach(|| core_::kernel::mm_teardown(&self.inner, &r, all_present))?;
+        Ok((t.destroyed, t.exported))
     }
 }
 

@@ -1,0 +1,276 @@
+//! The state every part of the emulated UV shares (`Core`): options and the QUI answer, the
+//! configuration/CPU tables, UVC counters and injected failures, and the worker pools.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
+
+use crate::config::{mix64, random_u64, Config, Tables};
+use crate::error::CoreError;
+use crate::image;
+use crate::memory::rlock;
+use crate::uvc::{Injections, Stats, Uvc, UvcStatus};
+use crate::{MIB, PAGE_SIZE};
+
+/// Construction options (mirrors `Ultravisor.__init__`).
+#[derive(Debug, Clone)]
+pub struct UvOptions {
+    /// Installed-call bit 23 (Destroy Secure Configuration Fast).
+    pub destroy_fast: bool,
+    /// Feature bit 0: importing a shared page of another configuration moves it.
+    pub feature_misc: bool,
+    /// Feature bit 1.
+    pub feature_aiv: bool,
+    /// Installed-call bits 24..27.
+    pub dump: bool,
+    pub max_guests: u32,
+    pub max_cpus: u32,
+    /// Destroy-page on a non-secure page answers cc 1, rc 0x0107, rrc 0x000d.
+    pub legacy_destroy_rc: bool,
+    /// Worker threads for walks; 0 = number of CPUs.
+    pub threads: usize,
+    /// Host key that SE headers are wrapped for.
+    pub host_key: [u8; 32],
+}
+
+impl Default for UvOptions {
+    fn default() -> Self {
+        UvOptions {
+            destroy_fast: true,
+            feature_misc: true,
+            feature_aiv: true,
+            dump: true,
+            max_guests: 4096,
+            max_cpus: 248,
+            legacy_destroy_rc: false,
+            threads: 0,
+            host_key: image::HOST_KEY_DEFAULT,
+        }
+    }
+}
+
+/// The QUI answer (`uv_info`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UvInfo {
+    pub inst_calls_list: [u64; 4],
+    pub uv_feature_indications: u64,
+    pub guest_base_stor_len: u64,
+    pub guest_virt_base_stor_len: u64,
+    pub guest_virt_var_stor_len: u64,
+    pub guest_cpu_stor_len: u64,
+    pub max_guest_cpu_id: u64,
+    pub max_num_sec_conf: u64,
+    pub max_sec_stor_addr: u64,
+    pub conf_dump_storage_state_len: u64,
+    pub conf_dump_finalize_len: u64,
+}
+
+/// Set MSB-0 bit `n` of a 4-word bit list.
+pub fn set_bit_inv(words: &mut [u64; 4], n: u32) {
+    if let Some(w) = words.get_mut((n / 64) as usize) {
+        *w |= 1u64 << (63 - n % 64);
+    }
+}
+
+/// Test MSB-0 bit `n` of a 4-word bit list (the kernel's test_bit_inv).
+pub fn test_bit_inv(words: &[u64; 4], n: u32) -> bool {
+    words
+        .get((n / 64) as usize)
+        .is_some_and(|w| w & (1u64 << (63 - n % 64)) != 0)
+}
+
+impl UvInfo {
+    fn new(o: &UvOptions) -> UvInfo {
+        let mut calls = [0u64; 4];
+        for u in Uvc::ALL {
+            let Some(bit) = u.bit() else { continue };
+            let installed = match u {
+                Uvc::DestroySecConfFast => o.destroy_fast,
+                Uvc::DumpInit | Uvc::DumpConfStorState | Uvc::DumpCpu | Uvc::DumpComplete => o.dump,
+                _ => true,
+            };
+            if installed {
+                set_bit_inv(&mut calls, bit);
+            }
+        }
+        let mut feat = 0u64;
+        if o.feature_misc {
+            feat |= 1 << 63;
+        }
+        if o.feature_aiv {
+            feat |= 1 << 62;
+        }
+        UvInfo {
+            inst_calls_list: calls,
+            uv_feature_indications: feat,
+            guest_base_stor_len: 0x10_0000,
+            guest_virt_base_stor_len: 0x4000,
+            guest_virt_var_stor_len: 0x20,
+            guest_cpu_stor_len: 0x2000,
+            max_guest_cpu_id: u64::from(o.max_cpus.saturating_sub(1)).min(u64::from(u16::MAX)),
+            max_num_sec_conf: u64::from(o.max_guests),
+            max_sec_stor_addr: (1u64 << 53) - 1,
+            conf_dump_storage_state_len: 0x1000,
+            conf_dump_finalize_len: 0x200,
+        }
+    }
+
+    /// Variable storage a configuration of `guest_len` bytes needs (spec §2.3).
+    pub fn var_stor_len(&self, guest_len: u64) -> u64 {
+        let per = self.guest_virt_var_stor_len.saturating_mul(guest_len / MIB);
+        per.div_ceil(PAGE_SIZE as u64)
+            .saturating_mul(PAGE_SIZE as u64)
+            .saturating_add(self.guest_virt_base_stor_len)
+    }
+
+    pub fn is_installed(&self, uvc: Uvc) -> bool {
+        // Destroy-page has no installed-calls bit and is always available.
+        uvc.bit()
+            .is_none_or(|b| test_bit_inv(&self.inst_calls_list, b))
+    }
+}
+
+/// State shared by the Ultravisor, its regions and the walks.
+pub(crate) struct Core {
+    pub(crate) opts: UvOptions,
+    pub(crate) info: UvInfo,
+    pub(crate) tables: RwLock<Tables>,
+    pub(crate) stats: Stats,
+    pub(crate) inject: Injections,
+    pub(crate) secure_total: AtomicI64,
+    pub(crate) donated: AtomicU64,
+    pub(crate) pool: rayon::ThreadPool,
+    /// Workers for interruptible (PERFORM) walks. In the kernel PERFORM runs in its own thread
+    /// while other ioctls go on; on one shared rayon pool a long walk would hold every worker and
+    /// queue the foreground UV work of other threads behind it.
+    bg_pool: OnceLock<Result<rayon::ThreadPool, CoreError>>,
+    threads: usize,
+    salt: u64,
+    cpu_seq: AtomicU64,
+}
+
+/// What a UVC returns, and what it returns when an injected failure stops it before it runs.
+pub(crate) trait UvcReply {
+    fn injected(status: UvcStatus) -> Self;
+}
+
+impl UvcReply for UvcStatus {
+    fn injected(status: UvcStatus) -> Self {
+        status
+    }
+}
+
+/// A UVC that hands out a handle (Create CPU): no handle on failure.
+impl UvcReply for (UvcStatus, u64) {
+    fn injected(status: UvcStatus) -> Self {
+        (status, 0)
+    }
+}
+
+/// A UVC that returns data (the dump UVCs): no data on failure.
+impl UvcReply for (UvcStatus, Vec<u8>) {
+    fn injected(status: UvcStatus) -> Self {
+        (status, Vec::new())
+    }
+}
+
+/// A UVC body that goes on with a value once its checks passed.
+impl<T> UvcReply for Result<T, UvcStatus> {
+    fn injected(status: UvcStatus) -> Self {
+        Err(status)
+    }
+}
+
+impl Core {
+    pub(crate) fn new(opts: UvOptions) -> Result<Core, CoreError> {
+        let threads = if opts.threads == 0 {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        } else {
+            opts.threads
+        };
+        let pool = build_pool(threads, "pvfast-uv")?;
+        let info = UvInfo::new(&opts);
+        Ok(Core {
+            opts,
+            info,
+            tables: RwLock::new(Tables::default()),
+            stats: Stats::new(),
+            inject: Injections::new(),
+            secure_total: AtomicI64::new(0),
+            donated: AtomicU64::new(0),
+            pool,
+            bg_pool: OnceLock::new(),
+            threads,
+            salt: random_u64(),
+            cpu_seq: AtomicU64::new(0),
+        })
+    }
+
+    /// The prologue of every single UVC: count one execution of `uvc`, then take the injected
+    /// failure if one is pending. Prefer [`Core::execute`], which also skips the body.
+    ///
+    /// Guarantees: the UVC is counted in `stats()` whatever its outcome (success, UV error,
+    /// malformed block, injected failure), exactly once; at most one injected failure is
+    /// consumed. A caller that gets `Some` must return it without changing any state (the one
+    /// architected exception is Create Config's NEED_DESTROY flag, see `create_config`).
+    #[inline]
+    pub(crate) fn begin(&self, uvc: Uvc) -> Option<UvcStatus> {
+        self.stats.add(uvc, 1);
+        self.inject.take(uvc)
+    }
+
+    /// Run one UVC: [`Core::begin`], then `body` unless an injected failure is pending, in
+    /// which case `body` does not run and the failure is returned. So the UVC is counted
+    /// whatever its outcome, and an injected failure changes nothing.
+    #[inline]
+    pub(crate) fn execute<T: UvcReply>(&self, uvc: Uvc, body: impl FnOnce() -> T) -> T {
+        match self.begin(uvc) {
+            Some(failure) => T::injected(failure),
+            None => body(),
+        }
+    }
+
+    /// The pool for background (interruptible) walks, built on first use.
+    pub(crate) fn bg_pool(&self) -> Result<&rayon::ThreadPool, CoreError> {
+        self.bg_pool
+            .get_or_init(|| build_pool(self.threads, "pvfast-uv-bg"))
+            .as_ref()
+            .map_err(|e| e.clone())
+    }
+
+    pub(crate) fn config_by_id(&self, id: u32) -> Option<Arc<Config>> {
+        rlock(&self.tables).by_id(id).cloned()
+    }
+
+    pub(crate) fn live_config(&self, handle: u64) -> Option<Arc<Config>> {
+        rlock(&self.tables).live(handle).cloned()
+    }
+
+    /// Sequence number of the next secure CPU (tagged so it never meets a config id).
+    pub(crate) fn next_cpu_seq(&self) -> u64 {
+        self.cpu_seq.fetch_add(1, Ordering::Relaxed) | (1 << 63)
+    }
+
+    /// An opaque handle: non-zero, unused, and with both neighbours unused (so that
+    /// "handle + 1" is always invalid).
+    pub(crate) fn fresh_handle(&self, t: &Tables, seq: u64) -> u64 {
+        let taken = |h: u64| h == 0 || t.by_handle.contains_key(&h) || t.cpus.contains_key(&h);
+        let mut attempt = 0u64;
+        loop {
+            let h = mix64(seq ^ self.salt ^ mix64(attempt)) & !0xff;
+            if !taken(h) && !taken(h.wrapping_add(1)) && !taken(h.wrapping_sub(1)) {
+                return h;
+            }
+            attempt += 1;
+        }
+    }
+}
+
+fn build_pool(threads: usize, name: &'static str) -> Result<rayon::ThreadPool, CoreError> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(move |i| format!("{name}-{i}"))
+        .build()
+        .map_err(|_| CoreError::Os(libc::EAGAIN))
+}
