@@ -5,10 +5,12 @@ and the Python KVM layer (python/pvfast). Users never import _native directly.
 
 Conventions
 -----------
-* Every UVC method returns a tuple starting with ``(cc, rc, rrc)``: cc 0 = success (rc 0x0001),
+* Every call returns a named result (``UvcResult``, ``HandleResult``, ``WalkResult``, ...; see
+  "Results" below). A UVC's result starts with ``cc, rc, rrc``: cc 0 = success (rc 0x0001),
   cc 1 = error with the UV's rc/rrc. UV errors are *never* Python exceptions.
 * Every UVC execution, successful or failed or injected, adds one to ``stats()[name]``.
-* ``inject_failure`` makes the next N executions of one UVC return (1, rc, rrc) and change nothing.
+* ``inject_failure`` makes the next N executions of one UVC return cc 1 with that rc/rrc and change
+  nothing.
 * Addresses: ``gaddr`` is a guest absolute address inside the configuration's guest storage
   (the Region it was created with); ``paddr`` is a host absolute address (``region.base + offset``).
 * Python misuse (negative numbers, ints that do not fit u64, wrong types) raises ``TypeError`` /
@@ -17,31 +19,42 @@ Conventions
 * Methods marked "GIL released" run their heavy part inside ``py.detach``.
 """
 
-from typing import Final, final
+from typing import Final, Self, final
 
 __all__ = [
-    "build_profile",
-    "PAGE_SIZE",
     "BATCH_PAGES",
+    "HOST_KEY_DEFAULT",
+    "IMAGE_MAX_COMPONENTS",
+    "IMAGE_MAX_HEADER_LEN",
+    "PAGE_SIZE",
+    "RC_APQN_BOUND",
     "RC_EXECUTED",
     "RC_INV_CMD",
-    "RC_INV_STATE",
-    "RC_INV_LEN",
-    "RC_NEED_DESTROY",
-    "RC_INV_GUEST_HANDLE",
     "RC_INV_CPU_HANDLE",
-    "RC_APQN_BOUND",
+    "RC_INV_GUEST_HANDLE",
+    "RC_INV_LEN",
+    "RC_INV_STATE",
+    "RC_NEED_DESTROY",
     "RC_PAGE_NOT_ACCESSIBLE",
-    "SecureStorageAccess",
+    "AccessResult",
+    "CallResult",
     "CancelToken",
+    "DumpResult",
+    "HandleResult",
+    "ImportResult",
+    "PageInfo",
     "Region",
+    "SealedImage",
+    "SecureStorageAccess",
+    "TeardownResult",
     "Ultravisor",
-    "HOST_KEY_DEFAULT",
-    "IMAGE_MAX_HEADER_LEN",
-    "IMAGE_MAX_COMPONENTS",
-    "image_seal",
-    "image_parse",
+    "UnpackResult",
+    "UvcResult",
+    "WalkResult",
+    "build_profile",
     "image_decrypt_page",
+    "image_parse",
+    "image_seal",
     "image_verify",
 ]
 
@@ -60,6 +73,153 @@ RC_PAGE_NOT_ACCESSIBLE: Final[int]  # 0x010a (import/unpack: page not mapped; ke
 
 class SecureStorageAccess(Exception):
     """Raised by Region.read/write when the host touches a SECURE page (a kernel bug in the caller)."""
+
+# ---- Results ----
+# Frozen, hashable, compared by value. Transitional: each result also unpacks and indexes like the
+# tuple it replaced, in field order (``cc, rc, rrc = uv.query()``), compares equal to that tuple
+# and hashes like it. For that it is typed here as a subclass of that tuple; at runtime it is
+# not a tuple (no tuple methods, no concatenation or ordering). Removed, and the tuple bases
+# with it, once the Python call sites use the names.
+
+@final
+class UvcResult(tuple[int, int, int]):
+    """One UVC: condition code (0 success, 1 error) and the UV's return codes."""
+
+    def __new__(cls, cc: int, rc: int, rrc: int) -> Self: ...
+    @property
+    def cc(self) -> int: ...
+    @property
+    def rc(self) -> int: ...
+    @property
+    def rrc(self) -> int: ...
+
+@final
+class HandleResult(tuple[int, int, int, int]):
+    """Create Config / Create CPU: status and the new handle (0 on failure, unless a Create Config
+    rc carries the 0x8000 NEED_DESTROY flag)."""
+
+    def __new__(cls, cc: int, rc: int, rrc: int, handle: int) -> Self: ...
+    @property
+    def cc(self) -> int: ...
+    @property
+    def rc(self) -> int: ...
+    @property
+    def rrc(self) -> int: ...
+    @property
+    def handle(self) -> int: ...
+
+@final
+class DumpResult(tuple[int, int, int, bytes]):
+    """A dump UVC: status and the data the UV wrote (empty on failure)."""
+
+    def __new__(cls, cc: int, rc: int, rrc: int, data: bytes) -> Self: ...
+    @property
+    def cc(self) -> int: ...
+    @property
+    def rc(self) -> int: ...
+    @property
+    def rrc(self) -> int: ...
+    @property
+    def data(self) -> bytes: ...
+
+@final
+class CallResult(tuple[int, bytes]):
+    """A raw UVCB call: condition code and the block with rc/rrc and output fields filled in."""
+
+    def __new__(cls, cc: int, block: bytes) -> Self: ...
+    @property
+    def cc(self) -> int: ...
+    @property
+    def block(self) -> bytes: ...
+
+@final
+class WalkResult(tuple[int, int, bool, int]):
+    """destroy_walk: present pages visited (destroy-page UVCs issued), pages made non-secure,
+    whether it was interrupted, first page not known to be done (the end when not interrupted)."""
+
+    def __new__(cls, visited: int, destroyed: int, interrupted: bool, resume_page: int) -> Self: ...
+    @property
+    def visited(self) -> int: ...
+    @property
+    def destroyed(self) -> int: ...
+    @property
+    def interrupted(self) -> bool: ...
+    @property
+    def resume_page(self) -> int: ...
+
+@final
+class ImportResult(tuple[int, int, int, int, int]):
+    """import_range: UVCs issued per kind (as in stats()), imports that failed, and the rc of the
+    first failed import (0 if none failed)."""
+
+    def __new__(cls, imports: int, exports: int, destroys: int, failed_pages: int, first_failure_rc: int) -> Self: ...
+    @property
+    def imports(self) -> int: ...
+    @property
+    def exports(self) -> int: ...
+    @property
+    def destroys(self) -> int: ...
+    @property
+    def failed_pages(self) -> int: ...
+    @property
+    def first_failure_rc(self) -> int: ...
+
+@final
+class AccessResult(tuple[int, int, int]):
+    """make_accessible_range: successful pins and exports, and the pages that stay secure."""
+
+    def __new__(cls, pinned: int, exported: int, failed: int) -> Self: ...
+    @property
+    def pinned(self) -> int: ...
+    @property
+    def exported(self) -> int: ...
+    @property
+    def failed(self) -> int: ...
+
+@final
+class TeardownResult(tuple[int, int]):
+    """mm_teardown: pages made non-secure by a destroy, successful exports."""
+
+    def __new__(cls, destroyed: int, exported: int) -> Self: ...
+    @property
+    def destroyed(self) -> int: ...
+    @property
+    def exported(self) -> int: ...
+
+@final
+class UnpackResult(tuple[str, int, int, int]):
+    """unpack_range: status "ok" | "eagain" | "einval" | "efault", rc/rrc of the last unpack UVC
+    (0, 0 if none), pages unpacked."""
+
+    def __new__(cls, status: str, rc: int, rrc: int, pages_done: int) -> Self: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def rc(self) -> int: ...
+    @property
+    def rrc(self) -> int: ...
+    @property
+    def pages_done(self) -> int: ...
+
+@final
+class PageInfo(tuple[str, int]):
+    """Region.page_state: the state name and the owner handle (0 if none)."""
+
+    def __new__(cls, state: str, owner: int) -> Self: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def owner(self) -> int: ...
+
+@final
+class SealedImage(tuple[bytes, list[bytes]]):
+    """image_seal: the SE header and the encrypted components, padded to 4 KiB."""
+
+    def __new__(cls, header: bytes, components: list[bytes]) -> Self: ...
+    @property
+    def header(self) -> bytes: ...
+    @property
+    def components(self) -> list[bytes]: ...
 
 @final
 class CancelToken:
@@ -86,14 +246,14 @@ class Region:
     @property
     def id(self) -> int: ...
     def present_pages(self) -> int: ...  # pages touched so far ("present PTEs")
-    def page_state(self, index: int) -> tuple[str, int]:
-        """("nonsecure" | "secure" | "shared" | "exported" | "orphaned", owner handle or 0).
+    def page_state(self, index: int) -> PageInfo:
+        """state "nonsecure" | "secure" | "shared" | "exported" | "orphaned", owner handle or 0.
 
         "orphaned" = secure or shared page whose configuration was removed by Destroy-Fast
         (owner = the dead handle). A page exported while its configuration lived reads as
-        ("nonsecure", 0) once that configuration is gone (nobody can import it back); an orphan
-        exported after Destroy-Fast reads as ("exported", dead handle). IndexError for an index
-        out of range.
+        "nonsecure", owner 0 once that configuration is gone (nobody can import it back); an
+        orphan exported after Destroy-Fast reads as "exported" by the dead handle. IndexError for
+        an index out of range.
         """
     def state_counts(self) -> dict[str, int]:
         """Counts of pages per state over the region (keys as page_state, plus "present")."""
@@ -153,76 +313,76 @@ class Ultravisor:
         """Unmap and unregister (the mm is gone). Pages still secure at that point are reported
         by the return of mm_teardown, not here; afterwards every access raises ValueError."""
     # ---- UVCs (single calls) ----
-    def query(self) -> tuple[int, int, int]: ...  # QUI 0x0001
+    def query(self) -> UvcResult: ...  # QUI 0x0001
     def create_config(
         self, region: Region, *, guest_len: int, asce: int, sca: int, base_stor_len: int, var_stor_len: int
-    ) -> tuple[int, int, int, int]:
-        """0x0100 -> (cc, rc, rrc, handle). handle is 0 on failure unless rc has 0x8000 set.
+    ) -> HandleResult:
+        """0x0100. handle is 0 on failure unless rc has 0x8000 set.
         Refused: ASCE origin already used by a live config, too many configs, guest_len 0 or not
         1 MiB aligned or above the region size, donations shorter than info() says."""
-    def destroy_config(self, handle: int) -> tuple[int, int, int]:
+    def destroy_config(self, handle: int) -> UvcResult:
         """0x0101: refused while the config has CPUs. Cleans (zeroes, NONSECURE) every remaining
         page of the config (GIL released, parallel), returns its donations, frees its ASCE."""
-    def destroy_config_fast(self, handle: int) -> tuple[int, int, int]:
+    def destroy_config_fast(self, handle: int) -> UvcResult:
         """0x0102: only if destroy_fast is installed (else rc INV_CMD). Refused while it has CPUs.
         Frees the config and donations at once; its pages become ORPHANED (O(1), no walk)."""
-    def create_cpu(self, handle: int, *, num: int, stor_len: int) -> tuple[int, int, int, int]:
-        """0x0120 -> (cc, rc, rrc, cpu_handle)."""
-    def destroy_cpu(self, cpu_handle: int) -> tuple[int, int, int]: ...  # 0x0121
-    def convert_to_secure(self, handle: int, gaddr: int) -> tuple[int, int, int]:
+    def create_cpu(self, handle: int, *, num: int, stor_len: int) -> HandleResult:
+        """0x0120: handle = the new CPU's handle."""
+    def destroy_cpu(self, cpu_handle: int) -> UvcResult: ...  # 0x0121
+    def convert_to_secure(self, handle: int, gaddr: int) -> UvcResult:
         """0x0200 import one page: NONSECURE -> SECURE(handle). Fresh/foreign content is zeroed;
         a page EXPORTED by the same config is decrypted and integrity-checked. rc 0x010a if the
         page is not present. A SHARED page of another config is taken over only with MISC."""
-    def convert_from_secure(self, paddr: int) -> tuple[int, int, int]:
+    def convert_from_secure(self, paddr: int) -> UvcResult:
         """0x0201 export: SECURE/SHARED/ORPHANED -> EXPORTED(owner), content encrypted in place."""
-    def destroy_page(self, paddr: int) -> tuple[int, int, int]:
+    def destroy_page(self, paddr: int) -> UvcResult:
         """0x0202: SECURE/SHARED/ORPHANED -> NONSECURE, content zeroed. No-op success on a
         NONSECURE page. Refused while the owner config has CPUs."""
-    def pin_shared(self, paddr: int) -> tuple[int, int, int]: ...  # 0x0341, only SHARED pages
-    def unpin_shared(self, handle: int, gaddr: int) -> tuple[int, int, int]: ...  # 0x0342
-    def set_shared_access(self, handle: int, gaddr: int) -> tuple[int, int, int]: ...  # 0x1000
-    def remove_shared_access(self, handle: int, gaddr: int) -> tuple[int, int, int]: ...  # 0x1001
-    def set_sec_parms(self, handle: int, header: bytes) -> tuple[int, int, int]: ...  # 0x0300
-    def unpack(self, handle: int, gaddr: int, tweak0: int, tweak1: int) -> tuple[int, int, int]: ...  # 0x0301
-    def verify(self, handle: int) -> tuple[int, int, int]: ...  # 0x0302
-    def prepare_reset(self, handle: int) -> tuple[int, int, int]: ...  # 0x0320
-    def unshare_all(self, handle: int) -> tuple[int, int, int]: ...  # 0x0340
-    def dump_init(self, handle: int) -> tuple[int, int, int]: ...  # 0x0400
-    def dump_conf_stor_state(self, handle: int, gaddr: int) -> tuple[int, int, int, bytes]:
+    def pin_shared(self, paddr: int) -> UvcResult: ...  # 0x0341, only SHARED pages
+    def unpin_shared(self, handle: int, gaddr: int) -> UvcResult: ...  # 0x0342
+    def set_shared_access(self, handle: int, gaddr: int) -> UvcResult: ...  # 0x1000
+    def remove_shared_access(self, handle: int, gaddr: int) -> UvcResult: ...  # 0x1001
+    def set_sec_parms(self, handle: int, header: bytes) -> UvcResult: ...  # 0x0300
+    def unpack(self, handle: int, gaddr: int, tweak0: int, tweak1: int) -> UvcResult: ...  # 0x0301
+    def verify(self, handle: int) -> UvcResult: ...  # 0x0302
+    def prepare_reset(self, handle: int) -> UvcResult: ...  # 0x0320
+    def unshare_all(self, handle: int) -> UvcResult: ...  # 0x0340
+    def dump_init(self, handle: int) -> UvcResult: ...  # 0x0400
+    def dump_conf_stor_state(self, handle: int, gaddr: int) -> DumpResult:
         """0x0401: conf_dump_storage_state_len bytes for the 1 MiB at gaddr."""
-    def dump_cpu(self, cpu_handle: int) -> tuple[int, int, int, bytes]: ...  # 0x0402
-    def dump_complete(self, handle: int) -> tuple[int, int, int, bytes]:
+    def dump_cpu(self, cpu_handle: int) -> DumpResult: ...  # 0x0402
+    def dump_complete(self, handle: int) -> DumpResult:
         """0x0403: conf_dump_finalize_len bytes."""
-    def call(self, uvcb: bytes) -> tuple[int, bytes]:
+    def call(self, uvcb: bytes) -> CallResult:
         """Raw dispatcher: a UVCB as laid out in spec §1.4 (big-endian, 8-byte header
-        len/cmd/rc/rrc). Returns (cc, updated block). Wrong len -> rc 0x0005, unknown or
+        len/cmd/rc/rrc). Returns cc and the updated block. Wrong len -> rc 0x0005, unknown or
         uninstalled cmd -> rc 0x0002. Never raises for any byte string."""
     # ---- kernel-side range helpers (one call per range, GIL released) ----
     def destroy_walk(
         self, region: Region, start_page: int = 0, end_page: int | None = None, cancel: CancelToken | None = None
-    ) -> tuple[int, int, bool, int]:
+    ) -> WalkResult:
         """__s390_uv_destroy_range: issue destroy-page (counted) on every *present* page of
         [start, end), results ignored, in parallel batches of BATCH_PAGES present pages; skips
         regions holding no secure page via the summary (still counting their present pages as
         UVCs). With cancel: checked after every batch; when set, stop and return interrupted.
-        Returns (present_pages_visited, pages_destroyed, interrupted, resume_page). end_page is
+        Returns visited (present pages), destroyed, interrupted, resume_page. end_page is
         clamped to region.pages (and start_page to end_page). Every page below resume_page is done;
         resume_page == end when not interrupted."""
     def import_range(
         self, handle: int, region: Region, start_page: int, npages: int, *, export_first: bool
-    ) -> tuple[int, int, int, int, int]:
+    ) -> ImportResult:
         """A protected guest (config handle) touches pages; per page, as the kernel fault paths do:
         not present -> first-touch (no UVC); NONSECURE/EXPORTED -> (export 0x0201 first if
         export_first, result ignored) + import 0x0200; SECURE/ORPHANED of another config ->
         secure-storage violation: destroy 0x0202, on failure export 0x0201, then import as above;
         SHARED of another config -> (export first if export_first) + import (the UV takes a shared
         page over only with MISC; otherwise the import fails). Own pages: nothing.
-        Returns (imports, exports, destroys, failed_pages, first_failure_rc): the first three count
+        Returns imports, exports, destroys, failed_pages, first_failure_rc: the first three count
         the UVCs issued (as in stats()), failed_pages the imports that failed; a page whose import
         failed is left as it was and the walk goes on. first_failure_rc is 0 if none failed."""
-    def make_accessible_range(self, region: Region, start_page: int, npages: int) -> tuple[int, int, int]:
+    def make_accessible_range(self, region: Region, start_page: int, npages: int) -> AccessResult:
         """Host or a non-protected guest touches pages: for each SECURE/SHARED/ORPHANED page,
-        pin-shared (0x0341) and if that fails export (0x0201). Returns (pinned, exported, failed):
+        pin-shared (0x0341) and if that fails export (0x0201). Returns pinned, exported, failed:
         the successful UVCs, and the pages that stay secure because both failed. GIL released."""
     def unpack_range(
         self,
@@ -234,18 +394,19 @@ class Ultravisor:
         *,
         export_first: bool,
         cancel: CancelToken | None = None,
-    ) -> tuple[str, int, int, int]:
+    ) -> UnpackResult:
         """KVM_PV_UNPACK's loop: per page 0x0301 with tweak0=tweak, tweak1=offset (export first
         if asked). rc 0x010a -> fault the page in; if cancel is set return "eagain"; else retry.
         Other UV error -> "einval". addr not page aligned, size 0 or unaligned -> "einval" with no
-        UVC; a page beyond the region -> "efault". Returns (status "ok"|"eagain"|"einval"|"efault",
-        rc, rrc of the last unpack UVC (0, 0 if none), pages_done). rcs: docs/UV.md."""
-    def mm_teardown(self, region: Region, *, all_present: bool = False) -> tuple[int, int]:
+        UVC; a page beyond the region -> "efault". Returns status "ok"|"eagain"|"einval"|"efault",
+        rc, rrc of the last unpack UVC (0, 0 if none), pages_done. rcs: docs/UV.md."""
+    def mm_teardown(self, region: Region, *, all_present: bool = False) -> TeardownResult:
         """exit_mmap of a protected mm: for every present SECURE/SHARED/ORPHANED page destroy
         (0x0202), on failure export (0x0201). With all_present=True the destroy goes to every
         present page (per-PTE teardown without the kernel's PG_arch_1 filter), so an injected
         destroy failure can also land on a non-secure page. The legacy 0x0107/0x000d answer
-        counts as success (no export). Returns (pages destroyed, successful exports). GIL released."""
+        counts as success (no export). Returns destroyed (pages) and exported (successful exports).
+        GIL released."""
 
 # ---- boot image (rust/pvfast-py/src/image.rs; format and rcs in docs/IMAGE.md) ----
 # Header errors raise ValueError("invalid SE header: <reason> (rc 0x01..)") with attribute
@@ -259,8 +420,8 @@ IMAGE_MAX_COMPONENTS: Final[int]  # 328: components that fit in IMAGE_MAX_HEADER
 
 def image_seal(
     components: list[tuple[int, int, bytes]], host_key: bytes | None = None, image_key: bytes | None = None
-) -> tuple[bytes, list[bytes]]:
-    """Seal [(addr, tweak, plaintext)] -> (header, encrypted components padded to 4 KiB).
+) -> SealedImage:
+    """Seal [(addr, tweak, plaintext)] -> header and encrypted components padded to 4 KiB.
     Random image key (64 bytes, AES-256-XTS) when None. GIL released. ValueError/TypeError
     naming the argument (``components[2].addr: ...``)."""
 

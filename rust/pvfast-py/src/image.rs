@@ -12,6 +12,8 @@ use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::{PyBytes, PyDict, PyInt, PyList, PyTuple};
 
+use crate::results::SealedImage;
+
 /// ValueError carrying the UV rc as attribute `rc`, e.g. "... (rc 0x0108)".
 fn header_error(py: Python<'_>, err: &HeaderError) -> PyErr {
     let rc = err.rc();
@@ -86,7 +88,7 @@ fn parse(py: Python<'_>, header: &[u8], host_key: &[u8; 32]) -> PyResult<SecHead
     parse_header(header, host_key).map_err(|e| header_error(py, &e))
 }
 
-/// Seal a boot image: returns (header, encrypted components padded to 4 KiB).
+/// Seal a boot image: the header and the encrypted components padded to 4 KiB.
 #[pyfunction]
 #[pyo3(signature = (components, host_key=None, image_key=None))]
 fn image_seal<'py>(
@@ -94,7 +96,7 @@ fn image_seal<'py>(
     components: &Bound<'py, PyAny>,
     host_key: Option<PyBackedBytes>,
     image_key: Option<PyBackedBytes>,
-) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyList>)> {
+) -> PyResult<SealedImage> {
     let host_key = key_arg("host_key", host_key.as_ref(), &HOST_KEY_DEFAULT)?;
     let image_key: [u8; IMAGE_KEY_LEN] = match image_key.as_ref() {
         Some(_) => key_arg("image_key", image_key.as_ref(), &[0u8; IMAGE_KEY_LEN])?,
@@ -119,11 +121,10 @@ fn image_seal<'py>(
             seal_image(&refs, &host_key, &image_key)
         })
         .map_err(PyValueError::new_err)?;
-    let list = PyList::empty(py);
-    for enc in &encrypted {
-        list.append(PyBytes::new(py, enc))?;
-    }
-    Ok((PyBytes::new(py, &header), list))
+    Ok(SealedImage {
+        header,
+        components: encrypted,
+    })
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use pvfast_core as core_;
-use pvfast_core::{CoreError, UvcStatus};
+use pvfast_core::CoreError;
 use pyo3::exceptions::{
     PyException, PyIndexError, PyKeyError, PyOSError, PyOverflowError, PyTypeError, PyValueError,
 };
@@ -14,6 +14,12 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyInt};
 
 mod image;
+mod results;
+
+use results::{
+    AccessResult, CallResult, DumpResult, HandleResult, ImportResult, PageInfo, TeardownResult,
+    UnpackResult, UvcResult, WalkResult,
+};
 
 pyo3::create_exception!(
     pvfast._native,
@@ -103,10 +109,6 @@ fn a_opt_handle(obj: &Bound<'_, PyAny>) -> PyResult<Option<u64>> {
     }
 }
 
-fn st(s: UvcStatus) -> (u8, u16, u16) {
-    s.as_tuple()
-}
-
 // ---------------------------------------------------------------- CancelToken
 
 /// A fatal-signal flag shared between threads. Walks check it once per batch.
@@ -165,9 +167,12 @@ impl Region {
         Ok(py.detach(|| self.inner.present_pages())?)
     }
 
-    fn page_state(&self, #[pyo3(from_py_with = a_index)] index: u64) -> R<(&'static str, u64)> {
-        let (s, owner) = self.inner.page_state(index)?;
-        Ok((s.name(), owner))
+    fn page_state(&self, #[pyo3(from_py_with = a_index)] index: u64) -> R<PageInfo> {
+        let (state, owner) = self.inner.page_state(index)?;
+        Ok(PageInfo {
+            state: state.name().to_string(),
+            owner,
+        })
     }
 
     fn state_counts<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
@@ -371,8 +376,8 @@ impl Ultravisor {
     }
 
     // ---- UVCs
-    fn query(&self) -> (u8, u16, u16) {
-        st(self.inner.query())
+    fn query(&self) -> UvcResult {
+        self.inner.query().into()
     }
 
     #[pyo3(signature = (region, *, guest_len, asce, sca, base_stor_len, var_stor_len))]
@@ -385,8 +390,8 @@ impl Ultravisor {
         #[pyo3(from_py_with = a_sca)] sca: u64,
         #[pyo3(from_py_with = a_base_stor_len)] base_stor_len: u64,
         #[pyo3(from_py_with = a_var_stor_len)] var_stor_len: u64,
-    ) -> R<(u8, u16, u16, u64)> {
-        let (s, h) = self.inner.create_config(
+    ) -> R<HandleResult> {
+        let created = self.inner.create_config(
             &region.inner,
             guest_len,
             asce,
@@ -394,19 +399,19 @@ impl Ultravisor {
             base_stor_len,
             var_stor_len,
         )?;
-        Ok((s.cc, s.rc, s.rrc, h))
+        Ok(created.into())
     }
 
     fn destroy_config(
         &self,
         py: Python<'_>,
         #[pyo3(from_py_with = a_handle)] handle: u64,
-    ) -> (u8, u16, u16) {
-        st(py.detach(|| self.inner.destroy_config(handle)))
+    ) -> UvcResult {
+        py.detach(|| self.inner.destroy_config(handle)).into()
     }
 
-    fn destroy_config_fast(&self, #[pyo3(from_py_with = a_handle)] handle: u64) -> (u8, u16, u16) {
-        st(self.inner.destroy_config_fast(handle))
+    fn destroy_config_fast(&self, #[pyo3(from_py_with = a_handle)] handle: u64) -> UvcResult {
+        self.inner.destroy_config_fast(handle).into()
     }
 
     #[pyo3(signature = (handle, *, num, stor_len))]
@@ -415,13 +420,12 @@ impl Ultravisor {
         #[pyo3(from_py_with = a_handle)] handle: u64,
         #[pyo3(from_py_with = a_num)] num: u64,
         #[pyo3(from_py_with = a_stor_len)] stor_len: u64,
-    ) -> (u8, u16, u16, u64) {
-        let (s, h) = self.inner.create_cpu(handle, num, stor_len);
-        (s.cc, s.rc, s.rrc, h)
+    ) -> HandleResult {
+        self.inner.create_cpu(handle, num, stor_len).into()
     }
 
-    fn destroy_cpu(&self, #[pyo3(from_py_with = a_cpu_handle)] cpu_handle: u64) -> (u8, u16, u16) {
-        st(self.inner.destroy_cpu(cpu_handle))
+    fn destroy_cpu(&self, #[pyo3(from_py_with = a_cpu_handle)] cpu_handle: u64) -> UvcResult {
+        self.inner.destroy_cpu(cpu_handle).into()
     }
 
     fn convert_to_secure(
@@ -429,52 +433,53 @@ impl Ultravisor {
         py: Python<'_>,
         #[pyo3(from_py_with = a_handle)] handle: u64,
         #[pyo3(from_py_with = a_gaddr)] gaddr: u64,
-    ) -> (u8, u16, u16) {
-        st(py.detach(|| self.inner.convert_to_secure(handle, gaddr)))
+    ) -> UvcResult {
+        py.detach(|| self.inner.convert_to_secure(handle, gaddr))
+            .into()
     }
 
     fn convert_from_secure(
         &self,
         py: Python<'_>,
         #[pyo3(from_py_with = a_paddr)] paddr: u64,
-    ) -> (u8, u16, u16) {
-        st(py.detach(|| self.inner.convert_from_secure(paddr)))
+    ) -> UvcResult {
+        py.detach(|| self.inner.convert_from_secure(paddr)).into()
     }
 
     fn destroy_page(
         &self,
         py: Python<'_>,
         #[pyo3(from_py_with = a_paddr)] paddr: u64,
-    ) -> (u8, u16, u16) {
-        st(py.detach(|| self.inner.destroy_page(paddr)))
+    ) -> UvcResult {
+        py.detach(|| self.inner.destroy_page(paddr)).into()
     }
 
-    fn pin_shared(&self, #[pyo3(from_py_with = a_paddr)] paddr: u64) -> (u8, u16, u16) {
-        st(self.inner.pin_shared(paddr))
+    fn pin_shared(&self, #[pyo3(from_py_with = a_paddr)] paddr: u64) -> UvcResult {
+        self.inner.pin_shared(paddr).into()
     }
 
     fn unpin_shared(
         &self,
         #[pyo3(from_py_with = a_handle)] handle: u64,
         #[pyo3(from_py_with = a_gaddr)] gaddr: u64,
-    ) -> (u8, u16, u16) {
-        st(self.inner.unpin_shared(handle, gaddr))
+    ) -> UvcResult {
+        self.inner.unpin_shared(handle, gaddr).into()
     }
 
     fn set_shared_access(
         &self,
         #[pyo3(from_py_with = a_handle)] handle: u64,
         #[pyo3(from_py_with = a_gaddr)] gaddr: u64,
-    ) -> (u8, u16, u16) {
-        st(self.inner.set_shared_access(handle, gaddr))
+    ) -> UvcResult {
+        self.inner.set_shared_access(handle, gaddr).into()
     }
 
     fn remove_shared_access(
         &self,
         #[pyo3(from_py_with = a_handle)] handle: u64,
         #[pyo3(from_py_with = a_gaddr)] gaddr: u64,
-    ) -> (u8, u16, u16) {
-        st(self.inner.remove_shared_access(handle, gaddr))
+    ) -> UvcResult {
+        self.inner.remove_shared_access(handle, gaddr).into()
     }
 
     fn set_sec_parms(
@@ -482,8 +487,9 @@ impl Ultravisor {
         py: Python<'_>,
         #[pyo3(from_py_with = a_handle)] handle: u64,
         header: Vec<u8>,
-    ) -> (u8, u16, u16) {
-        st(py.detach(|| self.inner.set_sec_parms(handle, &header)))
+    ) -> UvcResult {
+        py.detach(|| self.inner.set_sec_parms(handle, &header))
+            .into()
     }
 
     fn unpack(
@@ -493,65 +499,52 @@ impl Ultravisor {
         #[pyo3(from_py_with = a_gaddr)] gaddr: u64,
         #[pyo3(from_py_with = a_tweak0)] tweak0: u64,
         #[pyo3(from_py_with = a_tweak1)] tweak1: u64,
-    ) -> (u8, u16, u16) {
-        st(py.detach(|| self.inner.unpack(handle, gaddr, tweak0, tweak1)))
+    ) -> UvcResult {
+        py.detach(|| self.inner.unpack(handle, gaddr, tweak0, tweak1))
+            .into()
     }
 
-    fn verify(
-        &self,
-        py: Python<'_>,
-        #[pyo3(from_py_with = a_handle)] handle: u64,
-    ) -> (u8, u16, u16) {
-        st(py.detach(|| self.inner.verify(handle)))
+    fn verify(&self, py: Python<'_>, #[pyo3(from_py_with = a_handle)] handle: u64) -> UvcResult {
+        py.detach(|| self.inner.verify(handle)).into()
     }
 
-    fn prepare_reset(&self, #[pyo3(from_py_with = a_handle)] handle: u64) -> (u8, u16, u16) {
-        st(self.inner.prepare_reset(handle))
+    fn prepare_reset(&self, #[pyo3(from_py_with = a_handle)] handle: u64) -> UvcResult {
+        self.inner.prepare_reset(handle).into()
     }
 
     fn unshare_all(
         &self,
         py: Python<'_>,
         #[pyo3(from_py_with = a_handle)] handle: u64,
-    ) -> (u8, u16, u16) {
-        st(py.detach(|| self.inner.unshare_all(handle)))
+    ) -> UvcResult {
+        py.detach(|| self.inner.unshare_all(handle)).into()
     }
 
-    fn dump_init(&self, #[pyo3(from_py_with = a_handle)] handle: u64) -> (u8, u16, u16) {
-        st(self.inner.dump_init(handle))
+    fn dump_init(&self, #[pyo3(from_py_with = a_handle)] handle: u64) -> UvcResult {
+        self.inner.dump_init(handle).into()
     }
 
-    fn dump_conf_stor_state<'py>(
+    fn dump_conf_stor_state(
         &self,
-        py: Python<'py>,
+        py: Python<'_>,
         #[pyo3(from_py_with = a_handle)] handle: u64,
         #[pyo3(from_py_with = a_gaddr)] gaddr: u64,
-    ) -> (u8, u16, u16, Bound<'py, PyBytes>) {
-        let (s, data) = py.detach(|| self.inner.dump_conf_stor_state(handle, gaddr));
-        (s.cc, s.rc, s.rrc, PyBytes::new(py, &data))
+    ) -> DumpResult {
+        py.detach(|| self.inner.dump_conf_stor_state(handle, gaddr))
+            .into()
     }
 
-    fn dump_cpu<'py>(
-        &self,
-        py: Python<'py>,
-        #[pyo3(from_py_with = a_cpu_handle)] cpu_handle: u64,
-    ) -> (u8, u16, u16, Bound<'py, PyBytes>) {
-        let (s, data) = self.inner.dump_cpu(cpu_handle);
-        (s.cc, s.rc, s.rrc, PyBytes::new(py, &data))
+    fn dump_cpu(&self, #[pyo3(from_py_with = a_cpu_handle)] cpu_handle: u64) -> DumpResult {
+        self.inner.dump_cpu(cpu_handle).into()
     }
 
-    fn dump_complete<'py>(
-        &self,
-        py: Python<'py>,
-        #[pyo3(from_py_with = a_handle)] handle: u64,
-    ) -> (u8, u16, u16, Bound<'py, PyBytes>) {
-        let (s, data) = self.inner.dump_complete(handle);
-        (s.cc, s.rc, s.rrc, PyBytes::new(py, &data))
+    fn dump_complete(&self, #[pyo3(from_py_with = a_handle)] handle: u64) -> DumpResult {
+        self.inner.dump_complete(handle).into()
     }
 
-    fn call<'py>(&self, py: Python<'py>, uvcb: Vec<u8>) -> (u8, Bound<'py, PyBytes>) {
-        let (cc, out) = py.detach(|| core_::dispatch::call(&self.inner, &uvcb));
-        (cc, PyBytes::new(py, &out))
+    fn call(&self, py: Python<'_>, uvcb: Vec<u8>) -> CallResult {
+        py.detach(|| core_::dispatch::call(&self.inner, &uvcb))
+            .into()
     }
 
     // ---- kernel-side range helpers
@@ -563,13 +556,13 @@ impl Ultravisor {
         #[pyo3(from_py_with = a_start_page)] start_page: u64,
         #[pyo3(from_py_with = a_end_page)] end_page: Option<u64>,
         cancel: Option<PyRef<'_, CancelToken>>,
-    ) -> R<(u64, u64, bool, u64)> {
+    ) -> R<WalkResult> {
         let r = Arc::clone(&region.inner);
         let c = token(&cancel);
         let w = py.detach(|| {
             core_::kernel::destroy_walk(&self.inner, &r, start_page, end_page, c.as_ref())
         })?;
-        Ok((w.visited, w.destroyed, w.interrupted, w.resume_page))
+        Ok(w.into())
     }
 
     #[pyo3(signature = (handle, region, start_page, npages, *, export_first))]
@@ -581,18 +574,12 @@ impl Ultravisor {
         #[pyo3(from_py_with = a_start_page)] start_page: u64,
         #[pyo3(from_py_with = a_npages)] npages: u64,
         export_first: bool,
-    ) -> R<(u64, u64, u64, u64, u16)> {
+    ) -> R<ImportResult> {
         let r = Arc::clone(&region.inner);
         let x = py.detach(|| {
             core_::kernel::import_range(&self.inner, handle, &r, start_page, npages, export_first)
         })?;
-        Ok((
-            x.imports,
-            x.exports,
-            x.destroys,
-            x.failed_pages,
-            x.first_failure_rc,
-        ))
+        Ok(x.into())
     }
 
     fn make_accessible_range(
@@ -601,11 +588,11 @@ impl Ultravisor {
         region: PyRef<'_, Region>,
         #[pyo3(from_py_with = a_start_page)] start_page: u64,
         #[pyo3(from_py_with = a_npages)] npages: u64,
-    ) -> R<(u64, u64, u64)> {
+    ) -> R<AccessResult> {
         let r = Arc::clone(&region.inner);
         let a = py
             .detach(|| core_::kernel::make_accessible_range(&self.inner, &r, start_page, npages))?;
-        Ok((a.pinned, a.exported, a.failed))
+        Ok(a.into())
     }
 
     #[pyo3(signature = (handle, region, addr, size, tweak, *, export_first, cancel = None))]
@@ -620,7 +607,7 @@ impl Ultravisor {
         #[pyo3(from_py_with = a_tweak)] tweak: u64,
         export_first: bool,
         cancel: Option<PyRef<'_, CancelToken>>,
-    ) -> R<(&'static str, u16, u16, u64)> {
+    ) -> R<UnpackResult> {
         let r = Arc::clone(&region.inner);
         let c = token(&cancel);
         let u = py.detach(|| {
@@ -635,7 +622,7 @@ impl Ultravisor {
                 c.as_ref(),
             )
         })?;
-        Ok((u.status.name(), u.rc, u.rrc, u.pages_done))
+        Ok(u.into())
     }
 
     #[pyo3(signature = (region, *, all_present = false))]
@@ -644,10 +631,10 @@ impl Ultravisor {
         py: Python<'_>,
         region: PyRef<'_, Region>,
         all_present: bool,
-    ) -> R<(u64, u64)> {
+    ) -> R<TeardownResult> {
         let r = Arc::clone(&region.inner);
         let t = py.detach(|| core_::kernel::mm_teardown(&self.inner, &r, all_present))?;
-        Ok((t.destroyed, t.exported))
+        Ok(t.into())
     }
 }
 
@@ -678,5 +665,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Region>()?;
     m.add_class::<Ultravisor>()?;
     image::register(m)?;
+    results::register(m)?;
     Ok(())
 }
