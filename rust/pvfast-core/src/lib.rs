@@ -7,7 +7,7 @@
 //! → `region`, `pages` → `walk` → `ultravisor` (one method per UVC) → `kernel` (range helpers)
 //! → `dispatch` (raw UVCBs).
 
-pub mod config;
+mod config;
 pub mod dispatch;
 pub mod error;
 pub mod image;

@@ -231,6 +231,14 @@ impl Core {
         }
     }
 
+    /// The prologue of `n` executions of `uvc` issued as one batch by a walk that found no
+    /// injection pending for `uvc` (`inject.pending`): counts them, consumes nothing. A walk
+    /// with injections pending runs its UVCs one by one through [`Core::execute`] instead.
+    #[inline]
+    pub(crate) fn count_batch(&self, uvc: Uvc, n: u64) {
+        self.stats.add(uvc, n);
+    }
+
     /// The pool for background (interruptible) walks, built on first use.
     pub(crate) fn bg_pool(&self) -> Result<&rayon::ThreadPool, CoreError> {
         self.bg_pool
@@ -273,4 +281,65 @@ fn build_pool(threads: usize, name: &'static str) -> Result<rayon::ThreadPool, C
         .thread_name(move |i| format!("{name}-{i}"))
         .build()
         .map_err(|_| CoreError::Os(libc::EAGAIN))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn core() -> Core {
+        Core::new(UvOptions {
+            threads: 1,
+            ..Default::default()
+        })
+        .expect("a one-thread pool")
+    }
+
+    #[test]
+    fn execute_counts_every_outcome_and_skips_the_body_when_injected() {
+        let core = core();
+        core.inject.set(Uvc::Qui, 0x0999, 7, 1);
+        let mut ran = false;
+        let st = core.execute(Uvc::Qui, || {
+            ran = true;
+            UvcStatus::OK
+        });
+        assert!(!ran, "an injected failure must not run the UVC");
+        assert_eq!(st, UvcStatus::err_rrc(0x0999, 7));
+        let st = core.execute(Uvc::Qui, || {
+            ran = true;
+            UvcStatus::err(0x0002)
+        });
+        assert!(ran);
+        assert_eq!(st, UvcStatus::err(0x0002));
+        assert_eq!(core.execute(Uvc::Qui, || UvcStatus::OK), UvcStatus::OK);
+        assert_eq!(
+            core.stats.get(Uvc::Qui),
+            3,
+            "success, UV error and injection all count"
+        );
+    }
+
+    #[test]
+    fn injected_replies_carry_no_handle_or_data() {
+        let core = core();
+        core.inject.set(Uvc::CreateSecCpu, 0x0999, 0, 1);
+        core.inject.set(Uvc::DumpCpu, 0x0998, 0, 1);
+        core.inject.set(Uvc::DumpInit, 0x0997, 0, 1);
+        let h: (UvcStatus, u64) = core.execute(Uvc::CreateSecCpu, || (UvcStatus::OK, 42));
+        assert_eq!(h, (UvcStatus::err(0x0999), 0));
+        let d: (UvcStatus, Vec<u8>) = core.execute(Uvc::DumpCpu, || (UvcStatus::OK, vec![1]));
+        assert_eq!(d, (UvcStatus::err(0x0998), Vec::new()));
+        let r: Result<u8, UvcStatus> = core.execute(Uvc::DumpInit, || Ok(1));
+        assert_eq!(r, Err(UvcStatus::err(0x0997)));
+    }
+
+    #[test]
+    fn count_batch_consumes_no_injection() {
+        let core = core();
+        core.inject.set(Uvc::DestrSecStor, 0x0999, 0, 1);
+        core.count_batch(Uvc::DestrSecStor, 5);
+        assert_eq!(core.stats.get(Uvc::DestrSecStor), 5);
+        assert!(core.inject.pending(Uvc::DestrSecStor));
+    }
 }

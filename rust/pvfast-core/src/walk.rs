@@ -1,6 +1,7 @@
-//! Parallel page walks: the kernel's `__s390_uv_destroy_range` (the hot loop), and the UV's own
-//! cleaning passes (Destroy Config, Set Unshare All). Work is split into tasks of whole summary
-//! chunks; a chunk without secure pages is skipped in O(1).
+//! Parallel page walks, as free functions over the shared `Core`: the kernel's
+//! `__s390_uv_destroy_range` (the hot loop), exit_mmap's teardown, and the UV's own cleaning
+//! passes (Destroy Config, Set Unshare All). Work is split into tasks of whole summary chunks; a
+//! chunk without secure pages is skipped in O(1).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -342,7 +343,7 @@ impl WalkShared<'_> {
                     // Keep the batch granularity: one more batch of no-ops, then stop.
                     let (n, next) = self.first_present(chunk_lo, chunk_hi, BATCH_PAGES as u64);
                     self.visited.fetch_add(n, Ordering::Relaxed);
-                    self.core.stats.add(Uvc::DestrSecStor, n);
+                    self.core.count_batch(Uvc::DestrSecStor, n);
                     if n != 0 {
                         self.stop_at(next);
                         return false;
@@ -350,7 +351,7 @@ impl WalkShared<'_> {
                 } else {
                     let n = self.count_present(chunk_lo, chunk_hi, word);
                     self.visited.fetch_add(n, Ordering::Relaxed);
-                    self.core.stats.add(Uvc::DestrSecStor, n);
+                    self.core.count_batch(Uvc::DestrSecStor, n);
                     if n != 0 && self.cancelled() {
                         self.stop_at(chunk_hi);
                         return false;
@@ -358,7 +359,7 @@ impl WalkShared<'_> {
                 }
             } else if present != 0 && !injecting {
                 let (n, d, stop) = self.walk_secure_chunk(chunk, chunk_lo, chunk_hi, &mut tally);
-                self.core.stats.add(Uvc::DestrSecStor, n);
+                self.core.count_batch(Uvc::DestrSecStor, n);
                 self.visited.fetch_add(n, Ordering::Relaxed);
                 self.destroyed.fetch_add(d, Ordering::Relaxed);
                 if let Some(resume) = stop {
@@ -652,7 +653,7 @@ pub(crate) fn mm_teardown(
                 }
             } else {
                 // No injection pending: the batch's UVCs are counted at once.
-                core.stats.add(Uvc::DestrSecStor, len as u64);
+                core.count_batch(Uvc::DestrSecStor, len as u64);
                 let d = destroy_batch(
                     core,
                     mem,
