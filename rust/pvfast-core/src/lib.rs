@@ -2,8 +2,8 @@
 //! states, secure configurations and CPUs, every UVC the KVM teardown paths issue, and the
 //! parallel destroy walk that asynchronous teardown spends its time in. Pure Rust, no Python.
 //!
-//! Modules, lowest first (each imports only modules above it in this list):
-//! `memory`, `uvc`, `error`, `zero`, `image` (leaves) → `config` → `state` (the shared `Core`)
+//! Modules, lowest first; each imports only modules listed before it (and the constants below):
+//! `error`, `uvc`, `memory`, `zero`, `image` (leaves) → `config` → `state` (the shared `Core`)
 //! → `region`, `pages` → `walk` → `ultravisor` (one method per UVC) → `kernel` (range helpers)
 //! → `dispatch` (raw UVCBs).
 
