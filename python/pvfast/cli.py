@@ -13,7 +13,8 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from . import __version__, experiments
+from . import experiments
+from ._version import __version__
 from .errors import PvError
 from .experiments import HostOptions, format_size, parse_size
 from .trace import Tracer

@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from . import _native, vmm
 from . import image as _image
-from . import vmm
 from .constants import PAGE_SIZE, SZ_2G, Cap, PvCmd
 from .host import Host
 
@@ -122,8 +122,6 @@ def host_info(options: HostOptions = HostOptions()) -> dict[str, Any]:
 
 
 def _build_profile() -> str:
-    from . import _native
-
     return str(_native.build_profile)
 
 
@@ -587,9 +585,7 @@ def zero_floor_seconds(size: int, *, repeat: int = 3, nontemporal: bool = True) 
     The floor is the native zeroing loop (non-temporal stores by default, on the UV's worker
     pool like the walk) over a touched region of the same size, measured in the same run.
     """
-    from ._native import Ultravisor
-
-    uv = Ultravisor()
+    uv = _native.Ultravisor()
     region = uv.create_region(size)
     region.touch(0, size)  # the walk zeroes pages that are present
     best = min(region.bench_zero(nontemporal, True) for _ in range(repeat))

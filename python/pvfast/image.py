@@ -13,8 +13,9 @@ from typing import Final, TypedDict
 
 from . import _native
 from ._util import check_bytes, check_int
+from .constants import PAGE_SIZE
+from .constants import UVC_RC_EXECUTED as RC_EXECUTED
 
-PAGE_SIZE: Final = 4096
 HOST_KEY_DEFAULT: Final[bytes] = _native.HOST_KEY_DEFAULT
 MAX_HEADER_LEN: Final[int] = _native.IMAGE_MAX_HEADER_LEN
 MAX_COMPONENTS: Final[int] = _native.IMAGE_MAX_COMPONENTS
@@ -35,7 +36,6 @@ RC_HDR_KEY_UNWRAP: Final = 0x0108  # wrong host key or tampered header
 RC_VERIFY_PLD: Final = 0x0102
 RC_VERIFY_ALD: Final = 0x0103
 RC_VERIFY_TLD: Final = 0x0104
-RC_EXECUTED: Final = 0x0001
 
 
 class HeaderInfo(TypedDict):
