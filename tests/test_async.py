@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import errno
+import os
+import signal
 import threading
+import time
+from typing import Any
 
 import pytest
 
@@ -354,7 +358,9 @@ def test_commands_complete_while_perform_walks():
 # ---------------------------------------------------------------- kill / exit / helpers
 
 
-def test_kill_during_perform_stops_within_a_batch_and_loses_nothing(any_host):
+@pytest.mark.parametrize("end", ["kill", "exit"])
+def test_kill_during_perform_stops_within_a_batch_and_loses_nothing(any_host, end):
+    """kill: the fatal signal stops the walk; exit: exit_group's SIGKILL to the other threads does."""
     host = any_host
     vm = protected_vm(host, size=4 * GiB, high=1 * GiB)
     proc = vm.process
@@ -364,11 +370,98 @@ def test_kill_during_perform_stops_within_a_batch_and_loses_nothing(any_host):
     t = threading.Thread(target=lambda: out.append(vm.pv_command(PERFORM)))
     t.start()
     vm.perform_started.wait()
-    proc.kill()
+    if end == "kill":
+        proc.kill()
+    else:
+        proc.exit()
     t.join()
     assert not proc.alive
     res = out[0]
     assert isinstance(res, pvfast.PvResult)
+    assert_fully_clean(host)
+
+
+def test_exit_and_kill_record_how_the_process_ended():
+    """exit(status) records an exit status, kill(sig) a terminating signal, as waitpid shows them."""
+    host = pvfast.Host()
+    procs = [host.spawn_process() for _ in range(4)]
+    for p in procs:
+        p.create_vm(1 * GiB)
+        assert p.wait_status is None and p.exit_status is None and p.exit_signal is None
+    procs[0].exit()
+    procs[1].exit(3 + 256)  # only the low 8 bits reach the parent, as with exit_group
+    procs[2].kill()
+    procs[3].kill(signal.SIGTERM)
+    assert [p.alive for p in procs] == [False] * 4
+    assert [p.exit_status for p in procs] == [0, 3, None, None]
+    assert [p.exit_signal for p in procs] == [None, None, signal.SIGKILL, signal.SIGTERM]
+    for p, status in zip(procs[:2], (0, 3), strict=True):
+        assert p.wait_status is not None and os.WIFEXITED(p.wait_status) and os.WEXITSTATUS(p.wait_status) == status
+    for p, sig in zip(procs[2:], (signal.SIGKILL, signal.SIGTERM), strict=True):
+        assert p.wait_status is not None and os.WIFSIGNALED(p.wait_status) and os.WTERMSIG(p.wait_status) == sig
+    procs[0].kill()  # a dead process: nothing happens, the first end stays recorded
+    procs[2].exit(1)
+    assert procs[0].exit_status == 0 and procs[2].exit_signal == signal.SIGKILL
+    assert host.uv.config_handles() == set() and host.kernel_memory() == 0
+
+
+def test_host_create_vm_process_exits_0_when_its_vm_closes():
+    host = pvfast.Host()
+    vm = host.create_vm(1 * GiB)
+    vm.close()
+    assert not vm.process.alive and vm.process.exit_status == 0
+
+
+@pytest.mark.parametrize(
+    ("call", "kwargs", "error"),
+    [
+        ("kill", {"sig": signal.SIGCHLD}, ValueError),  # default action: ignore
+        ("kill", {"sig": signal.SIGSTOP}, ValueError),
+        ("kill", {"sig": 0}, ValueError),
+        ("kill", {"sig": 1000}, ValueError),
+        ("kill", {"sig": "SIGKILL"}, TypeError),
+        ("kill", {"sig": True}, TypeError),
+        ("exit", {"status": 1.0}, TypeError),
+        ("exit", {"status": None}, TypeError),
+        ("exit", {"status": 1 << 40}, ValueError),
+    ],
+)
+def test_kill_and_exit_argument_checks(call: str, kwargs: dict[str, Any], error: type[Exception]):
+    proc = pvfast.Host().spawn_process()
+    name = next(iter(kwargs))
+    with pytest.raises(error, match=name):
+        getattr(proc, call)(**kwargs)
+    assert proc.alive  # a refused call changes nothing
+    proc.kill(signal.SIGRTMIN + 1)  # any terminating signal, real-time ones too
+    assert proc.exit_signal == signal.SIGRTMIN + 1
+
+
+def test_a_second_end_waits_for_the_first_teardown():
+    """kill() while exit() is tearing down returns only once that teardown is done; exit's status stays."""
+    host = pvfast.Host()
+    vm = protected_vm(host, high=4 * MiB)
+    proc = vm.process
+    entered, release = threading.Event(), threading.Event()
+    real_mmput = proc.mm.mmput
+
+    def slow_mmput() -> None:
+        entered.set()
+        release.wait(10)
+        real_mmput()
+
+    proc.mm.mmput = slow_mmput  # type: ignore[method-assign]
+    first = threading.Thread(target=proc.exit, args=(7,))
+    first.start()
+    assert entered.wait(10)
+    second = threading.Thread(target=proc.kill)
+    second.start()
+    time.sleep(0.2)
+    assert second.is_alive(), "kill() returned while exit()'s teardown was still running"
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert not second.is_alive() and not proc.alive
+    assert proc.exit_status == 7 and proc.exit_signal is None
     assert_fully_clean(host)
 
 
@@ -467,7 +560,7 @@ def test_double_reboot_race_is_reproducible(caplog):
     hold.set()
     t1.join()
     assert t1.error is not None and t1.error.errno == errno.EINVAL  # the late PERFORM
-    assert not vm.process.alive  # QEMU exit(1)s on a failed PERFORM
+    assert not vm.process.alive and vm.process.exit_status == 1  # QEMU exit(1)s on a failed PERFORM
     assert_fully_clean(host)
 
 
