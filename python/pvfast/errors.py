@@ -9,15 +9,8 @@ import os
 from .constants import PvCmd
 
 _CMDS: dict[int, PvCmd] = {int(c): c for c in PvCmd}
-_STRERROR: dict[int, str] = {}
+_STRERROR: dict[int, str] = {err: os.strerror(err) for err in _errno.errorcode}
 _oserror_init = OSError.__init__
-
-
-def _strerror(err: int) -> str:
-    text = _STRERROR.get(err)
-    if text is None:
-        text = _STRERROR[err] = os.strerror(err)
-    return text
 
 
 def _cmd_label(cmd: int) -> str:
@@ -40,7 +33,7 @@ class PvError(OSError):
     data: bytes | None
 
     def __init__(self, err: int, cmd: int, rc: int, rrc: int, data: bytes | None = None) -> None:
-        _oserror_init(self, err, _strerror(err))
+        _oserror_init(self, err, _STRERROR.get(err) or os.strerror(err))
         self.cmd = _CMDS.get(cmd, cmd)
         self.rc = rc
         self.rrc = rrc

