@@ -41,8 +41,18 @@ def usage_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("4096", 4096), ("3.25G", 13 * GiB // 4), ("64K", 64 * KiB), ("64M", 64 * MiB), ("8G", 8 * GiB), ("1T", TiB), ("1.5G", 3 * GiB // 2),
-     ("2g", 2 * GiB), ("2GiB", 2 * GiB), ("512MB", 512 * MiB)],
+    [
+        ("4096", 4096),
+        ("3.25G", 13 * GiB // 4),
+        ("64K", 64 * KiB),
+        ("64M", 64 * MiB),
+        ("8G", 8 * GiB),
+        ("1T", TiB),
+        ("1.5G", 3 * GiB // 2),
+        ("2g", 2 * GiB),
+        ("2GiB", 2 * GiB),
+        ("512MB", 512 * MiB),
+    ],
 )
 def test_parse_size(text, value):
     assert experiments.parse_size(text) == value

@@ -37,7 +37,9 @@ weird = st.one_of(
     st.none(),
     st.booleans(),
     st.integers(min_value=-(1 << 70), max_value=1 << 70),
-    st.sampled_from([-1, 0, 1, PAGE, MiB, GiB, 2 * GiB, 3 * GiB, (1 << 32) - 1, 1 << 32, (1 << 64) - 1, 1 << 64, 1 << 100]),
+    st.sampled_from(
+        [-1, 0, 1, PAGE, MiB, GiB, 2 * GiB, 3 * GiB, (1 << 32) - 1, 1 << 32, (1 << 64) - 1, 1 << 64, 1 << 100]
+    ),
     st.floats(allow_nan=True),
     st.text(max_size=8),
     st.binary(max_size=32),
@@ -46,7 +48,20 @@ weird = st.one_of(
     st.sampled_from(list(PvCmd)),
 )
 small_int = st.one_of(st.integers(-3, 20), st.sampled_from([255, 1 << 31, (1 << 32) - 1, 1 << 32, 1 << 64, -(1 << 63)]))
-DATA_KEYS = ["header", "length", "addr", "size", "tweak", "id", "len_max", "subcmd", "buff_len", "gaddr", "bogus", "data"]
+DATA_KEYS = [
+    "header",
+    "length",
+    "addr",
+    "size",
+    "tweak",
+    "id",
+    "len_max",
+    "subcmd",
+    "buff_len",
+    "gaddr",
+    "bogus",
+    "data",
+]
 
 
 def _image() -> pvfast.image.Image:
@@ -155,7 +170,10 @@ def test_pv_command_bad_header_fields_name_the_argument(name: str, value: Any) -
 
 
 @FUZZ
-@given(key=st.sampled_from(["addr", "size", "tweak", "id", "len_max", "subcmd", "buff_len", "gaddr", "header"]), value=weird)
+@given(
+    key=st.sampled_from(["addr", "size", "tweak", "id", "len_max", "subcmd", "buff_len", "gaddr", "header"]),
+    value=weird,
+)
 def test_pv_command_bad_data_names_the_argument(key: str, value: Any) -> None:
     cmd = {
         "addr": PvCmd.UNPACK,
@@ -236,11 +254,25 @@ def test_memory_calls_any_arguments(which: int, op: str, gaddr: Any, size: Any, 
 
 
 @FUZZ
-@given(kwargs=st.dictionaries(
-    st.sampled_from(["async_destroy", "prot_virt", "destroy_fast", "feature_misc", "feature_aiv", "dump", "use_gisa", "walk_threads", "bogus"]),
-    st.one_of(small_int, weird),
-    max_size=3,
-))
+@given(
+    kwargs=st.dictionaries(
+        st.sampled_from(
+            [
+                "async_destroy",
+                "prot_virt",
+                "destroy_fast",
+                "feature_misc",
+                "feature_aiv",
+                "dump",
+                "use_gisa",
+                "walk_threads",
+                "bogus",
+            ]
+        ),
+        st.one_of(small_int, weird),
+        max_size=3,
+    )
+)
 def test_host_constructor_any_arguments(kwargs: dict[str, Any]) -> None:
     try:
         host = pvfast.Host(**kwargs)
@@ -252,7 +284,11 @@ def test_host_constructor_any_arguments(kwargs: dict[str, Any]) -> None:
 
 
 @FUZZ
-@given(cap=st.one_of(small_int, weird), path=st.one_of(st.text(max_size=40), weird), name=st.one_of(st.text(max_size=10), weird))
+@given(
+    cap=st.one_of(small_int, weird),
+    path=st.one_of(st.text(max_size=40), weird),
+    name=st.one_of(st.text(max_size=10), weird),
+)
 def test_host_calls_any_arguments(cap: Any, path: Any, name: Any) -> None:
     host = env().host
     try:
@@ -343,7 +379,11 @@ def test_process_calls_any_arguments(memory_size: Any, vcpus: Any, memory_limit:
         st.lists(
             st.one_of(
                 st.tuples(st.one_of(st.integers(0, 1 << 20), weird), st.one_of(st.binary(max_size=9000), weird)),
-                st.tuples(st.integers(0, 16) .map(lambda x: x * PAGE), st.binary(min_size=1, max_size=100), st.one_of(small_int, weird)),
+                st.tuples(
+                    st.integers(0, 16).map(lambda x: x * PAGE),
+                    st.binary(min_size=1, max_size=100),
+                    st.one_of(small_int, weird),
+                ),
                 weird,
             ),
             max_size=4,
@@ -383,7 +423,9 @@ def test_image_parse_random_headers(header: bytes, host_key: Any) -> None:
     page=st.one_of(st.binary(min_size=PAGE, max_size=PAGE), st.binary(max_size=64), weird),
     pages=st.one_of(
         weird,
-        st.lists(st.one_of(st.tuples(small_int, small_int, small_int, st.binary(max_size=PAGE + 1)), weird), max_size=3),
+        st.lists(
+            st.one_of(st.tuples(small_int, small_int, small_int, st.binary(max_size=PAGE + 1)), weird), max_size=3
+        ),
     ),
 )
 def test_image_decrypt_and_verify_any_arguments(header: Any, tweak0: Any, tweak1: Any, page: Any, pages: Any) -> None:
@@ -410,7 +452,9 @@ def uvcbs(draw: st.DrawFn) -> bytes:
     real ones, so the dispatcher reaches the UVC bodies and not only the length check."""
     host = env().host
     cmd = draw(st.sampled_from(KNOWN_CMDS))
-    length = draw(st.one_of(st.sampled_from([0x20, 0x28, 0x40, 0x48, 0x50, 0x60, 0x80, 0xD8, 0x100]), st.integers(0, 0x1000)))
+    length = draw(
+        st.one_of(st.sampled_from([0x20, 0x28, 0x40, 0x48, 0x50, 0x60, 0x80, 0xD8, 0x100]), st.integers(0, 0x1000))
+    )
     handles = sorted(host.uv.config_handles()) or [0]
     regions = [vm.region.base for vm in env().vms]
     words = draw(

@@ -145,7 +145,11 @@ def test_tampered_header_rc(sample: tuple[list[Component], Image], offset: int, 
 
 def test_truncated_or_oversized_header(sample: tuple[list[Component], Image]) -> None:
     _, img = sample
-    for cut, rc in [(0, image.RC_HDR_TOO_SHORT), (343, image.RC_HDR_TOO_SHORT), (len(img.header) - 1, image.RC_HDR_BAD_LENGTH)]:
+    for cut, rc in [
+        (0, image.RC_HDR_TOO_SHORT),
+        (343, image.RC_HDR_TOO_SHORT),
+        (len(img.header) - 1, image.RC_HDR_BAD_LENGTH),
+    ]:
         with pytest.raises(ValueError) as exc:
             Image.parse(img.header[:cut])
         assert exc.value.rc == rc  # type: ignore[attr-defined]

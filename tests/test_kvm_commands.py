@@ -121,9 +121,7 @@ def test_pverror_str_reads_like_qemu(host):
     vm = host.create_vm(64 * MiB)
     with pytest.raises(PvError) as ei:
         vm.pv_command(PvCmd.ASYNC_CLEANUP_PREPARE)
-    assert str(ei.value) == (
-        "KVM PV command 9 (KVM_PV_ASYNC_CLEANUP_PREPARE) failed: header rc 0 rrc 0 IOCTL rc: -22"
-    )
+    assert str(ei.value) == ("KVM PV command 9 (KVM_PV_ASYNC_CLEANUP_PREPARE) failed: header rc 0 rrc 0 IOCTL rc: -22")
     assert isinstance(ei.value, OSError) and ei.value.cmd is PvCmd.ASYNC_CLEANUP_PREPARE
 
 

@@ -91,9 +91,7 @@ def import_graph(sources: dict[str, str]) -> dict[str, set[str]]:
 def upward_edges(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
     """Imports from a layer to a higher one (unknown modules rank above everything)."""
     top = len(LAYERS)
-    return sorted(
-        (src, dst) for src, dsts in graph.items() for dst in dsts if RANK.get(dst, top) > RANK.get(src, top)
-    )
+    return sorted((src, dst) for src, dsts in graph.items() for dst in dsts if RANK.get(dst, top) > RANK.get(src, top))
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:

@@ -546,7 +546,12 @@ class PvMachine(RuleBasedStateMachine):
         if cmd == PvCmd.DISABLE and not before.protected:  # invariant 6
             assert got[0] == errno.EINVAL
             assert (after.set_aside, after.need_cleanup) == (before.set_aside, before.need_cleanup)
-        if cmd == PvCmd.ASYNC_CLEANUP_PREPARE and v.vm.asce_type == "segment" and before.protected and not self.injected:
+        if (
+            cmd == PvCmd.ASYNC_CLEANUP_PREPARE
+            and v.vm.asce_type == "segment"
+            and before.protected
+            and not self.injected
+        ):
             assert got[0] == errno.EINVAL  # invariant 7 (Δ6.4)
         if cmd in (PvCmd.ASYNC_CLEANUP_PREPARE, PvCmd.ASYNC_CLEANUP_PERFORM) and not self.host.async_destroy:
             assert got == (errno.EINVAL, rc_in, rrc_in)  # invariant 4
@@ -560,7 +565,10 @@ class PvMachine(RuleBasedStateMachine):
         self.pv_command(0, PvCmd.ENABLE, 0, 0, self._pick(self._vms_where(lambda pv: not pv.handle), i))
 
     @precondition(lambda self: bool(self._vms_where(lambda pv: pv.handle)))
-    @rule(i=st.integers(0, 99), cmd=st.sampled_from([PvCmd.DISABLE, PvCmd.ASYNC_CLEANUP_PREPARE, PvCmd.ASYNC_CLEANUP_PREPARE]))
+    @rule(
+        i=st.integers(0, 99),
+        cmd=st.sampled_from([PvCmd.DISABLE, PvCmd.ASYNC_CLEANUP_PREPARE, PvCmd.ASYNC_CLEANUP_PREPARE]),
+    )
     def unprotect(self, i: int, cmd: int) -> None:
         self.pv_command(0, cmd, 0, 0, self._pick(self._vms_where(lambda pv: pv.handle), i))
 
@@ -658,11 +666,7 @@ class PvMachine(RuleBasedStateMachine):
         if gate.exc is not None:
             raise gate.exc
 
-    @precondition(
-        lambda self: bool(
-            self._vms_where(lambda pv: pv.handle and pv.handle not in self.booted)
-        )
-    )
+    @precondition(lambda self: bool(self._vms_where(lambda pv: pv.handle and pv.handle not in self.booted)))
     @rule(i=st.integers(0, 99), load=st.booleans())
     def protect(self, i: int, load: bool) -> None:
         """vmm.protect's sequence on a protected VM: load the image (host writes), SET_SEC_PARMS,
@@ -742,7 +746,12 @@ class PvMachine(RuleBasedStateMachine):
         assert bool(got) == bool(want), (got, want)  # errno compared only as failed/not (D5)
 
     @precondition(lambda self: bool(self._accessible()))
-    @rule(i=st.integers(0, 99), where=st.sampled_from(["low", "edge", "high"]), off=st.integers(0, 40), n=st.integers(1, 8))
+    @rule(
+        i=st.integers(0, 99),
+        where=st.sampled_from(["low", "edge", "high"]),
+        off=st.integers(0, 40),
+        n=st.integers(1, 8),
+    )
     def guest_share(self, i: int, where: str, off: int, n: int) -> None:
         assert self.model is not None
         v = self._pick(self._accessible(), i)
@@ -758,7 +767,12 @@ class PvMachine(RuleBasedStateMachine):
         assert bool(got) == bool(want), (got, want)
 
     @precondition(has_open_vm)
-    @rule(i=st.integers(0, 99), where=st.sampled_from(["low", "edge", "high"]), off=st.integers(0, 40), n=st.integers(1, 8))
+    @rule(
+        i=st.integers(0, 99),
+        where=st.sampled_from(["low", "edge", "high"]),
+        off=st.integers(0, 40),
+        n=st.integers(1, 8),
+    )
     def host_read(self, i: int, where: str, off: int, n: int) -> None:
         assert self.model is not None
         v = self._pick(self._open_vms(), i)

@@ -88,7 +88,20 @@ def worker(fleet: Fleet, seed: int, deadline: float, stats: Counter, errors: lis
     host = fleet.host
     while time.monotonic() < deadline:
         op = rng.choices(
-            ["enable", "disable", "prepare", "perform", "unprotect", "access", "share", "host", "cmd", "kill", "close", "inject"],
+            [
+                "enable",
+                "disable",
+                "prepare",
+                "perform",
+                "unprotect",
+                "access",
+                "share",
+                "host",
+                "cmd",
+                "kill",
+                "close",
+                "inject",
+            ],
             weights=[10, 4, 8, 6, 4, 20, 4, 6, 4, 0.3, 0.5, 2 if inject else 0],
         )[0]
         try:

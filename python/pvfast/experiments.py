@@ -526,7 +526,12 @@ def plot_compare(result: Mapping[str, Any], path: str) -> None:
     xs = [row["secure"] / GiB for row in rows]
     curves = [
         ("sync_running_seconds", "o-", "tab:red", "sync reboot (KVM_PV_DISABLE): guest running again"),
-        ("async_running_seconds", "s-", "tab:green", "async reboot (PREPARE, PERFORM in a thread): guest running again"),
+        (
+            "async_running_seconds",
+            "s-",
+            "tab:green",
+            "async reboot (PREPARE, PERFORM in a thread): guest running again",
+        ),
         ("async_cleanup_seconds", "^--", "tab:blue", "async reboot: old guest's memory clean (async_cleanup done)"),
     ]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), dpi=110)

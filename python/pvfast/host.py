@@ -178,7 +178,12 @@ class Host:
         self.feature_aiv = test_bit_inv(BIT_UV_FEAT_AIV, feat)
         self.dump_available = all(
             test_bit_inv(b, inst)
-            for b in (BIT_UVC_CMD_DUMP_INIT, BIT_UVC_CMD_DUMP_CONF_STOR_STATE, BIT_UVC_CMD_DUMP_CPU, BIT_UVC_CMD_DUMP_COMPLETE)
+            for b in (
+                BIT_UVC_CMD_DUMP_INIT,
+                BIT_UVC_CMD_DUMP_CONF_STOR_STATE,
+                BIT_UVC_CMD_DUMP_CPU,
+                BIT_UVC_CMD_DUMP_COMPLETE,
+            )
         )
         self._lock = threading.Lock()
         self._next_pid = 1000

@@ -215,9 +215,7 @@ def decrypt_page(header: bytes, tweak0: int, tweak1: int, page: bytes, *, host_k
     )
 
 
-def verify(
-    header: bytes, pages: Sequence[tuple[int, int, int, bytes]], *, host_key: bytes | None = None
-) -> int:
+def verify(header: bytes, pages: Sequence[tuple[int, int, int, bytes]], *, host_key: bytes | None = None) -> int:
     """The rc VERIFY_IMG gives after UNPACK of ``pages`` = [(gaddr, tweak0, tweak1, plaintext)]
     in that order: RC_EXECUTED, or RC_VERIFY_PLD / _ALD / _TLD for the first digest that differs."""
     if not isinstance(pages, list):

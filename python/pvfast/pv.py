@@ -138,9 +138,7 @@ def create_cpu(vm: Vm, vcpu: Vcpu, rc: UvRc) -> int:
         return -ENOMEM
     vcpu.stor_base = stor
     vcpu.sida = sida
-    cc, r, rr, cpu_handle = vm.uv.create_cpu(
-        vm.pv.handle, num=vcpu.id, stor_len=vm.host.uv_info["guest_cpu_stor_len"]
-    )
+    cc, r, rr, cpu_handle = vm.uv.create_cpu(vm.pv.handle, num=vcpu.id, stor_len=vm.host.uv_info["guest_cpu_stor_len"])
     rc.set(r, rr)
     uv_event(vm, "PROTVIRT CREATE VCPU: cpu %d handle %x rc %x rrc %x", vcpu.id, cpu_handle, r, rr)
     vcpu.pv_handle = cpu_handle if not cc else 0

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pvfast.vmm")
 
+
 class AsyncCleanupThread(threading.Thread):
     """QEMU's detached ``async_cleanup`` thread: one PERFORM; on failure QEMU exits (status 1)."""
 
@@ -47,7 +48,9 @@ class AsyncCleanupThread(threading.Thread):
             log.debug("async_cleanup ended with its process: %s", err)
 
 
-def try_disable_async(vm: Vm, *, hold: threading.Event | None = None, exit_on_error: bool = True) -> AsyncCleanupThread | None:
+def try_disable_async(
+    vm: Vm, *, hold: threading.Event | None = None, exit_on_error: bool = True
+) -> AsyncCleanupThread | None:
     """s390_pv_vm_try_disable_async: the thread running PERFORM, or None if QEMU would not go async."""
     if vm.memory_limit <= SZ_2G:
         return None

@@ -570,8 +570,7 @@ def test_unpack_checks_and_pages():
 
 @pytest.mark.parametrize(
     ("cmd", "uvc"),
-    [(KVM_PV_VERIFY, "VERIFY_IMG"), (KVM_PV_PREP_RESET, "PREPARE_RESET"),
-     (KVM_PV_UNSHARE_ALL, "SET_UNSHARE_ALL")],
+    [(KVM_PV_VERIFY, "VERIFY_IMG"), (KVM_PV_PREP_RESET, "PREPARE_RESET"), (KVM_PV_UNSHARE_ALL, "SET_UNSHARE_ALL")],
 )
 def test_nodata_commands(cmd, uvc):
     m, _, vm = protected_vm()
@@ -602,8 +601,7 @@ def test_info():
 
 
 def test_dump_sequence():
-    m, _, vm = protected_vm(memory=64 << 20, conf_dump_storage_state_len=512,
-                            conf_dump_finalize_len=256)
+    m, _, vm = protected_vm(memory=64 << 20, conf_dump_storage_state_len=512, conf_dump_finalize_len=256)
     assert m.pv_command(vm, KVM_PV_DUMP) == (EFAULT, 0, 0)
     for sub in (KVM_PV_DUMP_CONFIG_STOR_STATE, KVM_PV_DUMP_COMPLETE):
         assert m.pv_command(vm, KVM_PV_DUMP, subcmd=sub, buff_len=4096).err == EINVAL
@@ -857,8 +855,13 @@ class ModelMachine(RuleBasedStateMachine):
         super().__init__()
         self.m = None
 
-    @rule(fast=st.booleans(), misc=st.booleans(), helper=st.booleans(),
-          vcpus=st.integers(0, 3), gib=st.sampled_from([1, 2, 3, 8]))
+    @rule(
+        fast=st.booleans(),
+        misc=st.booleans(),
+        helper=st.booleans(),
+        vcpus=st.integers(0, 3),
+        gib=st.sampled_from([1, 2, 3, 8]),
+    )
     @precondition(lambda self: self.m is None)
     def boot(self, fast, misc, helper, vcpus, gib):
         self.m = Model(destroy_fast=fast, feature_misc=misc)
@@ -897,8 +900,7 @@ class ModelMachine(RuleBasedStateMachine):
         elif kind == "share":
             self.m.guest_share(self.vm, page, n)
         else:
-            self.m.pv_command(self.vm, KVM_PV_UNPACK, addr=page * PAGE_SIZE,
-                              size=n * PAGE_SIZE, tweak=0)
+            self.m.pv_command(self.vm, KVM_PV_UNPACK, addr=page * PAGE_SIZE, size=n * PAGE_SIZE, tweak=0)
 
     @rule()
     @precondition(lambda self: self._live())
@@ -944,9 +946,19 @@ class FailureMachine(ModelMachine):
     (invariant 8) and freeing (invariant 12) rules must survive every error path."""
 
     @rule(
-        uvc=st.sampled_from(["CREATE_SEC_CONF", "DESTROY_SEC_CONF", "DESTROY_SEC_CONF_FAST",
-                             "CREATE_SEC_CPU", "DESTROY_SEC_CPU", "DESTR_SEC_STOR",
-                             "CONV_FROM_SEC_STOR", "CONV_TO_SEC_STOR", "UNPACK_IMG"]),
+        uvc=st.sampled_from(
+            [
+                "CREATE_SEC_CONF",
+                "DESTROY_SEC_CONF",
+                "DESTROY_SEC_CONF_FAST",
+                "CREATE_SEC_CPU",
+                "DESTROY_SEC_CPU",
+                "DESTR_SEC_STOR",
+                "CONV_FROM_SEC_STOR",
+                "CONV_TO_SEC_STOR",
+                "UNPACK_IMG",
+            ]
+        ),
         rc=st.sampled_from([0x0104, 0x0200, 0x8000 | 0x0201]),
         count=st.integers(1, 2),
         after=st.integers(0, 2),
@@ -975,7 +987,8 @@ FailureMachine.TestCase.settings = settings(
 test_failure_machine = FailureMachine.TestCase
 
 ModelMachine.TestCase.settings = settings(
-    stateful_step_count=30, deadline=None,
+    stateful_step_count=30,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_model_machine = ModelMachine.TestCase
