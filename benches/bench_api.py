@@ -184,7 +184,8 @@ def test_enable_disable_untouched_4g(benchmark, host):
         vm.pv_command(PvCmd.DISABLE)
 
     benchmark(cycle)
-    assert not vm.pv_state().protected and host.uv.config_handles() == set()
+    assert not vm.pv_state().protected
+    assert host.uv.config_handles() == set()
     median = median_seconds(benchmark, sample(cycle, 200))
     benchmark.extra_info.update(median_us=median * 1e6, target_us=200.0, meets_target=median <= 200e-6)
 
@@ -290,7 +291,8 @@ def test_unprotect_by_secure_size(benchmark, host, command, secure_id):
     rounds = (5 if command == "PREPARE" else 3) if timed(benchmark) else 1
     benchmark.pedantic(unprotect, setup=setup, rounds=rounds)
     state = vms[-1].pv_state()
-    assert not state.protected and state.set_aside == (command == "PREPARE")
+    assert not state.protected
+    assert state.set_aside == (command == "PREPARE")
     handle_pages = host.uv.secure_pages()
     if command == "DISABLE":
         assert handle_pages == 0
@@ -372,7 +374,8 @@ def test_command_latency_during_perform(benchmark, host):
     while thread.is_alive() and len(busy) < 20000:
         busy.extend(sample(info, 50))
     thread.join()
-    assert host.uv.secure_pages(vm.pv_state().handle) == 0 and not vm.pv_state().set_aside
+    assert host.uv.secure_pages(vm.pv_state().handle) == 0
+    assert not vm.pv_state().set_aside
     vm.process.exit()
 
     idle_median = statistics.median(idle)

@@ -143,15 +143,18 @@ def test_pv_command_any_arguments(which: int, cmd: Any, flags: Any, rc: Any, rrc
         res = vm.pv_command(cmd, flags=flags, rc=rc, rrc=rrc, **data)
     except PvError as err:
         assert err.errno in (1, 4, 5, 11, 12, 14, 22, 25, 6), err  # EPERM..ENOTTY family the kernel uses
-        assert 0 <= err.rc <= 0xFFFF and 0 <= err.rrc <= 0xFFFF
+        assert 0 <= err.rc <= 0xFFFF
+        assert 0 <= err.rrc <= 0xFFFF
         str(err)
     except (TypeError, ValueError) as err:
         assert str(err), "an exception without a message"
     else:
-        assert 0 <= res.rc <= 0xFFFF and 0 <= res.rrc <= 0xFFFF
+        assert 0 <= res.rc <= 0xFFFF
+        assert 0 <= res.rrc <= 0xFFFF
     if not vm.closed:
         st_ = vm.pv_state()
-        assert st_.protected_count >= 0 and st_.need_cleanup >= 0
+        assert st_.protected_count >= 0
+        assert st_.need_cleanup >= 0
 
 
 @FUZZ
@@ -166,7 +169,8 @@ def test_pv_command_bad_header_fields_name_the_argument(name: str, value: Any) -
     except (TypeError, ValueError) as err:
         assert _names_argument(err, [name]), err
     else:
-        assert type(value) is int and value == 0, (name, value)  # only a real 0 passes
+        assert type(value) is int, (name, value)
+        assert value == 0, (name, value)  # only a real 0 passes
 
 
 @FUZZ
@@ -243,7 +247,8 @@ def test_memory_calls_any_arguments(which: int, op: str, gaddr: Any, size: Any, 
             fn(gaddr, size)
         else:
             out = fn(gaddr, size)
-            assert isinstance(out, bytes) and len(out) == size
+            assert isinstance(out, bytes)
+            assert len(out) == size
     except (PvError, UvcError):
         pass
     except (TypeError, ValueError) as err:
@@ -330,7 +335,8 @@ def test_uv_view_any_arguments(uvc: Any, rc: Any, rrc: Any, count: Any, handle: 
         assert n == 0
     except (TypeError, ValueError) as err:
         assert _names_argument(err, ["handle"]), err
-    assert isinstance(host.uv.stats(), dict) and host.uv.config_handles() == set()
+    assert isinstance(host.uv.stats(), dict)
+    assert host.uv.config_handles() == set()
 
 
 @FUZZ
@@ -349,7 +355,8 @@ def test_process_calls_any_arguments(memory_size: Any, vcpus: Any, memory_limit:
         except (TypeError, ValueError) as err:
             assert _names_argument(err, ["memory_size", "vcpus", "memory_limit"]), err
         else:
-            assert vm.memory_size == memory_size and vm.vcpus == vcpus
+            assert vm.memory_size == memory_size
+            assert vm.vcpus == vcpus
             assert vm.asce_type in ("segment", "region3", "region2", "region1")
             vm.close()
             vm.close()  # closing twice is a no-op
@@ -361,7 +368,8 @@ def test_process_calls_any_arguments(memory_size: Any, vcpus: Any, memory_limit:
             helper = proc.clone_vm(helper_name)
             helper.exit()
         except TypeError:
-            assert helper_name is not None and not isinstance(helper_name, str)
+            assert helper_name is not None
+            assert not isinstance(helper_name, str)
     finally:
         proc.kill()
         proc.kill()  # twice is harmless
@@ -431,7 +439,8 @@ def test_image_parse_random_headers(header: bytes, host_key: Any) -> None:
 def test_image_decrypt_and_verify_any_arguments(header: Any, tweak0: Any, tweak1: Any, page: Any, pages: Any) -> None:
     try:
         out = pvfast.image.decrypt_page(header, tweak0, tweak1, page)
-        assert isinstance(out, bytes) and len(out) == PAGE
+        assert isinstance(out, bytes)
+        assert len(out) == PAGE
     except (TypeError, ValueError) as err:
         assert str(err)
     try:
@@ -506,4 +515,5 @@ def test_raw_dispatcher_accepts_buffers() -> None:
     block = struct.pack(">HHHH", 0x20, int(Uvc.DESTR_SEC_STOR), 0, 0) + bytes(24)
     for buf in (block, bytearray(block)):
         cc, out = uv.call(buf)
-        assert cc in (0, 1) and len(out) >= 8
+        assert cc in (0, 1)
+        assert len(out) >= 8

@@ -68,7 +68,8 @@ def test_decrypt_page_returns_the_plaintext(sample: tuple[list[Component], Image
     for comp, enc in zip(comps, img.components, strict=True):
         want = padded(comp.data)
         for gaddr, t0, t1, ct in enc.pages():
-            assert gaddr == enc.addr + t1 and t0 == enc.tweak
+            assert gaddr == enc.addr + t1
+            assert t0 == enc.tweak
             assert image.decrypt_page(img.header, t0, t1, ct) == want[t1 : t1 + PAGE]
             assert image.decrypt_page(img.header, t0 + 1, t1, ct) != want[t1 : t1 + PAGE]
 

@@ -382,7 +382,8 @@ class PvMachine(RuleBasedStateMachine):
         mm.destroy_range = destroy_range
 
     def _spawn(self) -> ProcPair:
-        assert self.host is not None and self.model is not None
+        assert self.host is not None
+        assert self.model is not None
         proc = self.host.spawn_process()
         pid = self.model.spawn_process()
         self._patch_mm(proc.mm)
@@ -480,7 +481,8 @@ class PvMachine(RuleBasedStateMachine):
         else:
             p.proc.exit()
             self.model.exit(p.pid)
-        assert not p.proc.alive and not self.model.process_alive(p.pid)
+        assert not p.proc.alive
+        assert not self.model.process_alive(p.pid)
         for g in gates:  # interrupted PERFORMs: rc 1 / rrc 42, record on need_cleanup (§3.9 e)
             self._join(g)
             assert g.result == (0, pm.UVC_RC_EXECUTED, pm.RRC_KVM_SYNTHETIC), g.result
@@ -533,7 +535,8 @@ class PvMachine(RuleBasedStateMachine):
             self.pv_command(i, cmd, rc_in, rrc_in)
 
     def pv_command(self, i: int, cmd: int, rc_in: int, rrc_in: int, v: VmPair | None = None) -> None:
-        assert self.model is not None and self.host is not None
+        assert self.model is not None
+        assert self.host is not None
         if v is None:
             v = self._pick(self._open_vms(), i)
         before = v.vm.pv_state()
@@ -595,13 +598,17 @@ class PvMachine(RuleBasedStateMachine):
         assert got[0] == want_t[0], f"cmd {cmd}: pvfast {got} model {want_t}"
         if got != want_t:
             # the model's invented UV refusal rc (0x0003) may differ from pvfast's UV code (MODEL.md §6)
-            assert got[0] and want.rc == pm.UVC_RC_INV_STATE, f"cmd {cmd}: pvfast {got} model {want_t}"
+            assert got[0], f"cmd {cmd}: pvfast {got} model {want_t}"
+            assert want.rc == pm.UVC_RC_INV_STATE, f"cmd {cmd}: pvfast {got} model {want_t}"
 
     def _check_prepare_success(self, v: VmPair, old: int, got: tuple[int, int, int]) -> None:
         """Invariant 2: rc 1/rrc 42, handle 0, vCPUs non-protected, no old page below 2 GiB."""
         assert got == (0, 1, 42)
         s = v.vm.pv_state()
-        assert s.handle == 0 and s.set_aside and not any(s.vcpu_handles) and not s.service_irq_masked
+        assert s.handle == 0
+        assert s.set_aside
+        assert not any(s.vcpu_handles)
+        assert not s.service_irq_masked
         assert s.guest_handle == 0  # v6.2 zeroes gmap->guest_handle in set_aside (§3.8 d)
         if self.injected:
             return  # a failed CPU destroy keeps the UV CPU, so the [0, 2 GiB) destroys are refused
@@ -799,7 +806,8 @@ class PvMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.failures and self.injections < 6)
     @rule(which=st.sampled_from(INJECTABLE), count=st.integers(1, 2))
     def inject(self, which: tuple[str, int], count: int) -> None:
-        assert self.host is not None and self.model is not None
+        assert self.host is not None
+        assert self.model is not None
         name, rc = which
         self.host.uv.inject_failure(Uvc[name], rc, rrc=0x0A, count=count)
         # pvfast keeps one pending injection per UVC (a new one replaces it); the model queues
@@ -818,7 +826,8 @@ class PvMachine(RuleBasedStateMachine):
 
     def _map_handles(self) -> None:
         """Pair configurations created by the last step (MODEL.md §6 handle map)."""
-        assert self.host is not None and self.model is not None
+        assert self.host is not None
+        assert self.model is not None
         known_real = set(self.handle_map.values())
         new_real = sorted(h for h in self.host.uv.config_handles() if h not in known_real)
         new_model = [h for h in self.model.uv.created_handles if h not in self.handle_map]
@@ -864,7 +873,8 @@ class PvMachine(RuleBasedStateMachine):
 
     def _compare(self) -> None:
         host, model = self.host, self.model
-        assert host is not None and model is not None
+        assert host is not None
+        assert model is not None
         self._map_handles()
         # --- UVC counters: per-step deltas
         real_now, model_now = host.uv.stats(), model.uv.stats()
@@ -916,7 +926,8 @@ class PvMachine(RuleBasedStateMachine):
         if any(s.vcpu_handles):
             assert s.protected, "a secure vCPU without a configuration"
         if s.set_aside:
-            assert self.host is not None and s.set_aside_fast == self.host.destroy_fast_available
+            assert self.host is not None
+            assert s.set_aside_fast == self.host.destroy_fast_available
 
     def _check_pvfast_invariants(self) -> None:
         """§7 on pvfast's own state (independent of the model)."""
@@ -926,7 +937,8 @@ class PvMachine(RuleBasedStateMachine):
         if not host.async_destroy:
             for v in self._open_vms():  # §5: nothing can ever be set aside
                 s = v.vm.pv_state()
-                assert not s.set_aside and s.need_cleanup == 0
+                assert not s.set_aside
+                assert s.need_cleanup == 0
         by_mm: dict[int, list[VmPair]] = {}
         for v in self.vms:
             by_mm.setdefault(id(v.mm), []).append(v)
@@ -1060,7 +1072,8 @@ def test_close_while_perform_runs_defers_vm_destroy() -> None:
         release.set()
         t.join(10)
         proc.exit()
-    assert host.uv.config_handles() == set() and host.uv.secure_pages() == 0
+    assert host.uv.config_handles() == set()
+    assert host.uv.secure_pages() == 0
 
 
 def test_guest_access_fails_when_page_cannot_be_made_accessible() -> None:
@@ -1106,7 +1119,8 @@ def test_guest_share_needs_a_secure_vcpu() -> None:
     host.uv.inject_failure(Uvc.DESTROY_SEC_CPU, 0x0003)
     with pytest.raises(PvError):
         vm.pv_command(PvCmd.DISABLE)
-    assert vm.pv_state().protected and not any(vm.pv_state().vcpu_handles)
+    assert vm.pv_state().protected
+    assert not any(vm.pv_state().vcpu_handles)
     before = host.uv.stats().get("SET_SHARED_ACCESS", 0)
     with pytest.raises(ValueError):
         vm.guest_share(0)
@@ -1145,7 +1159,9 @@ def test_close_while_enable_runs_defers_vm_destroy() -> None:
     t.join(10)
     proc.exit()
     assert result == [(0, 1, 0)]
-    assert host.leaked() == [] and host.kernel_memory() == 0 and host.uv.config_handles() == set()
+    assert host.leaked() == []
+    assert host.kernel_memory() == 0
+    assert host.uv.config_handles() == set()
 
 
 def test_disable_reports_the_failing_leftover_when_the_current_destroy_succeeds() -> None:
@@ -1168,7 +1184,9 @@ def test_disable_reports_the_failing_leftover_when_the_current_destroy_succeeds(
     assert err.errno == errno.EIO
     assert (err.rc, err.rrc) != (1, 0)  # the leftover's Destroy Config rc, not the current one's
     st = vm.pv_state()
-    assert not st.protected and not st.set_aside and st.need_cleanup == 0
+    assert not st.protected
+    assert not st.set_aside
+    assert st.need_cleanup == 0
     assert st.protected_count == 1  # the failed leftover keeps its reference for good (§4.2)
     assert host.uv.config_handles() == {old}
     host.uv.native.destroy_cpu(cpu)
@@ -1201,4 +1219,6 @@ def test_close_zaps_only_when_there_was_something_to_clean(fast: bool) -> None:
     assert host.uv.secure_pages(handle) == 0  # the zap destroyed the old guest's pages
     assert host.uv.secure_pages() == 8  # the running VM's pages are untouched (invariant 15)
     proc.exit()
-    assert host.uv.secure_pages() == 0 and host.uv.config_handles() == set() and host.leaked() == []
+    assert host.uv.secure_pages() == 0
+    assert host.uv.config_handles() == set()
+    assert host.leaked() == []
