@@ -87,7 +87,7 @@ def _floor_ioctl(cmd: int) -> None:
         raise _FloorError(errno.EINVAL, _EINVAL_TEXT)
 
 
-def floor_round_trip() -> int:
+def floor_round_trip() -> int | None:
     """Called exactly as the pvfast side below: same argument, same except."""
     try:
         _floor_ioctl(PvCmd.DISABLE)
@@ -96,7 +96,7 @@ def floor_round_trip() -> int:
     return 0
 
 
-def _per_call_rounds(call: Callable[[], int], rounds: int) -> list[float]:
+def _per_call_rounds(call: Callable[[], int | None], rounds: int) -> list[float]:
     out = []
     for _ in range(rounds):
         t = time.perf_counter()
@@ -106,7 +106,7 @@ def _per_call_rounds(call: Callable[[], int], rounds: int) -> list[float]:
     return out
 
 
-def _time_round_trip(benchmark: Any, call: Callable[[], int]) -> tuple[int, float]:
+def _time_round_trip(benchmark: Any, call: Callable[[], int | None]) -> tuple[int | None, float]:
     """(result of ``call``, median seconds per call): pytest-benchmark's median when timed, else
     the median of our own rounds (CI runs the benches once, with --benchmark-disable)."""
     if timed(benchmark):
@@ -142,7 +142,7 @@ def test_failing_command_round_trip(benchmark, host, bench_report):
     """DISABLE on a VM that is not protected: Python prologue, kvm->lock, -EINVAL as PvError."""
     vm = host.create_vm(4 * GiB)
 
-    def disable() -> int:
+    def disable() -> int | None:
         try:
             vm.pv_command(PvCmd.DISABLE)
         except PvError as err:

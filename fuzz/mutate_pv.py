@@ -51,9 +51,9 @@ CMP_SWAP = {
 }
 
 
-def sites(func: ast.FunctionDef) -> list[tuple[str, list[int]]]:
+def sites(func: ast.FunctionDef) -> list[tuple[str, list[int | str]]]:
     """(description, path) for every mutation site; a path indexes ``ast.walk`` order."""
-    out: list[tuple[str, list[int]]] = []
+    out: list[tuple[str, list[int | str]]] = []
     nodes = list(ast.walk(func))
     for i, node in enumerate(nodes):
         line = getattr(node, "lineno", 0)

@@ -488,7 +488,7 @@ def test_a_second_end_waits_for_the_first_teardown():
         release.wait(10)
         real_mmput()
 
-    proc.mm.mmput = slow_mmput  # type: ignore[method-assign]
+    proc.mm.mmput = slow_mmput
     first = threading.Thread(target=proc.exit, args=(7,))
     first.start()
     assert entered.wait(10)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import pvfast
-from pvfast import PvCmd, PvError
+from pvfast import PvCmd
 
 from .conftest import GiB, MiB, enable
 

@@ -14,6 +14,7 @@ rc 0x0005/0x0002 for bad lengths/commands) and must raise ``TypeError`` for anyt
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from typing import Any
 
@@ -296,21 +297,17 @@ def test_host_constructor_any_arguments(kwargs: dict[str, Any]) -> None:
 )
 def test_host_calls_any_arguments(cap: Any, path: Any, name: Any) -> None:
     host = env().host
-    try:
+    with contextlib.suppress(TypeError, ValueError):
         assert host.check_extension(cap) in (0, 1)
-    except (TypeError, ValueError):
-        pass
-    try:
+    with contextlib.suppress(TypeError, FileNotFoundError):
         host.read_sysfs(path)
-    except (TypeError, FileNotFoundError):
-        pass
     try:
         proc = host.spawn_process(name)
         proc.exit()
     except TypeError:
         assert not isinstance(name, str)
     with pytest.raises((TypeError, PermissionError)):
-        host.module_params = {"async_destroy": 0}  # type: ignore[misc]
+        host.module_params = {"async_destroy": 0}
     with pytest.raises(TypeError):
         host.module_params["async_destroy"] = 0  # type: ignore[index]
 
@@ -360,9 +357,9 @@ def test_process_calls_any_arguments(memory_size: Any, vcpus: Any, memory_limit:
             assert vm.asce_type in ("segment", "region3", "region2", "region1")
             vm.close()
             vm.close()  # closing twice is a no-op
-            with pytest.raises(ValueError):
+            with pytest.raises(ValueError, match="VM is closed"):
                 vm.pv_command(PvCmd.ENABLE)
-            with pytest.raises(ValueError):
+            with pytest.raises(ValueError, match="VM is closed"):
                 vm.guest_access(0)
         try:
             helper = proc.clone_vm(helper_name)
@@ -373,7 +370,7 @@ def test_process_calls_any_arguments(memory_size: Any, vcpus: Any, memory_limit:
     finally:
         proc.kill()
         proc.kill()  # twice is harmless
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="has exited"):
         proc.create_vm(3 * GiB)
 
 
@@ -470,7 +467,7 @@ def uvcbs(draw: st.DrawFn) -> bytes:
         st.lists(
             st.one_of(
                 st.integers(0, (1 << 64) - 1),
-                st.sampled_from(handles + [0, 1]),
+                st.sampled_from([*handles, 0, 1]),
                 st.sampled_from(regions).flatmap(lambda b: st.integers(0, 64).map(lambda k: b + k * PAGE)),
                 st.integers(0, 64).map(lambda k: k * PAGE),
             ),
@@ -514,6 +511,6 @@ def test_raw_dispatcher_accepts_buffers() -> None:
     uv = env().host.uv.native
     block = struct.pack(">HHHH", 0x20, int(Uvc.DESTR_SEC_STOR), 0, 0) + bytes(24)
     for buf in (block, bytearray(block)):
-        cc, out = uv.call(buf)
+        cc, out = uv.call(buf)  # type: ignore[arg-type]  # the stub says bytes; any buffer is taken
         assert cc in (0, 1)
         assert len(out) >= 8

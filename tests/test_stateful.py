@@ -120,7 +120,7 @@ class ComparedModel(pm.Model):
     export-before-import when §6 says so, then import (which the UV allows only with MISC).
     """
 
-    def guest_access(self, vm_id, page, n=1, write=True):  # type: ignore[no-untyped-def]
+    def guest_access(self, vm_id, page, n=1, write=True):
         vm = self._open_vm(vm_id)
         self._check_range(vm, page, n)
         if not self._guest_protected(vm):
@@ -143,7 +143,7 @@ class ComparedModel(pm.Model):
                 return pm.EINVAL
         return 0
 
-    def _make_secure(self, vm, page, name, out):  # type: ignore[no-untyped-def]
+    def _make_secure(self, vm, page, name, out):
         """D9 (VERIFICATION.md): UNPACK of a page that is not present yet. pvfast follows the spec's
         reading of rc 0x010a (§1.2, §3.4): export-before-import (when due), UNPACK_IMG answers 0x010a,
         the kernel faults the page in, and the page is tried again (export + unpack once more). The
@@ -158,7 +158,7 @@ class ComparedModel(pm.Model):
                 return pm.EINVAL  # an injected failure ends the UNPACK
         return super()._make_secure(vm, page, name, out)
 
-    def exit(self, pid):  # type: ignore[no-untyped-def]
+    def exit(self, pid):
         """M4 (VERIFICATION.md): a VM whose fd was closed while its PERFORM ran is released by the
         PERFORM thread itself when the fatal signal ends the ioctl: the deferred fput runs as task
         work before that thread's own exit_mm, so cleanup-all still finds the mm alive and zaps.
@@ -170,7 +170,7 @@ class ComparedModel(pm.Model):
                     self.perform_finish(token_id, interrupted=True, batches=0)
         return super().exit(pid)
 
-    def _cpus_from_pv(self, vm, out):  # type: ignore[no-untyped-def]
+    def _cpus_from_pv(self, vm, out):
         """M1 (VERIFICATION.md): kvm_s390_cpus_from_pv passes the caller's rc/rrc pointers to every
         per-CPU destroy until the first failure (then dummies), so a successful CPU destroy leaves
         rc 0x0001 behind. The model writes rc/rrc only on failure; pvfast follows the kernel."""
@@ -468,7 +468,7 @@ class PvMachine(RuleBasedStateMachine):
         v = self._pick(self._closable(), i)
         v.vm.close()
         self.model.close_vm(v.vid)
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="VM is closed"):
             v.vm.pv_state()
 
     def end_process(self, i: int, kill: bool) -> None:
@@ -718,7 +718,7 @@ class PvMachine(RuleBasedStateMachine):
         want = self.model.pv_command(v.vid, int(PvCmd.VERIFY))
         self._check_result(PvCmd.VERIFY, got, want)
         if not got[0] and any(x.pv_handle for x in v.vm.vcpu_list):
-            for comp, text in zip(image.components, plain):
+            for comp, text in zip(image.components, plain, strict=True):
                 assert v.vm.guest_read(comp.addr, len(text)) == text
                 assert self.model.guest_access(v.vid, comp.addr // PAGE, comp.size // PAGE) == 0
 
@@ -845,7 +845,7 @@ class PvMachine(RuleBasedStateMachine):
                     new_real.remove(rh)
         new_real = [h for h in new_real if h not in set(self.handle_map.values())]
         assert len(new_real) == len([h for h in new_model if h in self.model.uv.configs]), (new_real, new_model)
-        for mh, rh in zip([h for h in new_model if h in self.model.uv.configs], new_real):
+        for mh, rh in zip([h for h in new_model if h in self.model.uv.configs], new_real, strict=True):
             self.handle_map[mh] = rh
 
     def _model_secure(self, handle: int | None = None) -> int:
@@ -1122,7 +1122,7 @@ def test_guest_share_needs_a_secure_vcpu() -> None:
     assert vm.pv_state().protected
     assert not any(vm.pv_state().vcpu_handles)
     before = host.uv.stats().get("SET_SHARED_ACCESS", 0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not protected"):
         vm.guest_share(0)
     assert host.uv.stats().get("SET_SHARED_ACCESS", 0) == before
     proc.exit()

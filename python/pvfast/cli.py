@@ -343,7 +343,7 @@ def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
             continue
         if isinstance(value, list):
             shown = " ".join(f"{v:016x}" for v in value)
-        elif key.endswith("_addr") or key.endswith("indications"):
+        elif key.endswith(("_addr", "indications")):
             shown = f"{value:#x}"
         elif key.endswith("_len"):
             shown = f"{value:,} bytes"

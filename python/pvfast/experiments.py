@@ -507,7 +507,7 @@ def _growth(rows: list[dict[str, Any]]) -> dict[str, Any]:
         ys = [row[key] for row in rows]
         mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
         den = sum((x - mx) ** 2 for x in xs)
-        return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den if den else 0.0
+        return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den if den else 0.0
 
     return {
         "seconds_per_gib": {
@@ -553,7 +553,7 @@ def plot_compare(result: Mapping[str, Any], path: str) -> None:
             ax.set_title("linear")
         ax.xaxis.set_major_locator(FixedLocator(xs))
         ax.xaxis.set_minor_locator(NullLocator())
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: format_size(int(round(v * GiB)))))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: format_size(round(v * GiB))))
         ax.yaxis.set_major_formatter(FuncFormatter(_seconds_label))
         ax.set_xlim(0, max(xs) * 1.05)
         ax.set_xlabel("secure guest memory above 2 GiB, dirtied before the reboot")

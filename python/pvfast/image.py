@@ -7,13 +7,14 @@ then KVM_PV_VERIFY. Byte layout and rc tables: docs/IMAGE.md. The cryptography r
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final, TypedDict
 
 from . import _native
 from ._util import check_bytes, check_int
-from .constants import PAGE_SIZE
+from .constants import PAGE_SIZE as PAGE_SIZE  # also pvfast.image.PAGE_SIZE
 from .constants import UVC_RC_EXECUTED as RC_EXECUTED
 
 HOST_KEY_DEFAULT: Final[bytes] = _native.HOST_KEY_DEFAULT
@@ -183,7 +184,7 @@ def build(
         raise ValueError(f"components: {len(components)} given, at most {MAX_COMPONENTS} fit in a header")
     parts = [_component(i, item) for i, item in enumerate(components)]
     by_addr = sorted(range(len(parts)), key=lambda i: parts[i][0])
-    for first, second in zip(by_addr, by_addr[1:]):
+    for first, second in itertools.pairwise(by_addr):
         if parts[first][0] + _padded(len(parts[first][1])) > parts[second][0]:
             a, b = sorted((first, second))
             raise ValueError(f"components[{b}]: overlaps components[{a}] (after padding to 4 KiB)")

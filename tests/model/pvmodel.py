@@ -183,6 +183,9 @@ def asce_type_for_limit(memory_limit):
 class PvResult(tuple):
     """``(errno_or_0, rc, rrc)`` as the ioctl leaves them; ``.data``/``.token`` carry extras."""
 
+    data: object
+    token: object
+
     def __new__(cls, err, rc, rrc, data=None, token=None):
         self = super().__new__(cls, (err, rc, rrc))
         self.data = data
@@ -431,7 +434,7 @@ class Ultravisor:
             if handle not in self.configs:
                 return self._refused()
             state, owner = self.page_state(key)
-            if state in (NONSECURE, EXPORTED) or owner == handle and state in (SECURE, SHARED):
+            if state in (NONSECURE, EXPORTED) or (owner == handle and state in (SECURE, SHARED)):
                 self.pages[key] = (SECURE, handle)
                 return self._ok()
             if state == SHARED and self.feature_misc:

@@ -119,7 +119,7 @@ def test_fast_perform_leaves_rc_untouched():
 
 
 def test_failed_destroy_keeps_count_high_for_good():
-    m, pid, vm = protected_vm()
+    m, _, vm = protected_vm()
     m.inject_failure("DESTROY_SEC_CONF", 0x0A01, 0x22)
     assert m.pv_command(vm, KVM_PV_DISABLE) == (EIO, 0x0A01, 0x22)
     state = m.pv_state(vm)
@@ -152,7 +152,7 @@ def test_prepare_success_state_and_uv_work(fast):
     assert state["set_aside"]
     assert state["vcpu_protected"] == [False] * 3
     assert not state["service_irq_masked"]
-    for page in list(range(5)) + [LOW_PAGES - 1]:
+    for page in [*range(5), LOW_PAGES - 1]:
         assert m.page_state(vm, page) == (NONSECURE, 0)
     expected = {"DESTROY_SEC_CPU": 3, "DESTR_SEC_STOR": 6}
     if fast:
@@ -322,7 +322,7 @@ def test_prepare_allowed_once_perform_claimed():
 
 
 def test_perform_interrupted_goes_to_need_cleanup():
-    m, pid, vm = protected_vm(destroy_fast=False)
+    m, _, vm = protected_vm(destroy_fast=False)
     m.guest_access(vm, LOW_PAGES, 3 * BATCH_PAGES)
     old = m.pv_state(vm)["handle"]
     assert m.pv_command(vm, PREPARE) == (0, 1, 42)
@@ -385,7 +385,7 @@ def test_close_deferred_while_perform_in_flight():
     assert m.pv_command(vm, PREPARE) == (0, 1, 42)
     claim = m.perform_claim(vm)
     m.close_vm(vm)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="is closed"):
         m.pv_command(vm, KVM_PV_INFO, id=0, len_max=80)
     assert m.uv.live_configs() == 1  # the ioctl still holds the VM
     assert m.perform_finish(claim.token) == (0, 1, 0)
@@ -556,7 +556,7 @@ def test_not_protected_einval_rc_untouched(cmd, data):
     assert m.pv_state(vm)["user_cpu_state_ctrl"]  # set even on failure
 
 
-@pytest.mark.parametrize("cmd", list(range(0, 11)) + [11, 0xFFFF])
+@pytest.mark.parametrize("cmd", [*range(12), 0xFFFF])
 def test_prologue_errors(cmd):
     m, _, vm = booted_vm()
     assert m.pv_command(vm, cmd, rc_in=1, rrc_in=2, flags=1) == (EINVAL, 1, 2)
@@ -857,7 +857,7 @@ def test_close_vm_disposes_leftovers_and_zaps():
     assert delta(m, before) == {"DESTR_SEC_STOR": 10}
     assert count(m, vm) == 0
     assert m.uv.secure_pages() == 0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="is closed"):
         m.guest_access(vm, 0, 1)
     clean(m)
     m.exit(pid)
@@ -865,7 +865,7 @@ def test_close_vm_disposes_leftovers_and_zaps():
 
 
 def test_close_non_protected_vm_touches_nothing():
-    m, pid, vm = booted_vm()
+    m, _, vm = booted_vm()
     m.guest_access(vm, 0, 3)
     before = m.uv.stats()
     m.close_vm(vm)  # Δ6.5: cleanup-all returns at once when the count is 0
@@ -900,7 +900,13 @@ def test_uv_handles_in_creation_order():
 class ModelMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
-        self.m = None
+        self.m: Model | None = None
+
+    @property
+    def model(self) -> Model:
+        """The booted model (every rule but ``boot`` runs after it)."""
+        assert self.m is not None
+        return self.m
 
     @rule(
         fast=st.booleans(),
@@ -912,14 +918,14 @@ class ModelMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.m is None)
     def boot(self, fast, misc, helper, vcpus, gib):
         self.m = Model(destroy_fast=fast, feature_misc=misc)
-        self.pid = self.m.spawn_process()
-        self.helper = self.m.clone_vm(self.pid) if helper else None
-        self.vm = self.m.create_vm(self.pid, gib * GiB, vcpus)
+        self.pid = self.model.spawn_process()
+        self.helper = self.model.clone_vm(self.pid) if helper else None
+        self.vm = self.model.create_vm(self.pid, gib * GiB, vcpus)
         self.pages = gib * GiB // PAGE_SIZE
         self.tokens = []
 
     def _alive(self):
-        return self.m is not None and self.m.process_alive(self.pid)
+        return self.m is not None and self.model.process_alive(self.pid)
 
     def _live(self):
         return self._alive()
@@ -927,7 +933,7 @@ class ModelMachine(RuleBasedStateMachine):
     @rule(cmd=st.sampled_from([0, 1, 4, 5, 6, 9, 10]))
     @precondition(lambda self: self._live())
     def command(self, cmd):
-        result = self.m.pv_command(self.vm, cmd)
+        result = self.model.pv_command(self.vm, cmd)
         if cmd == PREPARE and result.err == 0:
             assert result[1:] == (1, 42)
         if cmd == KVM_PV_DISABLE and result.err == 0:
@@ -941,25 +947,25 @@ class ModelMachine(RuleBasedStateMachine):
         n = data.draw(st.integers(1, 2))
         kind = data.draw(st.sampled_from(["guest", "host", "share", "unpack"]))
         if kind == "guest":
-            self.m.guest_access(self.vm, page, n)
+            self.model.guest_access(self.vm, page, n)
         elif kind == "host":
-            self.m.host_access(self.vm, page, n)
+            self.model.host_access(self.vm, page, n)
         elif kind == "share":
-            self.m.guest_share(self.vm, page, n)
+            self.model.guest_share(self.vm, page, n)
         else:
-            self.m.pv_command(self.vm, KVM_PV_UNPACK, addr=page * PAGE_SIZE, size=n * PAGE_SIZE, tweak=0)
+            self.model.pv_command(self.vm, KVM_PV_UNPACK, addr=page * PAGE_SIZE, size=n * PAGE_SIZE, tweak=0)
 
     @rule()
     @precondition(lambda self: self._live())
     def claim(self):
-        result = self.m.perform_claim(self.vm)
+        result = self.model.perform_claim(self.vm)
         if result.token is not None:
             self.tokens.append(result.token)
 
     @rule(interrupted=st.booleans(), batches=st.integers(0, 2))
     @precondition(lambda self: self._alive() and self.tokens)
     def finish(self, interrupted, batches):
-        result = self.m.perform_finish(self.tokens.pop(0), interrupted, batches)
+        result = self.model.perform_finish(self.tokens.pop(0), interrupted, batches)
         assert result.err == 0
         if interrupted:
             assert result[1:] == (1, 42)
@@ -967,18 +973,18 @@ class ModelMachine(RuleBasedStateMachine):
     @rule(kill=st.booleans())
     @precondition(lambda self: self._alive())
     def end(self, kill):
-        (self.m.kill if kill else self.m.exit)(self.pid)
+        (self.model.kill if kill else self.model.exit)(self.pid)
         self.tokens = []
         if self.helper is not None:
-            self.m.exit(self.helper)
-        if self.m.uv.injected_fired == 0:
-            assert self.m.uv.live_configs() == 0
-            assert self.m.uv.secure_pages() == 0
+            self.model.exit(self.helper)
+        if self.model.uv.injected_fired == 0:
+            assert self.model.uv.live_configs() == 0
+            assert self.model.uv.secure_pages() == 0
 
     @rule()
     @precondition(lambda self: self.m is not None)
     def observe(self):
-        state = self.m.pv_state(self.vm)
+        state = self.model.pv_state(self.vm)
         assert state["protected_count"] >= 0
         assert state["protected"] == (state["handle"] != 0)
 
@@ -1012,20 +1018,20 @@ class FailureMachine(ModelMachine):
     )
     @precondition(lambda self: self._live())
     def inject(self, uvc, rc, count, after):
-        self.m.inject_failure(uvc, rc, 0, count, after)
+        self.model.inject_failure(uvc, rc, 0, count, after)
 
     @rule()
     @precondition(lambda self: self._live())
     def hotplug(self):
-        self.m.create_vcpu(self.vm)
+        self.model.create_vcpu(self.vm)
 
     @rule()
-    @precondition(lambda self: self._live() and not self.m.vm_info(self.vm)["closed"])
+    @precondition(lambda self: self._live() and not self.model.vm_info(self.vm)["closed"])
     def close(self):
-        self.m.close_vm(self.vm)
+        self.model.close_vm(self.vm)
 
     def _live(self):
-        return self._alive() and not self.m.vm_info(self.vm)["closed"]
+        return self._alive() and not self.model.vm_info(self.vm)["closed"]
 
 
 FailureMachine.TestCase.settings = settings(
