@@ -121,6 +121,7 @@ UVC_RC_EXECUTED: Final[int] = _native.RC_EXECUTED  # 0x0001
 UVC_RC_INV_CMD: Final[int] = _native.RC_INV_CMD  # 0x0002
 UVC_RC_INV_STATE: Final[int] = _native.RC_INV_STATE  # 0x0003
 UVC_RC_INV_LEN: Final[int] = _native.RC_INV_LEN  # 0x0005
+UVC_RC_NO_RESUME: Final = 0x0007  # asm/uv.h; the emulated UV never answers it
 UVC_RC_NEED_DESTROY: Final[int] = _native.RC_NEED_DESTROY  # 0x8000 flag of a Create Config rc
 UVC_RC_DESTROY_FAST_APQN: Final[int] = _native.RC_APQN_BOUND  # 0x0104
 

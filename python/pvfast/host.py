@@ -1,5 +1,6 @@
-"""The emulated machine: kvm module parameters, capabilities, sysfs, the Ultravisor view, kernel
-memory (allocations and the leak ledger) and the process registry with its interpreter-exit hook.
+"""The emulated machine: kvm module parameters and KVM_CHECK_EXTENSION (kvm-s390.c), uv_info and
+/sys/firmware/uv (arch/s390/kernel/uv.c), the Ultravisor view, kernel memory (allocations and the
+leak ledger), and the process registry with its interpreter-exit hook.
 
 The bottom layer above constants/errors: it imports no other pvfast module. Processes are made by
 the mm layer, which registers its constructor here (``register_copy_process``), as kernel/fork.c

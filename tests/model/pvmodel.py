@@ -3,7 +3,9 @@
 Sources: shared/spec/kernel-pv-teardown.md (profile "v6.6+" = v6.2 + Δ6.4 + Δ6.5 + Δ6.6) and
 shared/API.md.  Section numbers in comments ("§4.5") refer to kernel-pv-teardown.md.
 This file must never import pvfast: it is the independent oracle the implementation is checked
-against.  It is deliberately slow and literal: one Python statement per kernel step.
+against.  It is deliberately slow and literal: one Python statement per kernel step.  For the same
+reason it defines its own constants (errnos, UVC codes and rcs, sizes) instead of taking pvfast's
+or the native module's: a wrong constant on either side then shows up as a difference.
 
 Modelling choices that a comparator must know (details and the full list in docs/MODEL.md):
 
