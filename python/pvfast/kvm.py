@@ -250,6 +250,7 @@ class Vm(File):
             self.process.fdput(self)
 
     def pv_state(self) -> PvState:
+        """The VM's PV bookkeeping now (kvm->arch.pv, the vCPUs, the mm counter, the leaks)."""
         if self.closed:
             raise ValueError("VM is closed")
         leaks = tuple(dict(e) for e in self.host.leaked() if e["vm"] == id(self))
