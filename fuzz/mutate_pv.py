@@ -38,14 +38,22 @@ DEFAULT_FUNCS = ["set_aside", "destroy_lower_2g", "deinit_aside_vm", "deinit_cle
 DEFAULT_TESTS = ["tests/test_stateful.py", "tests/test_async.py", "tests/test_kvm_commands.py", "tests/test_faults.py"]
 
 CMP_SWAP = {
-    ast.Eq: ast.NotEq, ast.NotEq: ast.Eq, ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt,
-    ast.Is: ast.IsNot, ast.IsNot: ast.Is, ast.In: ast.NotIn, ast.NotIn: ast.In,
+    ast.Eq: ast.NotEq,
+    ast.NotEq: ast.Eq,
+    ast.Lt: ast.LtE,
+    ast.LtE: ast.Lt,
+    ast.Gt: ast.GtE,
+    ast.GtE: ast.Gt,
+    ast.Is: ast.IsNot,
+    ast.IsNot: ast.Is,
+    ast.In: ast.NotIn,
+    ast.NotIn: ast.In,
 }
 
 
-def sites(func: ast.FunctionDef) -> list[tuple[str, list[int]]]:
+def sites(func: ast.FunctionDef) -> list[tuple[str, list[int | str]]]:
     """(description, path) for every mutation site; a path indexes ``ast.walk`` order."""
-    out: list[tuple[str, list[int]]] = []
+    out: list[tuple[str, list[int | str]]] = []
     nodes = list(ast.walk(func))
     for i, node in enumerate(nodes):
         line = getattr(node, "lineno", 0)
@@ -54,7 +62,9 @@ def sites(func: ast.FunctionDef) -> list[tuple[str, list[int]]]:
                 if type(op) in CMP_SWAP:
                     out.append((f"L{line}: {type(op).__name__} -> {CMP_SWAP[type(op)].__name__}", [i, 0, k]))
         elif isinstance(node, ast.BoolOp):
-            out.append((f"L{line}: {type(node.op).__name__} -> {'Or' if isinstance(node.op, ast.And) else 'And'}", [i, 1]))
+            out.append(
+                (f"L{line}: {type(node.op).__name__} -> {'Or' if isinstance(node.op, ast.And) else 'And'}", [i, 1])
+            )
         elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
             out.append((f"L{line}: delete not", [i, 2]))
         elif isinstance(node, ast.If):
@@ -132,9 +142,7 @@ def main() -> int:
             "settings.register_profile('mutation', max_examples=100, deadline=None, database=None,\n"
             "    phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))\n"
         )
-        env = dict(
-            os.environ, PYTHONPATH=str(work / "src"), PYTHONDONTWRITEBYTECODE="1", HYPOTHESIS_PROFILE="mutation"
-        )
+        env = dict(os.environ, PYTHONPATH=str(work / "src"), PYTHONDONTWRITEBYTECODE="1", HYPOTHESIS_PROFILE="mutation")
         cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "mutprofile", *args.tests]
 
         def run() -> str:
@@ -159,7 +167,9 @@ def main() -> int:
             target.write_text(ast.unparse(t))
             t1 = time.time()
             outcome = run()
-            results.append({"function": name, "mutant": desc, "outcome": outcome, "seconds": round(time.time() - t1, 1)})
+            results.append(
+                {"function": name, "mutant": desc, "outcome": outcome, "seconds": round(time.time() - t1, 1)}
+            )
             print(f"[{n}/{len(mutants)}] {outcome:8s} {name}: {desc}", flush=True)
         target.write_text(source)
     killed = sum(r["outcome"] in ("killed", "timeout") for r in results)

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import errno
+import os
+import signal
 import threading
+import time
+from typing import Any
 
 import pytest
 
@@ -55,8 +59,11 @@ def test_prepare_success_state(any_host):
     res = vm.pv_command(PREPARE)
     assert (res.rc, res.rrc) == (1, 42)
     st = vm.pv_state()
-    assert st.handle == 0 and not st.protected and st.set_aside
-    assert not any(st.vcpu_handles) and not st.service_irq_masked
+    assert st.handle == 0
+    assert not st.protected
+    assert st.set_aside
+    assert not any(st.vcpu_handles)
+    assert not st.service_irq_masked
     assert st.protected_count == 1  # the set-aside VM still counts (spec §3.8 g)
     assert st.set_aside_fast == host.destroy_fast_available
     # [0, 2 GiB) is clean now; the high pages still belong to the old configuration
@@ -81,7 +88,8 @@ def test_prepare_preconditions():
     vm0 = protected_vm(host0)
     with raises_errno(errno.EINVAL):
         vm0.pv_command(PREPARE)
-    assert vm0.pv_state().protected and all(vm0.pv_state().vcpu_handles)  # nothing happened
+    assert vm0.pv_state().protected
+    assert all(vm0.pv_state().vcpu_handles)  # nothing happened
     with raises_errno(errno.EINVAL):
         vm0.pv_command(PERFORM)
 
@@ -94,7 +102,9 @@ def test_prepare_refused_for_segment_asce_after_cpus_are_gone(host):
         vm.pv_command(PREPARE)
     assert (ei.value.rc, ei.value.rrc) == (0x0001, 0)  # rc/rrc from the CPU destroys
     st = vm.pv_state()
-    assert st.handle == handle and not any(st.vcpu_handles) and not st.service_irq_masked
+    assert st.handle == handle
+    assert not any(st.vcpu_handles)
+    assert not st.service_irq_masked
     assert vm.pv_command(PvCmd.DISABLE).rc == 1  # DISABLE works for small VMs
     vm.process.exit()
     assert_fully_clean(host)
@@ -110,13 +120,18 @@ def test_second_prepare_fails_until_perform_claims(any_host):
     with raises_errno(errno.EINVAL):
         vm.pv_command(PREPARE)
     st = vm.pv_state()
-    assert st.handle == handle2 and not any(st.vcpu_handles)  # CPUs were already made non-protected
-    assert st.set_aside and not st.service_irq_masked
+    assert st.handle == handle2
+    assert not any(st.vcpu_handles)  # CPUs were already made non-protected
+    assert st.set_aside
+    assert not st.service_irq_masked
     # DISABLE tears down the current VM and the set-aside one
     assert vm.pv_command(PvCmd.DISABLE).rc == 1
     st = vm.pv_state()
-    assert not st.set_aside and st.need_cleanup == 0 and st.protected_count == 0
-    assert host.uv.secure_pages() == 0 and host.uv.config_handles() == set()
+    assert not st.set_aside
+    assert st.need_cleanup == 0
+    assert st.protected_count == 0
+    assert host.uv.secure_pages() == 0
+    assert host.uv.config_handles() == set()
 
 
 def test_prepare_destroy_fast_failure_keeps_vm_protected():
@@ -128,7 +143,9 @@ def test_prepare_destroy_fast_failure_keeps_vm_protected():
         vm.pv_command(PREPARE)
     assert ei.value.rc == 0x0104
     st = vm.pv_state()
-    assert st.handle == handle and not st.set_aside and not st.service_irq_masked
+    assert st.handle == handle
+    assert not st.set_aside
+    assert not st.service_irq_masked
     assert st.guest_handle == 0  # v6.2 zeroes gmap->guest_handle anyway
     assert host.uv.stats().get("DESTROY_SEC_CONF", 0) == 0  # no fallback inside PREPARE
     vm.pv_command(PvCmd.DISABLE)
@@ -143,7 +160,9 @@ def test_prepare_cpu_failure_is_eio_and_keeps_mask():
     with raises_errno(errno.EIO):
         vm.pv_command(PREPARE)
     st = vm.pv_state()
-    assert st.protected and st.service_irq_masked and not st.set_aside
+    assert st.protected
+    assert st.service_irq_masked
+    assert not st.set_aside
 
 
 def test_prepare_slow_path_enomem_leaks_old_table():
@@ -162,8 +181,10 @@ def test_prepare_slow_path_enomem_leaks_old_table():
     finally:
         del host.kalloc
     st = vm.pv_state()
-    assert st.leaked == 1 and st.leaks[0]["kind"] == "crst"
-    assert st.protected and not st.set_aside
+    assert st.leaked == 1
+    assert st.leaks[0]["kind"] == "crst"
+    assert st.protected
+    assert not st.set_aside
 
 
 # ---------------------------------------------------------------- PERFORM
@@ -190,8 +211,11 @@ def test_perform_fast_and_slow(any_host):
         assert host.uv.stats()["DESTROY_SEC_CONF"] == 1
     assert host.uv.stats()["DESTR_SEC_STOR"] - before == vm.region.present_pages()
     st = vm.pv_state()
-    assert not st.set_aside and st.need_cleanup == 0 and st.protected_count == 0
-    assert host.uv.secure_pages(old) == 0 and host.uv.secure_pages() == 0
+    assert not st.set_aside
+    assert st.need_cleanup == 0
+    assert st.protected_count == 0
+    assert host.uv.secure_pages(old) == 0
+    assert host.uv.secure_pages() == 0
     assert host.uv.config_handles() == set()
 
 
@@ -205,7 +229,8 @@ def test_perform_leaves_the_running_guest_alone(any_host):
     vm.guest_access(0, 4 * MiB)
     mine = host.uv.secure_pages(new)
     vm.pv_command(PERFORM)
-    assert host.uv.secure_pages(new) == mine and host.uv.secure_pages() == mine
+    assert host.uv.secure_pages(new) == mine
+    assert host.uv.secure_pages() == mine
     assert vm.guest_read(HIGH + 64 * MiB, 14) == b"new guest data"
     assert vm.pv_state().protected_count == 1
 
@@ -245,7 +270,9 @@ def test_fatal_signal_during_perform_queues_leftover(any_host):
     res = vm.pv_command(PERFORM)
     assert (res.rc, res.rrc) == (1, 42)
     st = vm.pv_state()
-    assert st.need_cleanup == 1 and not st.set_aside and st.protected_count == 1
+    assert st.need_cleanup == 1
+    assert not st.set_aside
+    assert st.protected_count == 1
     vm.process.fatal_signal.clear()
     # a non-protected VM cannot DISABLE its leftovers; VM destroy does
     with raises_errno(errno.EINVAL):
@@ -266,8 +293,10 @@ def test_disable_on_protected_vm_cleans_leftover(any_host):
     assert vm.pv_state().protected_count == 2
     assert vm.pv_command(PvCmd.DISABLE).rc == 1
     st = vm.pv_state()
-    assert st.need_cleanup == 0 and st.protected_count == 0
-    assert host.uv.secure_pages() == 0 and host.uv.config_handles() == set()
+    assert st.need_cleanup == 0
+    assert st.protected_count == 0
+    assert host.uv.secure_pages() == 0
+    assert host.uv.config_handles() == set()
 
 
 def test_disable_first_error_wins():
@@ -281,7 +310,9 @@ def test_disable_first_error_wins():
         vm.pv_command(PvCmd.DISABLE)
     assert (ei.value.rc, ei.value.rrc) == (0x0031, 1)
     st = vm.pv_state()
-    assert st.protected and st.protected_count == 1 and st.need_cleanup == 0  # leftover disposed
+    assert st.protected
+    assert st.protected_count == 1
+    assert st.need_cleanup == 0  # leftover disposed
 
 
 def test_perform_destroy_config_failure_is_eio_and_leaks():
@@ -330,7 +361,8 @@ def test_two_concurrent_performs_one_claims(any_host):
     for t in threads:
         t.join()
     errors = [r for r in results if isinstance(r, PvError)]
-    assert len(errors) == 1 and errors[0].errno == errno.EINVAL
+    assert len(errors) == 1
+    assert errors[0].errno == errno.EINVAL
     assert host.uv.secure_pages() == 0
 
 
@@ -347,14 +379,18 @@ def test_commands_complete_while_perform_walks():
     vm.guest_access(HIGH, 4 * MiB)
     t.join()
     st = vm.pv_state()
-    assert st.protected and st.protected_count == 1 and st.need_cleanup == 0
+    assert st.protected
+    assert st.protected_count == 1
+    assert st.need_cleanup == 0
     assert host.uv.secure_pages() == host.uv.secure_pages(st.handle)
 
 
 # ---------------------------------------------------------------- kill / exit / helpers
 
 
-def test_kill_during_perform_stops_within_a_batch_and_loses_nothing(any_host):
+@pytest.mark.parametrize("end", ["kill", "exit"])
+def test_kill_during_perform_stops_within_a_batch_and_loses_nothing(any_host, end):
+    """kill: the fatal signal stops the walk; exit: exit_group's SIGKILL to the other threads does."""
     host = any_host
     vm = protected_vm(host, size=4 * GiB, high=1 * GiB)
     proc = vm.process
@@ -364,11 +400,109 @@ def test_kill_during_perform_stops_within_a_batch_and_loses_nothing(any_host):
     t = threading.Thread(target=lambda: out.append(vm.pv_command(PERFORM)))
     t.start()
     vm.perform_started.wait()
-    proc.kill()
+    if end == "kill":
+        proc.kill()
+    else:
+        proc.exit()
     t.join()
     assert not proc.alive
     res = out[0]
     assert isinstance(res, pvfast.PvResult)
+    assert_fully_clean(host)
+
+
+def test_exit_and_kill_record_how_the_process_ended():
+    """exit(status) records an exit status, kill(sig) a terminating signal, as waitpid shows them."""
+    host = pvfast.Host()
+    procs = [host.spawn_process() for _ in range(4)]
+    for p in procs:
+        p.create_vm(1 * GiB)
+        assert p.wait_status is None
+        assert p.exit_status is None
+        assert p.exit_signal is None
+    procs[0].exit()
+    procs[1].exit(3 + 256)  # only the low 8 bits reach the parent, as with exit_group
+    procs[2].kill()
+    procs[3].kill(signal.SIGTERM)
+    assert [p.alive for p in procs] == [False] * 4
+    assert [p.exit_status for p in procs] == [0, 3, None, None]
+    assert [p.exit_signal for p in procs] == [None, None, signal.SIGKILL, signal.SIGTERM]
+    for p, status in zip(procs[:2], (0, 3), strict=True):
+        assert p.wait_status is not None
+        assert os.WIFEXITED(p.wait_status)
+        assert os.WEXITSTATUS(p.wait_status) == status
+    for p, sig in zip(procs[2:], (signal.SIGKILL, signal.SIGTERM), strict=True):
+        assert p.wait_status is not None
+        assert os.WIFSIGNALED(p.wait_status)
+        assert os.WTERMSIG(p.wait_status) == sig
+    procs[0].kill()  # a dead process: nothing happens, the first end stays recorded
+    procs[2].exit(1)
+    assert procs[0].exit_status == 0
+    assert procs[2].exit_signal == signal.SIGKILL
+    assert host.uv.config_handles() == set()
+    assert host.kernel_memory() == 0
+
+
+def test_host_create_vm_process_exits_0_when_its_vm_closes():
+    host = pvfast.Host()
+    vm = host.create_vm(1 * GiB)
+    vm.close()
+    assert not vm.process.alive
+    assert vm.process.exit_status == 0
+
+
+@pytest.mark.parametrize(
+    ("call", "kwargs", "error"),
+    [
+        ("kill", {"sig": signal.SIGCHLD}, ValueError),  # default action: ignore
+        ("kill", {"sig": signal.SIGSTOP}, ValueError),
+        ("kill", {"sig": 0}, ValueError),
+        ("kill", {"sig": 1000}, ValueError),
+        ("kill", {"sig": "SIGKILL"}, TypeError),
+        ("kill", {"sig": True}, TypeError),
+        ("exit", {"status": 1.0}, TypeError),
+        ("exit", {"status": None}, TypeError),
+        ("exit", {"status": 1 << 40}, ValueError),
+    ],
+)
+def test_kill_and_exit_argument_checks(call: str, kwargs: dict[str, Any], error: type[Exception]):
+    proc = pvfast.Host().spawn_process()
+    name = next(iter(kwargs))
+    with pytest.raises(error, match=name):
+        getattr(proc, call)(**kwargs)
+    assert proc.alive  # a refused call changes nothing
+    proc.kill(signal.SIGRTMIN + 1)  # any terminating signal, real-time ones too
+    assert proc.exit_signal == signal.SIGRTMIN + 1
+
+
+def test_a_second_end_waits_for_the_first_teardown():
+    """kill() while exit() is tearing down returns only once that teardown is done; exit's status stays."""
+    host = pvfast.Host()
+    vm = protected_vm(host, high=4 * MiB)
+    proc = vm.process
+    entered, release = threading.Event(), threading.Event()
+    real_mmput = proc.mm.mmput
+
+    def slow_mmput() -> None:
+        entered.set()
+        release.wait(10)
+        real_mmput()
+
+    proc.mm.mmput = slow_mmput
+    first = threading.Thread(target=proc.exit, args=(7,))
+    first.start()
+    assert entered.wait(10)
+    second = threading.Thread(target=proc.kill)
+    second.start()
+    time.sleep(0.2)
+    assert second.is_alive(), "kill() returned while exit()'s teardown was still running"
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert not second.is_alive()
+    assert not proc.alive
+    assert proc.exit_status == 7
+    assert proc.exit_signal is None
     assert_fully_clean(host)
 
 
@@ -382,8 +516,10 @@ def test_exit_without_helper_uses_notifier_and_page_teardown():
     assert s1["DESTROY_SEC_CONF_FAST"] - s0.get("DESTROY_SEC_CONF_FAST", 0) == 1  # notifier
     assert s1.get("DESTROY_SEC_CONF", 0) == 0
     assert s1["DESTR_SEC_STOR"] - s0.get("DESTR_SEC_STOR", 0) >= 40 * MiB // 4096  # per-page teardown
-    assert not proc.alive and proc.mm.dead
-    assert host.uv.secure_pages() == 0 and host.uv.config_handles() == set()
+    assert not proc.alive
+    assert proc.mm.dead
+    assert host.uv.secure_pages() == 0
+    assert host.uv.config_handles() == set()
 
 
 def test_exit_with_helper_moves_mm_teardown_to_helper():
@@ -391,14 +527,17 @@ def test_exit_with_helper_moves_mm_teardown_to_helper():
     vm = protected_vm(host, high=32 * MiB)
     proc = vm.process
     helper = proc.clone_vm()
-    assert helper.name == f"cleanup/{proc.pid}" and helper.mm is proc.mm
+    assert helper.name == f"cleanup/{proc.pid}"
+    assert helper.mm is proc.mm
     s0 = host.uv.stats()
     proc.exit()
     s1 = host.uv.stats()
     # QEMU's exit: fds close → VM destroy → cleanup-all with Destroy Config and the full zap
     assert s1["DESTROY_SEC_CONF"] - s0.get("DESTROY_SEC_CONF", 0) == 1
     assert s1.get("DESTROY_SEC_CONF_FAST", 0) == s0.get("DESTROY_SEC_CONF_FAST", 0)
-    assert not proc.alive and helper.alive and not proc.mm.dead
+    assert not proc.alive
+    assert helper.alive
+    assert not proc.mm.dead
     assert host.uv.secure_pages() == 0
     helper.exit()
     assert proc.mm.dead
@@ -415,7 +554,8 @@ def test_exit_with_set_aside_and_leftovers_cleans_everything(any_host):
     enable(vm)
     vm.guest_access(HIGH, 4 * MiB)
     vm.pv_command(PREPARE)
-    assert vm.pv_state().need_cleanup == 1 and vm.pv_state().set_aside
+    assert vm.pv_state().need_cleanup == 1
+    assert vm.pv_state().set_aside
     vm.process.exit()
     assert_fully_clean(host)
 
@@ -429,7 +569,8 @@ def test_vm_close_runs_cleanup_all(any_host):
     vm.pv_command(PREPARE)
     enable(vm)
     vm.close()
-    assert host.uv.secure_pages() == 0 and host.uv.config_handles() == set()
+    assert host.uv.secure_pages() == 0
+    assert host.uv.config_handles() == set()
     assert proc.mm.protected_count == 0
     proc.exit()
     assert_fully_clean(host)
@@ -442,15 +583,18 @@ def test_unprotect_async_and_sync_paths():
     host = pvfast.Host()
     big = protected_vm(host)
     t = vmm.unprotect(big)
-    assert t is not None and t.name == "async_cleanup"
+    assert t is not None
+    assert t.name == "async_cleanup"
     t.join()
-    assert t.error is None and not big.pv_state().set_aside
+    assert t.error is None
+    assert not big.pv_state().set_aside
     small = host.create_vm(2 * GiB)
     enable(small)
     assert vmm.unprotect(small) is None  # 2 GiB gate: DISABLE
     host0 = pvfast.Host(async_destroy=0)
     vm0 = protected_vm(host0)
-    assert vmm.unprotect(vm0) is None and not vm0.pv_state().protected
+    assert vmm.unprotect(vm0) is None
+    assert not vm0.pv_state().protected
 
 
 def test_double_reboot_race_is_reproducible(caplog):
@@ -463,11 +607,14 @@ def test_double_reboot_race_is_reproducible(caplog):
     t2 = vmm.unprotect(vm)  # reboot 2: PREPARE fails (one set aside) → DISABLE consumes both
     assert t2 is None
     assert "KVM PV command 9 (KVM_PV_ASYNC_CLEANUP_PREPARE) failed" in caplog.text
-    assert not vm.pv_state().set_aside and host.uv.config_handles() == set()
+    assert not vm.pv_state().set_aside
+    assert host.uv.config_handles() == set()
     hold.set()
     t1.join()
-    assert t1.error is not None and t1.error.errno == errno.EINVAL  # the late PERFORM
-    assert not vm.process.alive  # QEMU exit(1)s on a failed PERFORM
+    assert t1.error is not None
+    assert t1.error.errno == errno.EINVAL  # the late PERFORM
+    assert not vm.process.alive
+    assert vm.process.exit_status == 1  # QEMU exit(1)s on a failed PERFORM
     assert_fully_clean(host)
 
 
@@ -480,7 +627,8 @@ def test_protect_failure_unprotects():
     bad = img.header[:-1] + bytes([img.header[-1] ^ 1])
     with pytest.raises(PvError) as ei:
         vmm.protect(vm, image.Image(header=bad, components=img.components))
-    assert ei.value.cmd == PvCmd.SET_SEC_PARMS and ei.value.errno == errno.EINVAL
+    assert ei.value.cmd == PvCmd.SET_SEC_PARMS
+    assert ei.value.errno == errno.EINVAL
     assert not vm.pv_state().protected
     vm.process.exit()
     assert_fully_clean(host)
@@ -510,7 +658,8 @@ def test_signal_at_random_batch_boundaries_loses_nothing(delay):
     assert st.protected_count == 1 + st.need_cleanup
     vm.process.fatal_signal.clear()
     assert vm.pv_command(PvCmd.DISABLE).rc == 1  # cleans the current VM and the leftover
-    assert host.uv.secure_pages() == 0 and host.uv.config_handles() == set()
+    assert host.uv.secure_pages() == 0
+    assert host.uv.config_handles() == set()
     assert vm.pv_state().protected_count == 0
 
 

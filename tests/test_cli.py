@@ -41,8 +41,18 @@ def usage_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("4096", 4096), ("3.25G", 13 * GiB // 4), ("64K", 64 * KiB), ("64M", 64 * MiB), ("8G", 8 * GiB), ("1T", TiB), ("1.5G", 3 * GiB // 2),
-     ("2g", 2 * GiB), ("2GiB", 2 * GiB), ("512MB", 512 * MiB)],
+    [
+        ("4096", 4096),
+        ("3.25G", 13 * GiB // 4),
+        ("64K", 64 * KiB),
+        ("64M", 64 * MiB),
+        ("8G", 8 * GiB),
+        ("1T", TiB),
+        ("1.5G", 3 * GiB // 2),
+        ("2g", 2 * GiB),
+        ("2GiB", 2 * GiB),
+        ("512MB", 512 * MiB),
+    ],
 )
 def test_parse_size(text, value):
     assert experiments.parse_size(text) == value
@@ -74,9 +84,12 @@ def test_subcommand_help(capsys, command):
         cli.main([command, "--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    assert "--async-destroy" in text and "--no-destroy-fast" in text and "--no-misc" in text
+    assert "--async-destroy" in text
+    assert "--no-destroy-fast" in text
+    assert "--no-misc" in text
     if command != "info":
-        assert "--trace" in text and "--json" in text
+        assert "--trace" in text
+        assert "--json" in text
 
 
 def test_python_dash_m():
@@ -128,12 +141,14 @@ def test_info_json_follows_host_options():
     assert info["capabilities"]["S390_PROTECTED"]["value"] == 1
     assert info["module_params"] == {"async_destroy": 1}
     assert info["sysfs"]["/sys/module/kvm/parameters/async_destroy"] == "1"
-    assert info["uv"]["destroy_fast"] and info["uv"]["feature_misc"]
+    assert info["uv"]["destroy_fast"]
+    assert info["uv"]["feature_misc"]
 
     info0 = run_json("info", "--async-destroy", "0", "--no-destroy-fast", "--no-misc")
     assert info0["capabilities"]["S390_PROTECTED_ASYNC_DISABLE"]["value"] == 0
     assert info0["sysfs"]["/sys/module/kvm/parameters/async_destroy"] == "0"
-    assert not info0["uv"]["destroy_fast"] and not info0["uv"]["feature_misc"]
+    assert not info0["uv"]["destroy_fast"]
+    assert not info0["uv"]["feature_misc"]
 
 
 # ------------------------------------------------------------------ reboot
@@ -155,7 +170,8 @@ def test_reboot_async_json():
 
 def test_reboot_sync_json():
     r = run_json("reboot", *SMALL, "--sync", "--no-destroy-fast")
-    assert r["mode"] == "sync" and r["perform"] is None
+    assert r["mode"] == "sync"
+    assert r["perform"] is None
     assert r["secure_pages_left"] == 0
     assert r["uvcs_unprotect"]["DESTROY_SEC_CONF"] == 1
     assert "ASYNC" not in json.dumps(r["uvcs"])
@@ -173,7 +189,8 @@ def test_reboot_table_and_progress():
     assert code == 0
     for text in ("unprotect returned", "guest running again", "old guest's memory clean", "DESTR_SEC_STOR"):
         assert text in out
-    assert "guest dirties secure memory" in err and "100.0%" in err
+    assert "guest dirties secure memory" in err
+    assert "100.0%" in err
 
 
 # ------------------------------------------------------------------ shutdown
@@ -184,9 +201,12 @@ def test_shutdown_both_variants():
     runs = {r["helper"]: r for r in doc["runs"]}
     assert set(runs) == {False, True}
     for r in runs.values():
-        assert r["secure_pages_left"] == 0 and r["configs_left"] == 0 and r["leaked"] == 0
+        assert r["secure_pages_left"] == 0
+        assert r["configs_left"] == 0
+        assert r["leaked"] == 0
         assert r["vmm_exit"]["seconds"] > 0
-    assert "helper_exit" in runs[True] and "helper_exit" not in runs[False]
+    assert "helper_exit" in runs[True]
+    assert "helper_exit" not in runs[False]
     # without the helper the VMM's exit is the last mm user: it pays the page walk
     assert runs[False]["vmm_exit"]["uvcs"]["DESTR_SEC_STOR"] >= SMALL_PAGES
 
@@ -194,7 +214,8 @@ def test_shutdown_both_variants():
 def test_shutdown_single_variant_table():
     code, out, _ = run("shutdown", *SMALL, "--no-helper")
     assert code == 0
-    assert "without the CLONE_VM helper" in out and "with the CLONE_VM helper" not in out
+    assert "without the CLONE_VM helper" in out
+    assert "with the CLONE_VM helper" not in out
 
 
 # ------------------------------------------------------------------ compare, plot, trace
@@ -208,8 +229,10 @@ def test_compare_json_and_png(tmp_path: Path):
         assert len(row["samples"]["sync_running_seconds"]) == 2
         assert row["sync_running_seconds"] <= max(row["samples"]["sync_running_seconds"])
         assert row["memory"] == experiments.auto_memory(row["secure"])
-        assert row["async_mode"] == "async" and row["sync"]["mode"] == "sync"
-        assert row["sync_running_seconds"] > 0 and row["async_cleanup_seconds"] > 0
+        assert row["async_mode"] == "async"
+        assert row["sync"]["mode"] == "sync"
+        assert row["sync_running_seconds"] > 0
+        assert row["async_cleanup_seconds"] > 0
     assert set(doc["seconds_per_gib"]) == {"sync_running", "async_running", "async_cleanup"}
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -218,13 +241,15 @@ def test_compare_table_default_plot_path(tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, out, _ = run("compare", "--secure", "16M", "--memory", "3G")
     assert code == 0
-    assert "sync/async" in out and "16M" in out
+    assert "sync/async" in out
+    assert "16M" in out
     assert (tmp_path / cli.DEFAULT_PLOT).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_compare_unwritable_plot_exits_1(tmp_path: Path):
     code, _, err = run("compare", "--secure", "16M", "--plot", str(tmp_path / "no" / "such" / "dir.png"))
-    assert code == 1 and "error" in err
+    assert code == 1
+    assert "error" in err
 
 
 def _trace_events(path: Path) -> list[dict]:
@@ -233,7 +258,8 @@ def _trace_events(path: Path) -> list[dict]:
     assert events
     for ev in events:
         assert {"ph", "ts", "pid", "tid", "name"} <= set(ev)
-        assert isinstance(ev["ts"], (int, float)) and ev["ts"] >= 0
+        assert isinstance(ev["ts"], (int, float))
+        assert ev["ts"] >= 0
         if ev["ph"] == "X":
             assert ev["dur"] >= 0
     return events

@@ -23,12 +23,15 @@ def raises_errno(err: int):
 
 def test_constants_match_kernel():
     assert pvfast.KVM_S390_PV_COMMAND == 0xC020AEC5
-    assert pvfast.KVM_PV_ASYNC_CLEANUP_PREPARE == 9 and pvfast.KVM_PV_ASYNC_CLEANUP_PERFORM == 10
+    assert pvfast.KVM_PV_ASYNC_CLEANUP_PREPARE == 9
+    assert pvfast.KVM_PV_ASYNC_CLEANUP_PERFORM == 10
     assert pvfast.KVM_CAP_S390_PROTECTED_ASYNC_DISABLE == 224
-    assert Uvc.DESTROY_SEC_CONF_FAST == 0x0102 and Uvc.DESTR_SEC_STOR == 0x0202
+    assert Uvc.DESTROY_SEC_CONF_FAST.value == 0x0102
+    assert Uvc.DESTR_SEC_STOR.value == 0x0202
     from pvfast import kvm
 
-    assert kvm.PvCmd is PvCmd and kvm.KVM_PV_DUMP == 8
+    assert kvm.PvCmd is PvCmd
+    assert kvm.KVM_PV_DUMP == 8
 
 
 @pytest.mark.parametrize(
@@ -65,7 +68,7 @@ def test_module_param_is_read_only_and_in_sysfs():
     with pytest.raises(TypeError):
         host.module_params["async_destroy"] = 1  # type: ignore[index]
     with pytest.raises((TypeError, PermissionError)):
-        host.module_params = {"async_destroy": 1}  # type: ignore[misc]
+        host.module_params = {"async_destroy": 1}
     with pytest.raises(PermissionError):
         host.async_destroy = 1
     with pytest.raises(FileNotFoundError):
@@ -88,7 +91,8 @@ def test_unknown_command_is_enotty_and_sets_cpu_state_ctrl(host):
     assert not vm.pv_state().user_cpu_state_ctrl
     with raises_errno(errno.ENOTTY) as ei:
         vm.pv_command(99, rc=5, rrc=6)
-    assert ei.value.errno == errno.ENOTTY and (ei.value.rc, ei.value.rrc) == (5, 6)
+    assert ei.value.errno == errno.ENOTTY
+    assert (ei.value.rc, ei.value.rrc) == (5, 6)
     assert vm.pv_state().user_cpu_state_ctrl
 
 
@@ -121,16 +125,15 @@ def test_pverror_str_reads_like_qemu(host):
     vm = host.create_vm(64 * MiB)
     with pytest.raises(PvError) as ei:
         vm.pv_command(PvCmd.ASYNC_CLEANUP_PREPARE)
-    assert str(ei.value) == (
-        "KVM PV command 9 (KVM_PV_ASYNC_CLEANUP_PREPARE) failed: header rc 0 rrc 0 IOCTL rc: -22"
-    )
-    assert isinstance(ei.value, OSError) and ei.value.cmd is PvCmd.ASYNC_CLEANUP_PREPARE
+    assert str(ei.value) == ("KVM PV command 9 (KVM_PV_ASYNC_CLEANUP_PREPARE) failed: header rc 0 rrc 0 IOCTL rc: -22")
+    assert isinstance(ei.value, OSError)
+    assert ei.value.cmd is PvCmd.ASYNC_CLEANUP_PREPARE
 
 
 def test_python_misuse_is_typeerror_and_changes_nothing(host):
     vm = host.create_vm(64 * MiB)
     with pytest.raises(TypeError, match="cmd"):
-        vm.pv_command("ENABLE")  # type: ignore[arg-type]
+        vm.pv_command("ENABLE")
     with pytest.raises(TypeError, match="header"):
         vm.pv_command(PvCmd.SET_SEC_PARMS, header="text")
     with pytest.raises(TypeError, match="addr"):
@@ -144,16 +147,17 @@ def test_python_misuse_is_typeerror_and_changes_nothing(host):
     with pytest.raises(ValueError, match="flags"):
         vm.pv_command(PvCmd.ENABLE, flags=-1)
     state = vm.pv_state()
-    assert not state.user_cpu_state_ctrl and not state.protected
+    assert not state.user_cpu_state_ctrl
+    assert not state.protected
 
 
 def test_closed_vm_raises_valueerror(host):
     vm = host.create_vm(64 * MiB)
     vm.close()
     vm.close()  # twice is a no-op
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="VM is closed"):
         vm.pv_command(PvCmd.ENABLE)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="VM is closed"):
         vm.guest_access(0)
 
 
@@ -163,7 +167,7 @@ def test_create_vm_validates_sizes(host):
         with pytest.raises(ValueError, match="memory_size"):
             proc.create_vm(bad)
     with pytest.raises(TypeError, match="memory_size"):
-        proc.create_vm(1.5 * MiB)  # type: ignore[arg-type]
+        proc.create_vm(1.5 * MiB)
 
 
 def test_asce_type_follows_memory_limit(host):
@@ -172,7 +176,8 @@ def test_asce_type_follows_memory_limit(host):
     assert host.create_vm(1 << 42).asce_type == "region3"
     assert host.create_vm((1 << 42) + MiB).asce_type == "region2"
     vm = host.spawn_process().create_vm(64 * MiB, memory_limit=4 * GiB)
-    assert vm.memory_limit == 4 * GiB and vm.asce_type == "region3"
+    assert vm.memory_limit == 4 * GiB
+    assert vm.asce_type == "region3"
 
 
 # ---------------------------------------------------------------- ENABLE / DISABLE (§3.1, §3.2)
@@ -184,20 +189,27 @@ def test_enable_disable_roundtrip(any_host):
     res = enable(vm)
     assert (res.rc, res.rrc) == (1, 0)
     st = vm.pv_state()
-    assert st.protected and st.handle in host.uv.config_handles()
-    assert st.protected_count == 1 and st.service_irq_masked
-    assert all(st.vcpu_handles) and len(st.vcpu_handles) == 2
+    assert st.protected
+    assert st.handle in host.uv.config_handles()
+    assert st.protected_count == 1
+    assert st.service_irq_masked
+    assert all(st.vcpu_handles)
+    assert len(st.vcpu_handles) == 2
     with raises_errno(errno.EINVAL):
         enable(vm)  # already protected
     res = vm.pv_command(PvCmd.DISABLE)
     assert res.rc == 1
     st = vm.pv_state()
-    assert not st.protected and st.protected_count == 0 and not st.service_irq_masked
+    assert not st.protected
+    assert st.protected_count == 0
+    assert not st.service_irq_masked
     assert not any(st.vcpu_handles)
     assert host.uv.config_handles() == set()
     stats = host.uv.stats()
-    assert stats["CREATE_SEC_CONF"] == 1 and stats["DESTROY_SEC_CONF"] == 1
-    assert stats["CREATE_SEC_CPU"] == 2 and stats["DESTROY_SEC_CPU"] == 2
+    assert stats["CREATE_SEC_CONF"] == 1
+    assert stats["DESTROY_SEC_CONF"] == 1
+    assert stats["CREATE_SEC_CPU"] == 2
+    assert stats["DESTROY_SEC_CPU"] == 2
     assert stats.get("DESTROY_SEC_CONF_FAST", 0) == 0  # DISABLE never uses Destroy-Fast
 
 
@@ -214,7 +226,9 @@ def test_enable_create_config_failure_is_eio_and_undone(host):
         enable(vm)
     assert (ei.value.rc, ei.value.rrc) == (0x0106, 3)
     st = vm.pv_state()
-    assert not st.protected and st.protected_count == 0 and st.leaked == 0
+    assert not st.protected
+    assert st.protected_count == 0
+    assert st.leaked == 0
     assert not st.service_irq_masked  # init_vm failed: the mask is not set
     assert host.kernel_memory() == _baseline_kmem(vm)
 
@@ -231,7 +245,8 @@ def test_enable_cpu_failure_undoes_cpus_and_config(host):
         enable(vm)
     assert (ei.value.rc, ei.value.rrc) == (0x0103, 1)
     st = vm.pv_state()
-    assert not st.protected and st.protected_count == 0
+    assert not st.protected
+    assert st.protected_count == 0
     assert st.service_irq_masked  # set even when cpus_to_pv failed (spec §3.1 step 5)
     assert host.uv.config_handles() == set()
     assert host.uv.stats()["DESTROY_SEC_CONF"] == 1
@@ -242,7 +257,8 @@ def test_vcpu_created_while_protected_gets_a_secure_cpu(host):
     enable(vm)
     vm.create_vcpu()
     st = vm.pv_state()
-    assert len(st.vcpu_handles) == 2 and all(st.vcpu_handles)
+    assert len(st.vcpu_handles) == 2
+    assert all(st.vcpu_handles)
     assert len(host.uv.cpu_handles(st.handle)) == 2 if hasattr(host.uv, "cpu_handles") else True
 
 
@@ -254,14 +270,17 @@ def test_disable_cpu_destroy_failure_stops_and_leaks_cpu(host):
         vm.pv_command(PvCmd.DISABLE)
     assert (ei.value.rc, ei.value.rrc) == (0x0021, 7)
     st = vm.pv_state()
-    assert st.protected and st.service_irq_masked  # stopped before cleanup-all
-    assert st.leaked == 1 and st.leaks[0]["kind"] == "cpu_stor"
+    assert st.protected
+    assert st.service_irq_masked  # stopped before cleanup-all
+    assert st.leaked == 1
+    assert st.leaks[0]["kind"] == "cpu_stor"
     assert host.uv.stats()["DESTROY_SEC_CONF"] == 0  # no config destroy was tried
     # the UV still has that CPU, so a retry fails in Destroy Config and leaks the donations
     with raises_errno(errno.EIO):
         vm.pv_command(PvCmd.DISABLE)
     st = vm.pv_state()
-    assert st.protected and st.protected_count == 1  # handle kept, counter stays (spec §4.1)
+    assert st.protected
+    assert st.protected_count == 1  # handle kept, counter stays (spec §4.1)
     assert {leak["kind"] for leak in st.leaks} == {"cpu_stor", "stor_base", "stor_var", "crst"}
 
 
@@ -274,7 +293,9 @@ def test_disable_config_destroy_failure_keeps_handle_and_counter(host):
         vm.pv_command(PvCmd.DISABLE)
     assert (ei.value.rc, ei.value.rrc) == (0x0003, 9)
     st = vm.pv_state()
-    assert st.handle == handle and st.protected_count == 1 and not st.service_irq_masked
+    assert st.handle == handle
+    assert st.protected_count == 1
+    assert not st.service_irq_masked
     assert st.leaked == 3  # base, variable storage, old top table
     assert handle in host.uv.config_handles()
 
@@ -343,13 +364,15 @@ def test_info(host):
         vm.pv_command(PvCmd.INFO, id=2, len_max=4096)
     res = vm.pv_command(PvCmd.INFO, id=PvInfoId.VM, len_max=4096, rc=7, rrc=8)
     assert (res.rc, res.rrc) == (7, 8)  # INFO leaves rc/rrc untouched
-    assert res.data is not None and len(res.data) == 80
+    assert res.data is not None
+    assert len(res.data) == 80
     info_id, len_max, written, _ = struct.unpack(">4I", res.data[:16])
     assert (info_id, len_max, written) == (0, 4096, 80)
     words = struct.unpack(">4Q", res.data[16:48])
     assert words[0] & (1 << (63 - 23))  # Destroy-Fast installed
     res = vm.pv_command(PvCmd.INFO, id=PvInfoId.DUMP, len_max=40)
-    assert res.data is not None and len(res.data) == 40
+    assert res.data is not None
+    assert len(res.data) == 40
 
 
 def test_dump_sequence_and_dumping_survives_disable(host):
@@ -376,7 +399,9 @@ def test_dump_sequence_and_dumping_survives_disable(host):
         vm.pv_command(PvCmd.DUMP, subcmd=PvDumpSubcmd.CONFIG_STOR_STATE, buff_len=chunk + 1, gaddr=0)
     before = host.uv.stats().get("DUMP_CONF_STOR_STATE", 0)
     res = vm.pv_command(PvCmd.DUMP, subcmd=PvDumpSubcmd.CONFIG_STOR_STATE, buff_len=4 * chunk, gaddr=0)
-    assert res.data is not None and len(res.data) == 4 * chunk and res.gaddr == 4 * MiB
+    assert res.data is not None
+    assert len(res.data) == 4 * chunk
+    assert res.gaddr == 4 * MiB
     assert host.uv.stats()["DUMP_CONF_STOR_STATE"] - before == 4
     # DISABLE does not reset `dumping` (literal kernel behaviour, spec §3.7)
     vm.pv_command(PvCmd.DISABLE)
@@ -391,7 +416,8 @@ def test_dump_complete(host):
     with raises_errno(errno.EINVAL):
         vm.pv_command(PvCmd.DUMP, subcmd=PvDumpSubcmd.COMPLETE, buff_len=fin - 1)
     res = vm.pv_command(PvCmd.DUMP, subcmd=PvDumpSubcmd.COMPLETE, buff_len=fin)
-    assert res.data is not None and len(res.data) == fin
+    assert res.data is not None
+    assert len(res.data) == fin
     assert not vm.pv_state().dumping
 
 

@@ -43,7 +43,7 @@ CHECK = textwrap.dedent(
     vm.perform_started.clear()
     t = vmm.unprotect(vm)
     vm.perform_started.wait()
-    import pvfast.vmm as m
+    import pvfast.host as m
     atexit.unregister(m._shutdown_all)
     atexit.register(after)
     atexit.register(m._shutdown_all)

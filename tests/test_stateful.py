@@ -120,7 +120,7 @@ class ComparedModel(pm.Model):
     export-before-import when §6 says so, then import (which the UV allows only with MISC).
     """
 
-    def guest_access(self, vm_id, page, n=1, write=True):  # type: ignore[no-untyped-def]
+    def guest_access(self, vm_id, page, n=1, write=True):
         vm = self._open_vm(vm_id)
         self._check_range(vm, page, n)
         if not self._guest_protected(vm):
@@ -143,7 +143,7 @@ class ComparedModel(pm.Model):
                 return pm.EINVAL
         return 0
 
-    def _make_secure(self, vm, page, name, out):  # type: ignore[no-untyped-def]
+    def _make_secure(self, vm, page, name, out):
         """D9 (VERIFICATION.md): UNPACK of a page that is not present yet. pvfast follows the spec's
         reading of rc 0x010a (§1.2, §3.4): export-before-import (when due), UNPACK_IMG answers 0x010a,
         the kernel faults the page in, and the page is tried again (export + unpack once more). The
@@ -158,7 +158,7 @@ class ComparedModel(pm.Model):
                 return pm.EINVAL  # an injected failure ends the UNPACK
         return super()._make_secure(vm, page, name, out)
 
-    def exit(self, pid):  # type: ignore[no-untyped-def]
+    def exit(self, pid):
         """M4 (VERIFICATION.md): a VM whose fd was closed while its PERFORM ran is released by the
         PERFORM thread itself when the fatal signal ends the ioctl: the deferred fput runs as task
         work before that thread's own exit_mm, so cleanup-all still finds the mm alive and zaps.
@@ -170,7 +170,7 @@ class ComparedModel(pm.Model):
                     self.perform_finish(token_id, interrupted=True, batches=0)
         return super().exit(pid)
 
-    def _cpus_from_pv(self, vm, out):  # type: ignore[no-untyped-def]
+    def _cpus_from_pv(self, vm, out):
         """M1 (VERIFICATION.md): kvm_s390_cpus_from_pv passes the caller's rc/rrc pointers to every
         per-CPU destroy until the first failure (then dummies), so a successful CPU destroy leaves
         rc 0x0001 behind. The model writes rc/rrc only on failure; pvfast follows the kernel."""
@@ -382,7 +382,8 @@ class PvMachine(RuleBasedStateMachine):
         mm.destroy_range = destroy_range
 
     def _spawn(self) -> ProcPair:
-        assert self.host is not None and self.model is not None
+        assert self.host is not None
+        assert self.model is not None
         proc = self.host.spawn_process()
         pid = self.model.spawn_process()
         self._patch_mm(proc.mm)
@@ -467,7 +468,7 @@ class PvMachine(RuleBasedStateMachine):
         v = self._pick(self._closable(), i)
         v.vm.close()
         self.model.close_vm(v.vid)
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="VM is closed"):
             v.vm.pv_state()
 
     def end_process(self, i: int, kill: bool) -> None:
@@ -480,7 +481,8 @@ class PvMachine(RuleBasedStateMachine):
         else:
             p.proc.exit()
             self.model.exit(p.pid)
-        assert not p.proc.alive and not self.model.process_alive(p.pid)
+        assert not p.proc.alive
+        assert not self.model.process_alive(p.pid)
         for g in gates:  # interrupted PERFORMs: rc 1 / rrc 42, record on need_cleanup (§3.9 e)
             self._join(g)
             assert g.result == (0, pm.UVC_RC_EXECUTED, pm.RRC_KVM_SYNTHETIC), g.result
@@ -533,7 +535,8 @@ class PvMachine(RuleBasedStateMachine):
             self.pv_command(i, cmd, rc_in, rrc_in)
 
     def pv_command(self, i: int, cmd: int, rc_in: int, rrc_in: int, v: VmPair | None = None) -> None:
-        assert self.model is not None and self.host is not None
+        assert self.model is not None
+        assert self.host is not None
         if v is None:
             v = self._pick(self._open_vms(), i)
         before = v.vm.pv_state()
@@ -546,7 +549,12 @@ class PvMachine(RuleBasedStateMachine):
         if cmd == PvCmd.DISABLE and not before.protected:  # invariant 6
             assert got[0] == errno.EINVAL
             assert (after.set_aside, after.need_cleanup) == (before.set_aside, before.need_cleanup)
-        if cmd == PvCmd.ASYNC_CLEANUP_PREPARE and v.vm.asce_type == "segment" and before.protected and not self.injected:
+        if (
+            cmd == PvCmd.ASYNC_CLEANUP_PREPARE
+            and v.vm.asce_type == "segment"
+            and before.protected
+            and not self.injected
+        ):
             assert got[0] == errno.EINVAL  # invariant 7 (Δ6.4)
         if cmd in (PvCmd.ASYNC_CLEANUP_PREPARE, PvCmd.ASYNC_CLEANUP_PERFORM) and not self.host.async_destroy:
             assert got == (errno.EINVAL, rc_in, rrc_in)  # invariant 4
@@ -560,7 +568,10 @@ class PvMachine(RuleBasedStateMachine):
         self.pv_command(0, PvCmd.ENABLE, 0, 0, self._pick(self._vms_where(lambda pv: not pv.handle), i))
 
     @precondition(lambda self: bool(self._vms_where(lambda pv: pv.handle)))
-    @rule(i=st.integers(0, 99), cmd=st.sampled_from([PvCmd.DISABLE, PvCmd.ASYNC_CLEANUP_PREPARE, PvCmd.ASYNC_CLEANUP_PREPARE]))
+    @rule(
+        i=st.integers(0, 99),
+        cmd=st.sampled_from([PvCmd.DISABLE, PvCmd.ASYNC_CLEANUP_PREPARE, PvCmd.ASYNC_CLEANUP_PREPARE]),
+    )
     def unprotect(self, i: int, cmd: int) -> None:
         self.pv_command(0, cmd, 0, 0, self._pick(self._vms_where(lambda pv: pv.handle), i))
 
@@ -587,13 +598,17 @@ class PvMachine(RuleBasedStateMachine):
         assert got[0] == want_t[0], f"cmd {cmd}: pvfast {got} model {want_t}"
         if got != want_t:
             # the model's invented UV refusal rc (0x0003) may differ from pvfast's UV code (MODEL.md §6)
-            assert got[0] and want.rc == pm.UVC_RC_INV_STATE, f"cmd {cmd}: pvfast {got} model {want_t}"
+            assert got[0], f"cmd {cmd}: pvfast {got} model {want_t}"
+            assert want.rc == pm.UVC_RC_INV_STATE, f"cmd {cmd}: pvfast {got} model {want_t}"
 
     def _check_prepare_success(self, v: VmPair, old: int, got: tuple[int, int, int]) -> None:
         """Invariant 2: rc 1/rrc 42, handle 0, vCPUs non-protected, no old page below 2 GiB."""
         assert got == (0, 1, 42)
         s = v.vm.pv_state()
-        assert s.handle == 0 and s.set_aside and not any(s.vcpu_handles) and not s.service_irq_masked
+        assert s.handle == 0
+        assert s.set_aside
+        assert not any(s.vcpu_handles)
+        assert not s.service_irq_masked
         assert s.guest_handle == 0  # v6.2 zeroes gmap->guest_handle in set_aside (§3.8 d)
         if self.injected:
             return  # a failed CPU destroy keeps the UV CPU, so the [0, 2 GiB) destroys are refused
@@ -658,11 +673,7 @@ class PvMachine(RuleBasedStateMachine):
         if gate.exc is not None:
             raise gate.exc
 
-    @precondition(
-        lambda self: bool(
-            self._vms_where(lambda pv: pv.handle and pv.handle not in self.booted)
-        )
-    )
+    @precondition(lambda self: bool(self._vms_where(lambda pv: pv.handle and pv.handle not in self.booted)))
     @rule(i=st.integers(0, 99), load=st.booleans())
     def protect(self, i: int, load: bool) -> None:
         """vmm.protect's sequence on a protected VM: load the image (host writes), SET_SEC_PARMS,
@@ -707,7 +718,7 @@ class PvMachine(RuleBasedStateMachine):
         want = self.model.pv_command(v.vid, int(PvCmd.VERIFY))
         self._check_result(PvCmd.VERIFY, got, want)
         if not got[0] and any(x.pv_handle for x in v.vm.vcpu_list):
-            for comp, text in zip(image.components, plain):
+            for comp, text in zip(image.components, plain, strict=True):
                 assert v.vm.guest_read(comp.addr, len(text)) == text
                 assert self.model.guest_access(v.vid, comp.addr // PAGE, comp.size // PAGE) == 0
 
@@ -742,7 +753,12 @@ class PvMachine(RuleBasedStateMachine):
         assert bool(got) == bool(want), (got, want)  # errno compared only as failed/not (D5)
 
     @precondition(lambda self: bool(self._accessible()))
-    @rule(i=st.integers(0, 99), where=st.sampled_from(["low", "edge", "high"]), off=st.integers(0, 40), n=st.integers(1, 8))
+    @rule(
+        i=st.integers(0, 99),
+        where=st.sampled_from(["low", "edge", "high"]),
+        off=st.integers(0, 40),
+        n=st.integers(1, 8),
+    )
     def guest_share(self, i: int, where: str, off: int, n: int) -> None:
         assert self.model is not None
         v = self._pick(self._accessible(), i)
@@ -758,7 +774,12 @@ class PvMachine(RuleBasedStateMachine):
         assert bool(got) == bool(want), (got, want)
 
     @precondition(has_open_vm)
-    @rule(i=st.integers(0, 99), where=st.sampled_from(["low", "edge", "high"]), off=st.integers(0, 40), n=st.integers(1, 8))
+    @rule(
+        i=st.integers(0, 99),
+        where=st.sampled_from(["low", "edge", "high"]),
+        off=st.integers(0, 40),
+        n=st.integers(1, 8),
+    )
     def host_read(self, i: int, where: str, off: int, n: int) -> None:
         assert self.model is not None
         v = self._pick(self._open_vms(), i)
@@ -785,7 +806,8 @@ class PvMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.failures and self.injections < 6)
     @rule(which=st.sampled_from(INJECTABLE), count=st.integers(1, 2))
     def inject(self, which: tuple[str, int], count: int) -> None:
-        assert self.host is not None and self.model is not None
+        assert self.host is not None
+        assert self.model is not None
         name, rc = which
         self.host.uv.inject_failure(Uvc[name], rc, rrc=0x0A, count=count)
         # pvfast keeps one pending injection per UVC (a new one replaces it); the model queues
@@ -804,7 +826,8 @@ class PvMachine(RuleBasedStateMachine):
 
     def _map_handles(self) -> None:
         """Pair configurations created by the last step (MODEL.md §6 handle map)."""
-        assert self.host is not None and self.model is not None
+        assert self.host is not None
+        assert self.model is not None
         known_real = set(self.handle_map.values())
         new_real = sorted(h for h in self.host.uv.config_handles() if h not in known_real)
         new_model = [h for h in self.model.uv.created_handles if h not in self.handle_map]
@@ -822,7 +845,7 @@ class PvMachine(RuleBasedStateMachine):
                     new_real.remove(rh)
         new_real = [h for h in new_real if h not in set(self.handle_map.values())]
         assert len(new_real) == len([h for h in new_model if h in self.model.uv.configs]), (new_real, new_model)
-        for mh, rh in zip([h for h in new_model if h in self.model.uv.configs], new_real):
+        for mh, rh in zip([h for h in new_model if h in self.model.uv.configs], new_real, strict=True):
             self.handle_map[mh] = rh
 
     def _model_secure(self, handle: int | None = None) -> int:
@@ -850,7 +873,8 @@ class PvMachine(RuleBasedStateMachine):
 
     def _compare(self) -> None:
         host, model = self.host, self.model
-        assert host is not None and model is not None
+        assert host is not None
+        assert model is not None
         self._map_handles()
         # --- UVC counters: per-step deltas
         real_now, model_now = host.uv.stats(), model.uv.stats()
@@ -902,7 +926,8 @@ class PvMachine(RuleBasedStateMachine):
         if any(s.vcpu_handles):
             assert s.protected, "a secure vCPU without a configuration"
         if s.set_aside:
-            assert self.host is not None and s.set_aside_fast == self.host.destroy_fast_available
+            assert self.host is not None
+            assert s.set_aside_fast == self.host.destroy_fast_available
 
     def _check_pvfast_invariants(self) -> None:
         """§7 on pvfast's own state (independent of the model)."""
@@ -912,7 +937,8 @@ class PvMachine(RuleBasedStateMachine):
         if not host.async_destroy:
             for v in self._open_vms():  # §5: nothing can ever be set aside
                 s = v.vm.pv_state()
-                assert not s.set_aside and s.need_cleanup == 0
+                assert not s.set_aside
+                assert s.need_cleanup == 0
         by_mm: dict[int, list[VmPair]] = {}
         for v in self.vms:
             by_mm.setdefault(id(v.mm), []).append(v)
@@ -1046,7 +1072,8 @@ def test_close_while_perform_runs_defers_vm_destroy() -> None:
         release.set()
         t.join(10)
         proc.exit()
-    assert host.uv.config_handles() == set() and host.uv.secure_pages() == 0
+    assert host.uv.config_handles() == set()
+    assert host.uv.secure_pages() == 0
 
 
 def test_guest_access_fails_when_page_cannot_be_made_accessible() -> None:
@@ -1092,9 +1119,10 @@ def test_guest_share_needs_a_secure_vcpu() -> None:
     host.uv.inject_failure(Uvc.DESTROY_SEC_CPU, 0x0003)
     with pytest.raises(PvError):
         vm.pv_command(PvCmd.DISABLE)
-    assert vm.pv_state().protected and not any(vm.pv_state().vcpu_handles)
+    assert vm.pv_state().protected
+    assert not any(vm.pv_state().vcpu_handles)
     before = host.uv.stats().get("SET_SHARED_ACCESS", 0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not protected"):
         vm.guest_share(0)
     assert host.uv.stats().get("SET_SHARED_ACCESS", 0) == before
     proc.exit()
@@ -1131,7 +1159,9 @@ def test_close_while_enable_runs_defers_vm_destroy() -> None:
     t.join(10)
     proc.exit()
     assert result == [(0, 1, 0)]
-    assert host.leaked() == [] and host.kernel_memory() == 0 and host.uv.config_handles() == set()
+    assert host.leaked() == []
+    assert host.kernel_memory() == 0
+    assert host.uv.config_handles() == set()
 
 
 def test_disable_reports_the_failing_leftover_when_the_current_destroy_succeeds() -> None:
@@ -1154,7 +1184,9 @@ def test_disable_reports_the_failing_leftover_when_the_current_destroy_succeeds(
     assert err.errno == errno.EIO
     assert (err.rc, err.rrc) != (1, 0)  # the leftover's Destroy Config rc, not the current one's
     st = vm.pv_state()
-    assert not st.protected and not st.set_aside and st.need_cleanup == 0
+    assert not st.protected
+    assert not st.set_aside
+    assert st.need_cleanup == 0
     assert st.protected_count == 1  # the failed leftover keeps its reference for good (§4.2)
     assert host.uv.config_handles() == {old}
     host.uv.native.destroy_cpu(cpu)
@@ -1187,4 +1219,6 @@ def test_close_zaps_only_when_there_was_something_to_clean(fast: bool) -> None:
     assert host.uv.secure_pages(handle) == 0  # the zap destroyed the old guest's pages
     assert host.uv.secure_pages() == 8  # the running VM's pages are untouched (invariant 15)
     proc.exit()
-    assert host.uv.secure_pages() == 0 and host.uv.config_handles() == set() and host.leaked() == []
+    assert host.uv.secure_pages() == 0
+    assert host.uv.config_handles() == set()
+    assert host.leaked() == []

@@ -22,7 +22,6 @@ import sys
 import threading
 import time
 from collections import Counter
-from typing import Any
 
 import pytest
 
@@ -88,7 +87,20 @@ def worker(fleet: Fleet, seed: int, deadline: float, stats: Counter, errors: lis
     host = fleet.host
     while time.monotonic() < deadline:
         op = rng.choices(
-            ["enable", "disable", "prepare", "perform", "unprotect", "access", "share", "host", "cmd", "kill", "close", "inject"],
+            [
+                "enable",
+                "disable",
+                "prepare",
+                "perform",
+                "unprotect",
+                "access",
+                "share",
+                "host",
+                "cmd",
+                "kill",
+                "close",
+                "inject",
+            ],
             weights=[10, 4, 8, 6, 4, 20, 4, 6, 4, 0.3, 0.5, 2 if inject else 0],
         )[0]
         try:
@@ -233,7 +245,8 @@ def run_stress(destroy_fast: bool, misc: bool, inject: bool, seconds: float) -> 
         stats["seconds_x1000"] = int(took * 1000)
         line = (
             f"stress fast={destroy_fast} misc={misc} inject={inject}: {ops} ops in {took:.1f} s "
-            f"({ops / took:.0f} ops/s, {THREADS} threads), PERFORM {stats['perform']} (finished {stats['perform_done']}, "
+            f"({ops / took:.0f} ops/s, {THREADS} threads), PERFORM {stats['perform']} "
+            f"(finished {stats['perform_done']}, "
             f"interrupted {stats['perform_interrupted']}), unprotect {stats['unprotect']}, "
             f"kills {stats['kill']}, expected errors {stats['errors']}, "
             f"DESTR_SEC_STOR {host.uv.stats().get('DESTR_SEC_STOR', 0)}"

@@ -17,9 +17,7 @@ def test_native_stub_matches_module():
 
 
 def test_mypy_on_package():
-    out = subprocess.run(
-        [sys.executable, "-m", "mypy", "python/pvfast"], capture_output=True, text=True, cwd=ROOT
-    )
+    out = subprocess.run([sys.executable, "-m", "mypy", "python/pvfast"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
 
 

@@ -1,11 +1,14 @@
 """pvfast: an emulated s390 Ultravisor and KVM protected-VM interface, with asynchronous destroy.
 
-Start with ``pvfast.Host()``; see README.md and docs/ARCHITECTURE.md.
+Start with ``pvfast.Host()``; see README.md and docs/ARCHITECTURE.md. This module only gathers the
+public names; the layers below it import one way: constants/errors -> host -> gmap -> mm -> fault
+-> pv -> kvm -> vmm/image/trace/experiments/cli (tests/test_layers.py checks it).
 """
 
 from __future__ import annotations
 
 from . import _native
+from ._version import __version__
 from .constants import (
     KVM_CAP_S390_PROTECTED,
     KVM_CAP_S390_PROTECTED_ASYNC_DISABLE,
@@ -36,7 +39,6 @@ from .host import Host, UltravisorView
 from .kvm import PvResult, PvState, Vm
 from .mm import AddressSpace, Process
 
-__version__ = "0.1.0"
 build_profile: str = _native.build_profile
 
 __all__ = [
@@ -72,5 +74,6 @@ __all__ = [
     "Uvc",
     "UvcError",
     "Vm",
+    "__version__",
     "build_profile",
 ]

@@ -13,7 +13,8 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from . import __version__, experiments
+from . import experiments
+from ._version import __version__
 from .errors import PvError
 from .experiments import HostOptions, format_size, parse_size
 from .trace import Tracer
@@ -138,15 +139,22 @@ def build_parser() -> argparse.ArgumentParser:
     host = argparse.ArgumentParser(add_help=False)
     group = host.add_argument_group("emulated host (load-time settings)")
     group.add_argument(
-        "--async-destroy", type=async_destroy_arg, default=1, metavar="0|1",
+        "--async-destroy",
+        type=async_destroy_arg,
+        default=1,
+        metavar="0|1",
         help="kvm module parameter async_destroy (default 1; 0 hides capability 224, so reboots are synchronous)",
     )
     group.add_argument(
-        "--no-destroy-fast", dest="destroy_fast", action="store_false",
+        "--no-destroy-fast",
+        dest="destroy_fast",
+        action="store_false",
         help="the Ultravisor lacks the Destroy-Fast UVC (0x0102): teardown destroys the configuration the slow way",
     )
     group.add_argument(
-        "--no-misc", dest="feature_misc", action="store_false",
+        "--no-misc",
+        dest="feature_misc",
+        action="store_false",
         help="the Ultravisor lacks the MISC feature (export before import when two guests share the mm)",
     )
 
@@ -154,23 +162,40 @@ def build_parser() -> argparse.ArgumentParser:
     out = output.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     out.add_argument(
-        "--trace", metavar="FILE",
+        "--trace",
+        metavar="FILE",
         help="write a Chrome/Perfetto trace (trace-event JSON) of the run: phases, PV commands, UVC counters",
     )
     out.add_argument(
-        "--progress", action="store_true",
+        "--progress",
+        action="store_true",
         help="draw progress bars on stderr even when it is not a terminal (they are on for a terminal)",
     )
 
     guest = argparse.ArgumentParser(add_help=False)
     g = guest.add_argument_group("guest")
-    g.add_argument("--memory", type=size_arg, default=parse_size("16G"), metavar="SIZE",
-                   help="guest memory, reserved but only touched where the guest touches it (default 16G)")
-    g.add_argument("--secure", type=size_arg, default=parse_size("2G"), metavar="SIZE",
-                   help="secure memory the guest dirties above 2G before the reboot/exit (default 2G); "
-                        "needs SIZE + 2G <= --memory")
-    g.add_argument("--vcpus", type=vcpus_arg, default=experiments.DEFAULT_VCPUS, metavar="N",
-                   help=f"vCPUs of the guest (default {experiments.DEFAULT_VCPUS})")
+    g.add_argument(
+        "--memory",
+        type=size_arg,
+        default=parse_size("16G"),
+        metavar="SIZE",
+        help="guest memory, reserved but only touched where the guest touches it (default 16G)",
+    )
+    g.add_argument(
+        "--secure",
+        type=size_arg,
+        default=parse_size("2G"),
+        metavar="SIZE",
+        help="secure memory the guest dirties above 2G before the reboot/exit (default 2G); "
+        "needs SIZE + 2G <= --memory",
+    )
+    g.add_argument(
+        "--vcpus",
+        type=vcpus_arg,
+        default=experiments.DEFAULT_VCPUS,
+        metavar="N",
+        help=f"vCPUs of the guest (default {experiments.DEFAULT_VCPUS})",
+    )
 
     parser = argparse.ArgumentParser(
         prog="pvfast",
@@ -193,57 +218,93 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     info = sub.add_parser(
-        "info", parents=[host], help="show the emulated host as a VMM sees it",
+        "info",
+        parents=[host],
+        help="show the emulated host as a VMM sees it",
         description="Show the emulated host as a VMM sees it: KVM capabilities 180/217/224, the kvm "
-                    "module parameters and UV sysfs files, the Ultravisor's features and limits.",
+        "module parameters and UV sysfs files, the Ultravisor's features and limits.",
     )
     info.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     info.set_defaults(run=cmd_info, command_parser=info)
 
     reboot = sub.add_parser(
-        "reboot", parents=[host, guest, output], help="reboot a protected guest the way QEMU does and time it",
+        "reboot",
+        parents=[host, guest, output],
+        help="reboot a protected guest the way QEMU does and time it",
         description="Boot a protected guest, let it dirty --secure bytes above 2G, then reboot it as "
-                    "QEMU's s390_machine_unprotect does (PREPARE + an async_cleanup thread running "
-                    "PERFORM, or DISABLE) and boot it protected again. Reports the time until the guest "
-                    "runs again, when the old guest's memory was clean, the UVCs issued and the secure "
-                    "pages left.",
+        "QEMU's s390_machine_unprotect does (PREPARE + an async_cleanup thread running "
+        "PERFORM, or DISABLE) and boot it protected again. Reports the time until the guest "
+        "runs again, when the old guest's memory was clean, the UVCs issued and the secure "
+        "pages left.",
     )
     mode = reboot.add_mutually_exclusive_group()
-    mode.add_argument("--sync", dest="mode", action="store_const", const="sync",
-                      help="force KVM_PV_DISABLE (the synchronous reboot)")
-    mode.add_argument("--async", dest="mode", action="store_const", const="async",
-                      help="require the asynchronous reboot; fail if QEMU would not take it")
+    mode.add_argument(
+        "--sync", dest="mode", action="store_const", const="sync", help="force KVM_PV_DISABLE (the synchronous reboot)"
+    )
+    mode.add_argument(
+        "--async",
+        dest="mode",
+        action="store_const",
+        const="async",
+        help="require the asynchronous reboot; fail if QEMU would not take it",
+    )
     reboot.set_defaults(mode="auto", run=cmd_reboot, command_parser=reboot)
 
     shutdown = sub.add_parser(
-        "shutdown", parents=[host, guest, output],
+        "shutdown",
+        parents=[host, guest, output],
         help="exit the VMM with and without QEMU's async-teardown helper",
         description="Boot a protected guest, let it dirty --secure bytes, then exit the VMM process, "
-                    "with and/or without the CLONE_VM helper of '-run-with async-teardown=on'. Reports "
-                    "where the teardown cost landed: the VMM's own exit or the helper's.",
+        "with and/or without the CLONE_VM helper of '-run-with async-teardown=on'. Reports "
+        "where the teardown cost landed: the VMM's own exit or the helper's.",
     )
     shutdown.add_argument(
-        "--helper", action=argparse.BooleanOptionalAction, default=None,
+        "--helper",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="only with (--helper) or only without (--no-helper) the helper; default: both",
     )
     shutdown.set_defaults(run=cmd_shutdown, command_parser=shutdown)
 
     compare = sub.add_parser(
-        "compare", parents=[host, output], help="sync against async reboot over several sizes; table and plot",
+        "compare",
+        parents=[host, output],
+        help="sync against async reboot over several sizes; table and plot",
         description="Reboot protected guests synchronously (DISABLE) and asynchronously (PREPARE + "
-                    "PERFORM) for each --secure size, print a table and write a PNG plot of the time "
-                    "until the guest runs again and of the background cleanup time.",
+        "PERFORM) for each --secure size, print a table and write a PNG plot of the time "
+        "until the guest runs again and of the background cleanup time.",
     )
-    compare.add_argument("--secure", type=size_list_arg, default=size_list_arg("1G,2G,4G"), metavar="LIST",
-                         help="comma-separated secure sizes (default 1G,2G,4G)")
-    compare.add_argument("--memory", type=memory_arg, default=None, metavar="auto|SIZE",
-                         help="guest memory; auto (default) = secure + 2G + 1G, reserved not touched")
-    compare.add_argument("--vcpus", type=vcpus_arg, default=experiments.DEFAULT_VCPUS, metavar="N",
-                         help=f"vCPUs of each guest (default {experiments.DEFAULT_VCPUS})")
-    compare.add_argument("--repeat", type=repeat_arg, default=1, metavar="N",
-                         help="run each reboot N times and report medians (default 1)")
-    compare.add_argument("--plot", metavar="FILE.png", default=DEFAULT_PLOT,
-                         help=f"where to write the plot (default {DEFAULT_PLOT})")
+    compare.add_argument(
+        "--secure",
+        type=size_list_arg,
+        default=size_list_arg("1G,2G,4G"),
+        metavar="LIST",
+        help="comma-separated secure sizes (default 1G,2G,4G)",
+    )
+    compare.add_argument(
+        "--memory",
+        type=memory_arg,
+        default=None,
+        metavar="auto|SIZE",
+        help="guest memory; auto (default) = secure + 2G + 1G, reserved not touched",
+    )
+    compare.add_argument(
+        "--vcpus",
+        type=vcpus_arg,
+        default=experiments.DEFAULT_VCPUS,
+        metavar="N",
+        help=f"vCPUs of each guest (default {experiments.DEFAULT_VCPUS})",
+    )
+    compare.add_argument(
+        "--repeat",
+        type=repeat_arg,
+        default=1,
+        metavar="N",
+        help="run each reboot N times and report medians (default 1)",
+    )
+    compare.add_argument(
+        "--plot", metavar="FILE.png", default=DEFAULT_PLOT, help=f"where to write the plot (default {DEFAULT_PLOT})"
+    )
     compare.add_argument("--no-plot", dest="plot", action="store_const", const=None, help="do not write a plot")
     compare.set_defaults(run=cmd_compare, command_parser=compare)
     return parser
@@ -282,7 +343,7 @@ def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
             continue
         if isinstance(value, list):
             shown = " ".join(f"{v:016x}" for v in value)
-        elif key.endswith("_addr") or key.endswith("indications"):
+        elif key.endswith(("_addr", "indications")):
             shown = f"{value:#x}"
         elif key.endswith("_len"):
             shown = f"{value:,} bytes"
@@ -301,17 +362,24 @@ def _guest_sizes(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
 
 def print_reboot(r: dict[str, Any], out: TextIO) -> None:
     w = out.write
-    how = ("asynchronous: KVM_PV_ASYNC_CLEANUP_PREPARE, then PERFORM in the async_cleanup thread"
-           if r["mode"] == "async" else "synchronous: KVM_PV_DISABLE")
-    w(f"reboot of a {format_size(r['memory'])} protected guest with {format_size(r['secure'])} of secure "
-      f"memory above 2G, {r['vcpus']} vCPUs\n")
+    how = (
+        "asynchronous: KVM_PV_ASYNC_CLEANUP_PREPARE, then PERFORM in the async_cleanup thread"
+        if r["mode"] == "async"
+        else "synchronous: KVM_PV_DISABLE"
+    )
+    w(
+        f"reboot of a {format_size(r['memory'])} protected guest with {format_size(r['secure'])} of secure "
+        f"memory above 2G, {r['vcpus']} vCPUs\n"
+    )
     w(f"  reboot path             {how}\n")
     w(f"  host                    {describe_host(HostOptions(**r['host']))}\n")
     w(f"  boot + guest dirtying   {format_seconds(r['boot_seconds'])} (setup, not part of the reboot)\n\n")
     w("  from the start of the reboot:\n")
     w(f"    unprotect returned              {format_seconds(r['unprotect_seconds']):>10}\n")
-    w(f"    guest running again             {format_seconds(r['running_seconds']):>10}"
-      f"   (image load {format_seconds(r['load_seconds'])}, ENABLE..VERIFY {format_seconds(r['protect_seconds'])})\n")
+    w(
+        f"    guest running again             {format_seconds(r['running_seconds']):>10}"
+        f"   (image load {format_seconds(r['load_seconds'])}, ENABLE..VERIFY {format_seconds(r['protect_seconds'])})\n"
+    )
     done = "async_cleanup thread finished" if r["mode"] == "async" else "DISABLE returned"
     w(f"    old guest's memory clean        {format_seconds(r['cleanup_seconds']):>10}   ({done})\n\n")
     w(f"  secure pages of the old guest     {r['secure_pages_before']:,} before, {r['secure_pages_left']:,} left\n")
@@ -327,45 +395,61 @@ def print_reboot(r: dict[str, Any], out: TextIO) -> None:
 def print_shutdown(results: list[dict[str, Any]], out: TextIO) -> None:
     w = out.write
     first = results[0]
-    w(f"VMM exit with a running {format_size(first['memory'])} protected guest, "
-      f"{format_size(first['secure'])} secure memory above 2G, {first['vcpus']} vCPUs\n")
+    w(
+        f"VMM exit with a running {format_size(first['memory'])} protected guest, "
+        f"{format_size(first['secure'])} secure memory above 2G, {first['vcpus']} vCPUs\n"
+    )
     w(f"  host: {describe_host(HostOptions(**first['host']))}\n\n")
     for r in results:
-        w(f"{'with' if r['helper'] else 'without'} the CLONE_VM helper (-run-with async-teardown="
-          f"{'on' if r['helper'] else 'off'}):\n")
+        w(
+            f"{'with' if r['helper'] else 'without'} the CLONE_VM helper (-run-with async-teardown="
+            f"{'on' if r['helper'] else 'off'}):\n"
+        )
         phases = [("vmm_exit", "VMM (qemu) exit")] + ([("helper_exit", "helper exit")] if r["helper"] else [])
         for key, label in phases:
             p = r[key]
             share = p["seconds"] / r["total_seconds"] * 100 if r["total_seconds"] else 100.0
-            w(f"  {label:<18} {format_seconds(p['seconds']):>10}  {share:5.1f}% of the teardown   "
-              f"secure pages left {p['secure_pages_after']:,}\n")
+            w(
+                f"  {label:<18} {format_seconds(p['seconds']):>10}  {share:5.1f}% of the teardown   "
+                f"secure pages left {p['secure_pages_after']:,}\n"
+            )
             w(f"  {'':<18} UVCs: {format_uvcs(p['uvcs'])}\n")
-        w(f"  {'total':<18} {format_seconds(r['total_seconds']):>10}   "
-          f"left over: {r['secure_pages_left']:,} secure pages, {r['configs_left']} configurations, "
-          f"{r['leaked']} leaked\n\n")
+        w(
+            f"  {'total':<18} {format_seconds(r['total_seconds']):>10}   "
+            f"left over: {r['secure_pages_left']:,} secure pages, {r['configs_left']} configurations, "
+            f"{r['leaked']} leaked\n\n"
+        )
     if len(results) == 2:
         without, with_ = (results[0], results[1]) if not results[0]["helper"] else (results[1], results[0])
         a, b = without["vmm_exit"]["seconds"], with_["vmm_exit"]["seconds"]
-        w(f"the VMM's own exit took {format_seconds(b)} with the helper and {format_seconds(a)} without "
-          f"({a / b if b else float('inf'):.1f}x)\n")
+        w(
+            f"the VMM's own exit took {format_seconds(b)} with the helper and {format_seconds(a)} without "
+            f"({a / b if b else float('inf'):.1f}x)\n"
+        )
 
 
 def print_compare(result: dict[str, Any], out: TextIO) -> None:
     w = out.write
     repeat = result.get("repeat", 1)
-    w(f"protected-guest reboot, sync (DISABLE) vs async (PREPARE + PERFORM); host: "
-      f"{describe_host(HostOptions(**result['host']))}; {result['vcpus']} vCPUs"
-      f"{f'; medians of {repeat} runs' if repeat > 1 else ''}\n\n")
-    head = (f"{'secure':>7} {'memory':>7}  {'sync: running':>14}  {'async: running':>15}  "
-            f"{'async: cleanup':>15}  {'sync/async':>10}\n")
+    w(
+        f"protected-guest reboot, sync (DISABLE) vs async (PREPARE + PERFORM); host: "
+        f"{describe_host(HostOptions(**result['host']))}; {result['vcpus']} vCPUs"
+        f"{f'; medians of {repeat} runs' if repeat > 1 else ''}\n\n"
+    )
+    head = (
+        f"{'secure':>7} {'memory':>7}  {'sync: running':>14}  {'async: running':>15}  "
+        f"{'async: cleanup':>15}  {'sync/async':>10}\n"
+    )
     w(head)
     w("-" * (len(head) - 1) + "\n")
     for row in result["rows"]:
         ratio = f"{row['ratio']:.0f}x" if row["ratio"] is not None else "-"
         note = "" if row["async_mode"] == "async" else "  (async not possible: went sync)"
-        w(f"{format_size(row['secure']):>7} {format_size(row['memory']):>7}  "
-          f"{format_seconds(row['sync_running_seconds']):>14}  {format_seconds(row['async_running_seconds']):>15}  "
-          f"{format_seconds(row['async_cleanup_seconds']):>15}  {ratio:>10}{note}\n")
+        w(
+            f"{format_size(row['secure']):>7} {format_size(row['memory']):>7}  "
+            f"{format_seconds(row['sync_running_seconds']):>14}  {format_seconds(row['async_running_seconds']):>15}  "
+            f"{format_seconds(row['async_cleanup_seconds']):>15}  {ratio:>10}{note}\n"
+        )
     growth = result.get("seconds_per_gib")
     if growth:
         w("\ngrowth with secure memory (least-squares slope):\n")
@@ -398,8 +482,13 @@ class Session:
 
 def cmd_reboot(args: argparse.Namespace, out: TextIO, session: Session) -> int:
     result = experiments.reboot(
-        args.memory, args.secure, mode=args.mode, options=host_options(args), vcpus=args.vcpus,
-        progress=session.bar, tracer=session.tracer,
+        args.memory,
+        args.secure,
+        mode=args.mode,
+        options=host_options(args),
+        vcpus=args.vcpus,
+        progress=session.bar,
+        tracer=session.tracer,
     )
     session.close()
     if args.json:
@@ -416,8 +505,13 @@ def cmd_shutdown(args: argparse.Namespace, out: TextIO, session: Session) -> int
     variants = [False, True] if args.helper is None else [args.helper]
     results = [
         experiments.shutdown(
-            args.memory, args.secure, helper=helper, options=host_options(args), vcpus=args.vcpus,
-            progress=session.bar, tracer=session.tracer,
+            args.memory,
+            args.secure,
+            helper=helper,
+            options=host_options(args),
+            vcpus=args.vcpus,
+            progress=session.bar,
+            tracer=session.tracer,
         )
         for helper in variants
     ]
@@ -433,8 +527,13 @@ def cmd_shutdown(args: argparse.Namespace, out: TextIO, session: Session) -> int
 def cmd_compare(args: argparse.Namespace, out: TextIO, session: Session) -> int:
     start = time.perf_counter()
     result = experiments.compare(
-        args.secure, memory=args.memory, options=host_options(args), vcpus=args.vcpus, repeat=args.repeat,
-        progress=session.bar, tracer=session.tracer,
+        args.secure,
+        memory=args.memory,
+        options=host_options(args),
+        vcpus=args.vcpus,
+        repeat=args.repeat,
+        progress=session.bar,
+        tracer=session.tracer,
     )
     session.close()
     result["plot"] = args.plot

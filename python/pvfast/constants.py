@@ -1,10 +1,17 @@
-"""Kernel and UV constants, spelled as in include/uapi/linux/kvm.h and asm/uv.h."""
+"""Kernel and UV constants, spelled as in include/uapi/linux/kvm.h and arch/s390/include/asm/uv.h.
+
+The one Python definition of each; values the Rust Ultravisor owns (page size, UV return codes)
+are taken from the native module.
+"""
 
 from __future__ import annotations
 
 import enum
+from typing import Final
 
-PAGE_SIZE = 4096
+from . import _native
+
+PAGE_SIZE: Final[int] = _native.PAGE_SIZE  # 4096
 SZ_1M = 1 << 20
 SZ_2G = 1 << 31
 HPAGE_SIZE = SZ_1M  # DUMP_BUFF_LEN
@@ -108,14 +115,15 @@ class Uvc(enum.IntEnum):
     REMOVE_SHARED_ACCESS = 0x1001
 
 
-# UV return codes the kernel layer interprets (asm/uv.h and literals of spec §1.2).
-UVC_RC_EXECUTED = 0x0001
-UVC_RC_INV_CMD = 0x0002
-UVC_RC_INV_STATE = 0x0003
-UVC_RC_INV_LEN = 0x0005
-UVC_RC_NO_RESUME = 0x0007
-UVC_RC_NEED_DESTROY = 0x8000
-UVC_RC_DESTROY_FAST_APQN = 0x0104
+# UV return codes the kernel layer interprets (asm/uv.h; 0x0104 is the literal of pv.c's
+# Destroy-Fast warning since v6.6), as the Rust Ultravisor defines them.
+UVC_RC_EXECUTED: Final[int] = _native.RC_EXECUTED  # 0x0001
+UVC_RC_INV_CMD: Final[int] = _native.RC_INV_CMD  # 0x0002
+UVC_RC_INV_STATE: Final[int] = _native.RC_INV_STATE  # 0x0003
+UVC_RC_INV_LEN: Final[int] = _native.RC_INV_LEN  # 0x0005
+UVC_RC_NO_RESUME: Final = 0x0007  # asm/uv.h; the emulated UV never answers it
+UVC_RC_NEED_DESTROY: Final[int] = _native.RC_NEED_DESTROY  # 0x8000 flag of a Create Config rc
+UVC_RC_DESTROY_FAST_APQN: Final[int] = _native.RC_APQN_BOUND  # 0x0104
 
 # Installed-call bits (MSB-0) and feature bits.
 BIT_UVC_CMD_DESTROY_SEC_CONF_FAST = 23

@@ -1,4 +1,5 @@
-"""Exceptions of the Python API: PvError for the ioctl's errno, plus rc/rrc as QEMU logs them."""
+"""Exceptions of the Python API: PvError for the ioctl's errno, plus rc/rrc as QEMU logs them;
+UvcError for a failed UV call outside that ioctl. Also the errno values the kernel code returns."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import os
 
 from .constants import PvCmd
 
-
 _CMDS: dict[int, PvCmd] = {int(c): c for c in PvCmd}
+_STRERROR: dict[int, str] = {err: os.strerror(err) for err in _errno.errorcode}
+_oserror_init = OSError.__init__
 
 
 def _cmd_label(cmd: int) -> str:
@@ -21,13 +23,17 @@ def _cmd_label(cmd: int) -> str:
 class PvError(OSError):
     """A failed KVM_S390_PV_COMMAND: ``errno`` plus the UV rc/rrc copied back to user space."""
 
+    # Slots: a failing ioctl builds one of these on every call, and slot stores cost less than
+    # the first stores into an exception's __dict__.
+    __slots__ = ("cmd", "data", "rc", "rrc")
+
     cmd: PvCmd | int
     rc: int
     rrc: int
     data: bytes | None
 
     def __init__(self, err: int, cmd: int, rc: int, rrc: int, data: bytes | None = None) -> None:
-        super().__init__(err, os.strerror(err))
+        _oserror_init(self, err, _STRERROR.get(err) or os.strerror(err))
         self.cmd = _CMDS.get(cmd, cmd)
         self.rc = rc
         self.rrc = rrc

@@ -1,4 +1,6 @@
-"""The guest address space's top-level table (arch/s390/mm/gmap.c): ASCE type, table list, replace_asce."""
+"""arch/s390/mm/gmap.c: the guest address space (gmap): its top-level table and ASCE, the table
+list, s390_unlist_old_asce / s390_replace_asce, and the guest memory it maps.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +10,23 @@ from .constants import ASCE_TYPE_BITS, CRST_TABLE_SIZE, asce_type_for_limit
 from .errors import EINVAL, ENOMEM
 
 if TYPE_CHECKING:
+    from . import _native
     from .host import Host
+    from .mm import AddressSpace
 
 
 class Gmap:
-    """A gmap: top-level CRST table (16 KiB) whose origin the UV records as the guest ASCE."""
+    """A gmap: top-level CRST table (16 KiB) whose origin the UV records as the guest ASCE.
 
-    def __init__(self, host: Host, limit: int) -> None:
+    ``gmap_create(mm, limit)``: it belongs to ``mm`` and maps guest absolute addresses to the
+    host memory of ``region`` (one memslot).
+    """
+
+    def __init__(self, host: Host, mm: AddressSpace, region: _native.Region, limit: int) -> None:
         self.host = host
+        self.uv = host.uv.native
+        self.mm = mm
+        self.region = region
         self.asce_type = asce_type_for_limit(limit)
         table = host.kalloc("crst", CRST_TABLE_SIZE)
         assert table is not None  # gmap creation is not a PV path; allocation failures are not injected here

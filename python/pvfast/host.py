@@ -1,11 +1,21 @@
-"""The emulated machine: kvm module parameters, capabilities, sysfs, and the Ultravisor view."""
+"""The emulated machine: kvm module parameters and KVM_CHECK_EXTENSION (kvm-s390.c), uv_info and
+/sys/firmware/uv (arch/s390/kernel/uv.c), the Ultravisor view, kernel memory (allocations and the
+leak ledger), and the process registry with its interpreter-exit hook.
+
+The bottom layer above constants/errors: it imports no other pvfast module. Processes are made by
+the mm layer, which registers its constructor here (``register_copy_process``), as kernel/fork.c
+sits above the machine it runs on.
+"""
 
 from __future__ import annotations
 
+import atexit
+import logging
 import threading
-from collections.abc import Mapping
+import weakref
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from . import _native
 from ._util import check_bool, check_int
@@ -17,6 +27,8 @@ from .constants import (
     BIT_UVC_CMD_DUMP_CONF_STOR_STATE,
     BIT_UVC_CMD_DUMP_CPU,
     BIT_UVC_CMD_DUMP_INIT,
+    PAGE_SIZE,
+    UVC_RC_EXECUTED,
     Cap,
     Uvc,
     test_bit_inv,
@@ -28,9 +40,44 @@ if TYPE_CHECKING:
 
 _SYSFS_ASYNC_DESTROY = "/sys/module/kvm/parameters/async_destroy"
 
+log = logging.getLogger("pvfast.host")
 
-class LeakEntry(dict):  # type: ignore[type-arg]
-    """One resource the kernel intentionally leaked (spec §2.6): kind, addr, size, handle, vm."""
+
+class LeakEntry(TypedDict):
+    """One resource the kernel leaves to the UV on purpose (a failed destroy UVC): what the
+    allocation was for, its address and size, the configuration handle, and ``id()`` of its VM."""
+
+    kind: str
+    addr: int
+    size: int
+    handle: int
+    vm: int
+
+
+# -- the process registry's constructor and the interpreter-exit hook ----------------------
+
+_copy_process: Callable[[Host, str], Process] | None = None
+_hosts: weakref.WeakSet[Host] = weakref.WeakSet()
+
+
+def register_copy_process(make: Callable[[Host, str], Process]) -> None:
+    """Install how ``Host.spawn_process`` makes a process with a fresh address space (mm.py does
+    this when it is imported, so the host layer never imports the layers above it)."""
+    global _copy_process
+    _copy_process = make
+
+
+@atexit.register
+def _shutdown_all() -> None:
+    """Interpreter exit: every live process gets a fatal signal and exits, so in-flight PERFORM
+    walks stop within a batch, their records go to need_cleanup, and teardown cleans everything."""
+    for host in list(_hosts):
+        for proc in list(host.processes):
+            if proc.alive:
+                try:
+                    proc.kill()
+                except Exception:  # best effort at interpreter exit: log and go on with the others
+                    log.exception("teardown of process %s at interpreter exit failed", proc.pid)
 
 
 class UltravisorView:
@@ -66,8 +113,8 @@ class UltravisorView:
         check_int("rc", rc, bits=16)
         check_int("rrc", rrc, bits=16)
         check_int("count", count, bits=31)
-        if rc == 0x0001:
-            raise ValueError("rc: 0x0001 means success; an injected failure needs another rc")
+        if rc == UVC_RC_EXECUTED:
+            raise ValueError(f"rc: {UVC_RC_EXECUTED:#06x} means success; an injected failure needs another rc")
         if count < 1:
             raise ValueError("count: must be at least 1")
         self.native.inject_failure(int(uvc), rc, rrc, count)
@@ -132,7 +179,12 @@ class Host:
         self.feature_aiv = test_bit_inv(BIT_UV_FEAT_AIV, feat)
         self.dump_available = all(
             test_bit_inv(b, inst)
-            for b in (BIT_UVC_CMD_DUMP_INIT, BIT_UVC_CMD_DUMP_CONF_STOR_STATE, BIT_UVC_CMD_DUMP_CPU, BIT_UVC_CMD_DUMP_COMPLETE)
+            for b in (
+                BIT_UVC_CMD_DUMP_INIT,
+                BIT_UVC_CMD_DUMP_CONF_STOR_STATE,
+                BIT_UVC_CMD_DUMP_CPU,
+                BIT_UVC_CMD_DUMP_COMPLETE,
+            )
         )
         self._lock = threading.Lock()
         self._next_pid = 1000
@@ -142,9 +194,7 @@ class Host:
         self.processes: list[Process] = []
         self.ledger: dict[int, LeakEntry] = {}
         object.__setattr__(self, "_frozen", True)
-        from .vmm import _register_host
-
-        _register_host(self)
+        _hosts.add(self)
 
     # -- module parameters (0444: read-only after load) --
     @property
@@ -202,11 +252,17 @@ class Host:
 
     # -- processes --
     def spawn_process(self, name: str = "qemu") -> Process:
-        from .mm import AddressSpace, Process
-
+        """A new VMM process with its own address space."""
         if not isinstance(name, str):
             raise TypeError(f"name: expected str, got {type(name).__name__}")
-        return Process(self, AddressSpace(self), name)
+        if _copy_process is None:  # pragma: no cover - pvfast/__init__ imports mm, which registers it
+            raise RuntimeError("pvfast.mm is not loaded: no process can be made")
+        return _copy_process(self, name)
+
+    def add_process(self, proc: Process) -> None:
+        """Enter a new process in the registry (the interpreter-exit hook kills what is alive)."""
+        with self._lock:
+            self.processes.append(proc)
 
     def create_vm(self, memory_size: int, vcpus: int = 1) -> Vm:
         """A VM in a new process; the process exits when the VM is closed."""
@@ -216,10 +272,10 @@ class Host:
         except BaseException:
             proc.exit()
             raise
-        proc._exit_with_last_vm = True
+        proc.exit_with_last_vm = True
         return vm
 
-    def _new_pid(self) -> int:
+    def alloc_pid(self) -> int:
         with self._lock:
             self._next_pid += 1
             return self._next_pid
@@ -237,7 +293,7 @@ class Host:
                 self._alloc_failures -= 1
                 return None
             addr = self._next_kaddr
-            self._next_kaddr += max(size, 4096) + 4096
+            self._next_kaddr += max(size, PAGE_SIZE) + PAGE_SIZE  # a guard page between allocations
             self._kmem[addr] = (kind, size)
             return addr
 
@@ -247,8 +303,8 @@ class Host:
                 self._kmem.pop(addr, None)
                 self.ledger.pop(addr, None)
 
-    def leak(self, addr: int, vm: Vm | None, handle: int = 0) -> None:
-        """Record a resource the kernel leaves to the UV (spec §2.6)."""
+    def leak(self, addr: int, vm: object | None, handle: int = 0) -> None:
+        """Record a resource the kernel leaves to the UV because a destroy UVC failed."""
         if not addr:
             return
         with self._lock:

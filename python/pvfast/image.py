@@ -7,14 +7,16 @@ then KVM_PV_VERIFY. Byte layout and rc tables: docs/IMAGE.md. The cryptography r
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final, TypedDict
 
 from . import _native
 from ._util import check_bytes, check_int
+from .constants import PAGE_SIZE as PAGE_SIZE  # also pvfast.image.PAGE_SIZE
+from .constants import UVC_RC_EXECUTED as RC_EXECUTED
 
-PAGE_SIZE: Final = 4096
 HOST_KEY_DEFAULT: Final[bytes] = _native.HOST_KEY_DEFAULT
 MAX_HEADER_LEN: Final[int] = _native.IMAGE_MAX_HEADER_LEN
 MAX_COMPONENTS: Final[int] = _native.IMAGE_MAX_COMPONENTS
@@ -35,7 +37,6 @@ RC_HDR_KEY_UNWRAP: Final = 0x0108  # wrong host key or tampered header
 RC_VERIFY_PLD: Final = 0x0102
 RC_VERIFY_ALD: Final = 0x0103
 RC_VERIFY_TLD: Final = 0x0104
-RC_EXECUTED: Final = 0x0001
 
 
 class HeaderInfo(TypedDict):
@@ -183,7 +184,7 @@ def build(
         raise ValueError(f"components: {len(components)} given, at most {MAX_COMPONENTS} fit in a header")
     parts = [_component(i, item) for i, item in enumerate(components)]
     by_addr = sorted(range(len(parts)), key=lambda i: parts[i][0])
-    for first, second in zip(by_addr, by_addr[1:]):
+    for first, second in itertools.pairwise(by_addr):
         if parts[first][0] + _padded(len(parts[first][1])) > parts[second][0]:
             a, b = sorted((first, second))
             raise ValueError(f"components[{b}]: overlaps components[{a}] (after padding to 4 KiB)")
@@ -215,9 +216,7 @@ def decrypt_page(header: bytes, tweak0: int, tweak1: int, page: bytes, *, host_k
     )
 
 
-def verify(
-    header: bytes, pages: Sequence[tuple[int, int, int, bytes]], *, host_key: bytes | None = None
-) -> int:
+def verify(header: bytes, pages: Sequence[tuple[int, int, int, bytes]], *, host_key: bytes | None = None) -> int:
     """The rc VERIFY_IMG gives after UNPACK of ``pages`` = [(gaddr, tweak0, tweak1, plaintext)]
     in that order: RC_EXECUTED, or RC_VERIFY_PLD / _ALD / _TLD for the first digest that differs."""
     if not isinstance(pages, list):

@@ -1,23 +1,67 @@
-"""Processes and their address space (mm_struct): the protected-VM counter, users, exit order.
+"""Processes, their address space and their files (kernel/fork.c, kernel/exit.c, mm/mmap.c,
+mm/mmu_notifier.c, fs/file.c), below everything KVM-specific.
 
-The kernel facts (spec §2.2, §4.7, §4.8 C/D): ``mm->context.protected_count`` counts the protected
-configurations that may own pages of the mm; at task exit the mm user is dropped *before* the file
-descriptors close; the last ``mmput`` runs exit_mmap (mmu notifier release, then per-page destroy or
-export of every secure page).
+Kernel facts this mirrors: ``mm->context.protected_count`` counts the protected configurations
+that may own pages of the mm; at exit the mm user is dropped *before* the files close (exit_mm
+before exit_files); the last ``mmput`` runs exit_mmap, which calls every mmu notifier's release
+callback and then destroys (or exports) every present page. A call on a file holds a reference
+(fdget/fput); after close(2) the file's release runs when the last reference goes.
+
+This layer never calls KVM code directly: KVM registers a release callback (``MmuNotifier``, like
+``kvm_s390_pv_mmu_notifier_ops``), its files implement ``File.release``, and kvm.py registers the
+KVM_CREATE_VM entry ``Process.create_vm`` uses (``register_kvm_create_vm``).
 """
 
 from __future__ import annotations
 
+import abc
+import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from . import _native
 from ._util import check_int
+from .constants import SZ_1M
+from .host import register_copy_process
 
 if TYPE_CHECKING:
     from .host import Host
     from .kvm import Vm
+
+# Signals whose default action does not end the process (ignore, stop, continue): not fatal.
+_NOT_FATAL = frozenset(
+    {
+        signal.SIGCHLD,
+        signal.SIGCONT,
+        signal.SIGSTOP,
+        signal.SIGTSTP,
+        signal.SIGTTIN,
+        signal.SIGTTOU,
+        signal.SIGURG,
+        signal.SIGWINCH,
+    }
+)
+
+_kvm_create_vm: Callable[[Process, int, int], Vm] | None = None
+
+
+def register_kvm_create_vm(create: Callable[[Process, int, int], Vm]) -> None:
+    """Install the KVM_CREATE_VM entry (``create(process, memory_size, memory_limit)``); kvm.py
+    does this when it is imported, as the kvm module registers /dev/kvm when it loads."""
+    global _kvm_create_vm
+    _kvm_create_vm = create
+
+
+class MmuNotifier:
+    """struct mmu_notifier with its one op: ``release(mm)`` runs once, when the last user of the mm
+    goes (exit_mmap) or when the subscription is unregistered while the mm still lives."""
+
+    __slots__ = ("release",)
+
+    def __init__(self, release: Callable[[AddressSpace], None]) -> None:
+        self.release = release
 
 
 class AddressSpace:
@@ -30,7 +74,7 @@ class AddressSpace:
         self.protected_count = 0
         self.users = 1
         self.regions: list[_native.Region] = []
-        self.notifiers: list[Vm] = []  # VMs whose mmu notifier is registered on this mm
+        self._notifiers: list[MmuNotifier] = []
         self.dead = False
         self.teardown_stats: dict[str, int] = {}
 
@@ -53,6 +97,29 @@ class AddressSpace:
     def is_protected(self) -> bool:
         return self.protected_count != 0
 
+    # -- mappings --
+    def mmap(self, size: int) -> _native.Region:
+        """An anonymous mapping of ``size`` bytes (guest memory of one VM), torn down with the mm."""
+        region = self.uv.create_region(size)
+        with self._lock:
+            self.regions.append(region)
+        return region
+
+    # -- mmu notifiers --
+    def mmu_notifier_register(self, subscription: MmuNotifier) -> None:
+        with self._lock:
+            self._notifiers.append(subscription)
+
+    def mmu_notifier_unregister(self, subscription: MmuNotifier) -> None:
+        """Unregister; a subscription still registered on a live mm gets its release call now."""
+        with self._lock:
+            registered = subscription in self._notifiers
+            if registered:
+                self._notifiers.remove(subscription)
+            live = not self.dead
+        if registered and live:
+            subscription.release(self)
+
     # -- mm_users --
     def mmget(self) -> None:
         with self._lock:
@@ -73,12 +140,11 @@ class AddressSpace:
             self.exit_mmap()
 
     def exit_mmap(self) -> None:
-        """Last user gone: notifier release for every registered VM, then page-table teardown."""
-        from .pv import mmu_notifier_release
-
-        for vm in list(self.notifiers):
-            mmu_notifier_release(vm)
-        self.notifiers.clear()
+        """Last user gone: every notifier's release, then page-table teardown."""
+        with self._lock:
+            subscriptions, self._notifiers = self._notifiers, []
+        for subscription in subscriptions:
+            subscription.release(self)
         destroyed = exported = 0
         if self.is_protected():
             for region in self.regions:
@@ -97,37 +163,58 @@ class AddressSpace:
             _, _, interrupted, _ = self.uv.destroy_walk(region, 0, None, cancel)
             if interrupted:
                 return False
-        if cancel is not None and cancel.is_set():
-            return False
-        return True
+        return not (cancel is not None and cancel.is_set())
+
+
+class File(abc.ABC):
+    """struct file: ``f_count`` counts the calls in flight that hold it (fdget). After close the
+    last fput runs ``release`` (f_op->release). ``what`` names the file in error messages."""
+
+    what = "file"
+
+    def __init__(self) -> None:
+        self.closed = False  # close(2) has run: new calls fail
+        self.f_count = 0
+        self.release_pending = False  # closed while calls were in flight: the last fput releases
+
+    @abc.abstractmethod
+    def release(self) -> None:
+        """f_op->release: the last reference is gone (it runs at most once per file)."""
 
 
 class Process:
-    """A VMM process: an address space (possibly shared with clone_vm helpers) and VM fds."""
+    """A VMM process: an address space (possibly shared with clone_vm helpers) and VM fds.
+
+    Every call into the emulated kernel counts as work in flight of its process, so ``exit`` and
+    ``kill`` wait for it as the kernel waits for the process's other threads.
+    """
 
     def __init__(self, host: Host, mm: AddressSpace, name: str, *, helper_of: Process | None = None) -> None:
         self.host = host
         self.mm = mm
         self.name = name
-        self.pid = host._new_pid()
+        self.pid = host.alloc_pid()
         self.alive = True
         self.fatal_signal = _native.CancelToken()
+        self.helper_of = helper_of
+        self.exit_with_last_vm = False  # Host.create_vm's process: closing its VM ends it
+        self.exit_seconds = 0.0  # wall time spent in the exit()/kill() teardown
         self._fds: list[Vm] = []
         self._lock = threading.Lock()
         self._inflight = 0
         self._exiting = False
-        self._exit_with_last_vm = False
-        self.helper_of = helper_of
-        self.exit_seconds = 0.0  # wall time spent in the last exit()/kill() teardown
-        host.processes.append(self)
+        self._wait_status: int | None = None
+        self._exiter = 0  # thread ident running the teardown
+        self._exited = threading.Event()
+        host.add_process(self)
 
     def __repr__(self) -> str:
         return f"<Process pid={self.pid} name={self.name!r} alive={self.alive}>"
 
-    # -- in-flight calls, so kill()/exit() can wait for them as the kernel waits for threads --
+    # -- work in flight, so exit() can wait for it --
     def _enter(self) -> None:
         with self._lock:
-            if not self.alive or self._exiting:
+            if self._exiting:
                 raise ValueError(f"process {self.pid} ({self.name}) has exited")
             self._inflight += 1
 
@@ -142,13 +229,73 @@ class Process:
                     return
             time.sleep(0.0005)  # releases the GIL; in-flight calls stop within one walk batch
 
+    # -- files: fdget/fput and close --
+    # fdget/fdput run on every call into the kernel: explicit acquire/release is about half the
+    # cost of ``with`` on CPython 3.11, and the try/finally costs nothing when nothing raises.
+    def fdget(self, file: File) -> None:
+        """A call on ``file`` starts: it holds a reference and counts as work in flight."""
+        lock = self._lock
+        lock.acquire()
+        try:
+            if file.closed:
+                raise ValueError(f"{file.what} is closed")
+            if self._exiting:
+                raise ValueError(f"process {self.pid} ({self.name}) has exited")
+            self._inflight += 1
+            file.f_count += 1
+        finally:
+            lock.release()
+
+    def fdput(self, file: File) -> None:
+        """The call returns; if the file was closed meanwhile, the last reference releases it."""
+        lock = self._lock
+        lock.acquire()
+        try:
+            file.f_count -= 1
+            if not file.release_pending or file.f_count:
+                self._inflight -= 1
+                return
+            file.release_pending = False
+        finally:
+            lock.release()
+        try:
+            file.release()  # still counted in flight, so an exit waits for it
+        finally:
+            self._leave()
+        self._fd_closed(file)
+
+    def close_fd(self, file: File) -> None:
+        """close(2): with no call in flight the file is released now, else by the last fput."""
+        with self._lock:
+            if file.closed:
+                return
+            file.closed = True
+            if file.f_count:
+                file.release_pending = True
+                return
+            if not self.alive:
+                return
+            if self._exiting:  # the exit releases it
+                raise ValueError(f"process {self.pid} ({self.name}) has exited")
+            self._inflight += 1
+        try:
+            file.release()
+        finally:
+            self._leave()
+        self._fd_closed(file)
+
+    def _fd_closed(self, file: File) -> None:
+        with self._lock:
+            self._fds = [f for f in self._fds if f is not file]
+            last = self.exit_with_last_vm and not self._fds and not self._exiting
+        if last:
+            self.exit()
+
     # -- public API --
     def create_vm(self, memory_size: int, vcpus: int = 1, *, memory_limit: int | None = None) -> Vm:
         """KVM_CREATE_VM plus one memslot of ``memory_size`` bytes and ``vcpus`` vCPUs."""
-        from .kvm import Vm
-
         check_int("memory_size", memory_size)
-        if memory_size <= 0 or memory_size % (1 << 20):
+        if memory_size <= 0 or memory_size % SZ_1M:
             raise ValueError(f"memory_size: {memory_size} is not a positive multiple of 1 MiB")
         check_int("vcpus", vcpus, bits=16)
         max_cpus = self.host.uv_info["max_guest_cpu_id"] + 1
@@ -158,10 +305,13 @@ class Process:
             check_int("memory_limit", memory_limit)
             if memory_limit < memory_size:
                 raise ValueError(f"memory_limit: {memory_limit} is below memory_size {memory_size}")
+        if _kvm_create_vm is None:  # pragma: no cover - pvfast/__init__ imports kvm, which registers it
+            raise RuntimeError("pvfast.kvm is not loaded: no VM can be created")
         self._enter()
         try:
-            vm = Vm(self, memory_size, memory_limit if memory_limit is not None else memory_size)
-            self._fds.append(vm)
+            vm = _kvm_create_vm(self, memory_size, memory_limit if memory_limit is not None else memory_size)
+            with self._lock:
+                self._fds.append(vm)
         finally:
             self._leave()
         for _ in range(vcpus):
@@ -181,34 +331,84 @@ class Process:
 
     @property
     def vms(self) -> list[Vm]:
-        return list(self._fds)
-
-    def kill(self) -> None:
-        """A fatal signal: interruptible work stops at its next check, then the process exits."""
-        self._teardown(signal=True)
-
-    def exit(self) -> None:
-        """Process exit in kernel order: stop other threads, drop the mm user, close the fds."""
-        self._teardown(signal=True)
-
-    def _teardown(self, *, signal: bool) -> None:
         with self._lock:
-            if not self.alive or self._exiting:
-                return
-            self._exiting = True
-        start = time.perf_counter()
-        if signal:
-            self.fatal_signal.set()
-        self._wait_idle()
-        self.mm.mmput()  # exit_mm before exit_files
-        for vm in list(self._fds):
-            vm._release()
-        self._fds.clear()
-        self.alive = False
-        self.exit_seconds = time.perf_counter() - start
+            return list(self._fds)
 
-    def _vm_closed(self, vm: Vm) -> None:
-        if vm in self._fds:
-            self._fds.remove(vm)
-        if self._exit_with_last_vm and not self._fds and self.alive and not self._exiting:
-            self._teardown(signal=False)
+    def exit(self, status: int = 0) -> None:
+        """exit_group(status): the other threads' interruptible work is stopped (they get SIGKILL),
+        the address-space user is dropped first (the last user runs the mm teardown: notifiers,
+        then destroy/export of every present page), then the VM fds close (each VM is destroyed
+        as by ``Vm.close()``). Records ``exit_status`` = ``status & 0xff``; returns when done."""
+        check_int("status", status, bits=32, signed=True)
+        self._do_group_exit((status & 0xFF) << 8)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """A fatal signal ``sig`` (default SIGKILL; any signal whose default action ends the
+        process): interruptible work in flight stops at its next check (PERFORM at a batch
+        boundary, UNPACK where the kernel retries), then the process is torn down as by ``exit``.
+        Records ``exit_signal`` = ``sig``; returns once the teardown is done."""
+        check_int("sig", sig, bits=32, signed=True)
+        if not 0 < sig < signal.NSIG or sig in _NOT_FATAL:
+            raise ValueError(f"sig: {sig} is not a signal whose default action ends the process")
+        self._do_group_exit(int(sig))
+
+    @property
+    def wait_status(self) -> int | None:
+        """The status waitpid(2) reports once the process is gone (``os.WIFEXITED`` /
+        ``os.WEXITSTATUS`` / ``os.WIFSIGNALED`` / ``os.WTERMSIG`` decode it; no core dumps);
+        None while it has not exited."""
+        return self._wait_status if not self.alive else None
+
+    @property
+    def exit_status(self) -> int | None:
+        """``status & 0xff`` of ``exit(status)``; None if the process was killed or is alive."""
+        code = self.wait_status
+        return code >> 8 if code is not None and not code & 0x7F else None
+
+    @property
+    def exit_signal(self) -> int | None:
+        """The signal given to ``kill``; None if the process exited or is alive."""
+        code = self.wait_status
+        if code is None or not code & 0x7F:
+            return None
+        try:
+            return signal.Signals(code & 0x7F)
+        except ValueError:  # a real-time signal without a name
+            return code & 0x7F
+
+    def _do_group_exit(self, wait_status: int) -> None:
+        """do_group_exit: the one teardown of exit() and kill(); the first caller's status wins,
+        later callers wait until that teardown is done."""
+        me = threading.get_ident()
+        with self._lock:
+            first = not self._exiting
+            if first:
+                self._exiting = True
+                self._wait_status = wait_status
+                self._exiter = me
+        if not first:
+            if self._exiter != me:
+                self._exited.wait()
+            return
+        start = time.perf_counter()
+        try:
+            self.fatal_signal.set()  # the killing signal, or exit_group's SIGKILL to the other threads
+            self._wait_idle()
+            self.mm.mmput()  # exit_mm before exit_files
+            with self._lock:
+                files, self._fds = self._fds, []
+            for file in files:  # close_files: nothing is in flight any more, so each fput releases
+                file.closed = True
+                file.release_pending = False
+                file.release()
+            self.alive = False
+            self.exit_seconds = time.perf_counter() - start
+        finally:
+            self._exited.set()
+
+
+def _copy_process(host: Host, name: str) -> Process:
+    return Process(host, AddressSpace(host), name)
+
+
+register_copy_process(_copy_process)

@@ -1,8 +1,10 @@
-"""arch/s390/kvm/pv.c: create/destroy of secure configurations and CPUs, set-aside, cleanup-all.
+"""arch/s390/kvm/pv.c: secure configurations and CPUs, set-aside (async destroy), cleanup-all,
+the mmu-notifier release, and UNPACK.
 
-Function names follow the kernel (``kvm_s390_pv_`` prefix dropped). Every function takes the VM and
-an ``UvRc`` standing for the ``u16 *rc, u16 *rrc`` pointers; callers that pass "dummy" pointers
-pass a fresh ``UvRc()``. Teardown ordering, counter protocol and leaks follow spec §2.6, §3, §4.
+Function names follow the kernel (``kvm_s390_pv_`` prefix dropped; read at v6.2, commit
+f7866f582b1c, plus the later fixes noted in place). Every function takes the VM and an ``UvRc``
+standing for the ``u16 *rc, u16 *rrc`` pointers; callers that pass "dummy" pointers pass a fresh
+``UvRc()``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from .constants import (
     UVC_RC_NEED_DESTROY,
 )
 from .errors import EAGAIN, EFAULT, EINTR, EINVAL, EIO, ENOMEM
+from .fault import should_export_before_import
+from .mm import MmuNotifier
 
 if TYPE_CHECKING:
     from .kvm import Vcpu, Vm
@@ -55,6 +59,40 @@ class AsideRecord:
     @property
     def fast(self) -> bool:
         return self.handle == 0
+
+
+class PvVmState:
+    """kvm->arch.pv (struct kvm_s390_pv)."""
+
+    __slots__ = (
+        "dumping",
+        "guest_len",
+        "handle",
+        "mmu_notifier",
+        "need_cleanup",
+        "performing",
+        "set_aside",
+        "stor_base",
+        "stor_var",
+    )
+
+    def __init__(self) -> None:
+        self.handle = 0
+        self.stor_base = 0
+        self.stor_var = 0
+        self.guest_len = 0
+        self.dumping = False
+        self.set_aside: AsideRecord | None = None
+        self.need_cleanup: list[AsideRecord] = []
+        self.performing = 0  # PERFORMs between their claim and their end (emulator bookkeeping)
+        self.mmu_notifier: MmuNotifier | None = None  # registered on the mm by the first init_vm
+
+    def clear_state(self) -> None:
+        """kvm_s390_clear_pv_state: handle, guest_len, stor_base, stor_var (not ``dumping``)."""
+        self.handle = 0
+        self.guest_len = 0
+        self.stor_base = 0
+        self.stor_var = 0
 
 
 def uv_event(vm: Vm, fmt: str, *args: object) -> None:
@@ -100,9 +138,7 @@ def create_cpu(vm: Vm, vcpu: Vcpu, rc: UvRc) -> int:
         return -ENOMEM
     vcpu.stor_base = stor
     vcpu.sida = sida
-    cc, r, rr, cpu_handle = vm.uv.create_cpu(
-        vm.pv.handle, num=vcpu.id, stor_len=vm.host.uv_info["guest_cpu_stor_len"]
-    )
+    cc, r, rr, cpu_handle = vm.uv.create_cpu(vm.pv.handle, num=vcpu.id, stor_len=vm.host.uv_info["guest_cpu_stor_len"])
     rc.set(r, rr)
     uv_event(vm, "PROTVIRT CREATE VCPU: cpu %d handle %x rc %x rrc %x", vcpu.id, cpu_handle, r, rr)
     vcpu.pv_handle = cpu_handle if not cc else 0
@@ -188,9 +224,9 @@ def init_vm(vm: Vm, rc: UvRc) -> int:
             dealloc_vm(vm)
         return -EIO
     vm.gmap.guest_handle = handle
-    if not vm.mmu_notifier_registered:
-        vm.mmu_notifier_registered = True
-        vm.mm.notifiers.append(vm)
+    if vm.pv.mmu_notifier is None:
+        vm.pv.mmu_notifier = MmuNotifier(lambda _mm: mmu_notifier_release(vm))
+        vm.mm.mmu_notifier_register(vm.pv.mmu_notifier)
     return 0
 
 
@@ -361,11 +397,6 @@ def mmu_notifier_release(vm: Vm) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def export_before_import(vm: Vm) -> bool:
-    """should_export_before_import for a real import: not with MISC, else iff count > 1."""
-    return not vm.host.feature_misc and vm.mm.protected_count > 1
-
-
 def unpack(vm: Vm, addr: int, size: int, tweak: int, rc: UvRc) -> int:
     """kvm_s390_pv_unpack: page by page; a fatal signal stops it only where the kernel retries."""
     if addr % PAGE_SIZE or not size or size % PAGE_SIZE:
@@ -376,7 +407,7 @@ def unpack(vm: Vm, addr: int, size: int, tweak: int, rc: UvRc) -> int:
         addr,
         size,
         tweak,
-        export_first=export_before_import(vm),
+        export_first=should_export_before_import(vm.host, vm.mm),
         cancel=vm.process.fatal_signal,
     )
     if status != "ok" or done:

@@ -7,40 +7,18 @@ issuing PERFORM), else DISABLE. Failures are logged with QEMU's line on the ``pv
 
 from __future__ import annotations
 
-import atexit
 import logging
 import threading
-import weakref
 from typing import TYPE_CHECKING, Any
 
 from .constants import SZ_2G, Cap, PvCmd
 from .errors import PvError
 
 if TYPE_CHECKING:
-    from .host import Host
     from .image import Image
     from .kvm import PvResult, Vm
 
 log = logging.getLogger("pvfast.vmm")
-
-_hosts: weakref.WeakSet[Host] = weakref.WeakSet()
-
-
-def _register_host(host: Host) -> None:
-    _hosts.add(host)
-
-
-@atexit.register
-def _shutdown_all() -> None:
-    """Interpreter exit: every live process gets a fatal signal and exits, so in-flight PERFORM
-    walks stop within a batch, their records go to need_cleanup, and teardown cleans everything."""
-    for host in list(_hosts):
-        for proc in list(host.processes):
-            if proc.alive:
-                try:
-                    proc.kill()
-                except Exception:  # noqa: BLE001 - best effort at interpreter exit
-                    log.exception("teardown of process %s at interpreter exit failed", proc.pid)
 
 
 class AsyncCleanupThread(threading.Thread):
@@ -65,12 +43,14 @@ class AsyncCleanupThread(threading.Thread):
             self.error = err
             log.error("%s", err)
             if self.exit_on_error:
-                self.vm.process.exit()  # QEMU's *_exit flavour: exit(1) of the whole VMM
+                self.vm.process.exit(1)  # QEMU's *_exit flavour: exit(1) of the whole VMM
         except ValueError as err:  # the process died meanwhile: the thread died with it
             log.debug("async_cleanup ended with its process: %s", err)
 
 
-def try_disable_async(vm: Vm, *, hold: threading.Event | None = None, exit_on_error: bool = True) -> AsyncCleanupThread | None:
+def try_disable_async(
+    vm: Vm, *, hold: threading.Event | None = None, exit_on_error: bool = True
+) -> AsyncCleanupThread | None:
     """s390_pv_vm_try_disable_async: the thread running PERFORM, or None if QEMU would not go async."""
     if vm.memory_limit <= SZ_2G:
         return None
@@ -101,7 +81,7 @@ def unprotect(vm: Vm, *, hold: threading.Event | None = None, exit_on_error: boo
     except PvError as err:
         log.error("%s", err)
         if exit_on_error:
-            vm.process.exit()
+            vm.process.exit(1)
         raise
     return None
 

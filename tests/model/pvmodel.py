@@ -3,7 +3,9 @@
 Sources: shared/spec/kernel-pv-teardown.md (profile "v6.6+" = v6.2 + Δ6.4 + Δ6.5 + Δ6.6) and
 shared/API.md.  Section numbers in comments ("§4.5") refer to kernel-pv-teardown.md.
 This file must never import pvfast: it is the independent oracle the implementation is checked
-against.  It is deliberately slow and literal: one Python statement per kernel step.
+against.  It is deliberately slow and literal: one Python statement per kernel step.  For the same
+reason it defines its own constants (errnos, UVC codes and rcs, sizes) instead of taking pvfast's
+or the native module's: a wrong constant on either side then shows up as a difference.
 
 Modelling choices that a comparator must know (details and the full list in docs/MODEL.md):
 
@@ -121,12 +123,31 @@ UVC_NAMES = {code: name for name, code in UVC_CODES.items()}
 
 # Installed-calls bits (MSB-0) of §1.3.  Bit 23 (Destroy-Fast) depends on the host option.
 UVC_INSTALLED_BITS = {
-    "QUI": 0, "INIT_UV": 1, "CREATE_SEC_CONF": 2, "DESTROY_SEC_CONF": 3, "CREATE_SEC_CPU": 4,
-    "DESTROY_SEC_CPU": 5, "CONV_TO_SEC_STOR": 6, "CONV_FROM_SEC_STOR": 7, "SET_SHARED_ACCESS": 8,
-    "REMOVE_SHARED_ACCESS": 9, "SET_SEC_CONF_PARAMS": 11, "UNPACK_IMG": 13, "VERIFY_IMG": 14,
-    "CPU_RESET": 15, "CPU_RESET_INITIAL": 16, "CPU_SET_STATE": 17, "PREPARE_RESET": 18,
-    "CPU_RESET_CLEAR": 19, "SET_UNSHARE_ALL": 20, "PIN_PAGE_SHARED": 21, "UNPIN_PAGE_SHARED": 22,
-    "DESTROY_SEC_CONF_FAST": 23, "DUMP_INIT": 24, "DUMP_CONF_STOR_STATE": 25, "DUMP_CPU": 26,
+    "QUI": 0,
+    "INIT_UV": 1,
+    "CREATE_SEC_CONF": 2,
+    "DESTROY_SEC_CONF": 3,
+    "CREATE_SEC_CPU": 4,
+    "DESTROY_SEC_CPU": 5,
+    "CONV_TO_SEC_STOR": 6,
+    "CONV_FROM_SEC_STOR": 7,
+    "SET_SHARED_ACCESS": 8,
+    "REMOVE_SHARED_ACCESS": 9,
+    "SET_SEC_CONF_PARAMS": 11,
+    "UNPACK_IMG": 13,
+    "VERIFY_IMG": 14,
+    "CPU_RESET": 15,
+    "CPU_RESET_INITIAL": 16,
+    "CPU_SET_STATE": 17,
+    "PREPARE_RESET": 18,
+    "CPU_RESET_CLEAR": 19,
+    "SET_UNSHARE_ALL": 20,
+    "PIN_PAGE_SHARED": 21,
+    "UNPIN_PAGE_SHARED": 22,
+    "DESTROY_SEC_CONF_FAST": 23,
+    "DUMP_INIT": 24,
+    "DUMP_CONF_STOR_STATE": 25,
+    "DUMP_CPU": 26,
     "DUMP_COMPLETE": 27,
 }
 BIT_UV_FEAT_MISC = 0
@@ -163,6 +184,9 @@ def asce_type_for_limit(memory_limit):
 
 class PvResult(tuple):
     """``(errno_or_0, rc, rrc)`` as the ioctl leaves them; ``.data``/``.token`` carry extras."""
+
+    data: object
+    token: object
 
     def __new__(cls, err, rc, rrc, data=None, token=None):
         self = super().__new__(cls, (err, rc, rrc))
@@ -254,9 +278,7 @@ class Ultravisor:
 
     def secure_pages(self, handle=None):
         return sum(
-            1
-            for state, owner in self.pages.values()
-            if state in SECURE_STATES and (handle is None or owner == handle)
+            1 for state, owner in self.pages.values() if state in SECURE_STATES and (handle is None or owner == handle)
         )
 
     def page_state(self, key):
@@ -267,9 +289,7 @@ class Ultravisor:
         return msb0_words(UVC_INSTALLED_BITS[n] for n in names)
 
     def feature_indications(self):
-        bits = ([BIT_UV_FEAT_MISC] if self.feature_misc else []) + (
-            [BIT_UV_FEAT_AIV] if self.feature_aiv else []
-        )
+        bits = ([BIT_UV_FEAT_MISC] if self.feature_misc else []) + ([BIT_UV_FEAT_AIV] if self.feature_aiv else [])
         return msb0_words(bits)[0]
 
     # ---- failure injection ----
@@ -416,7 +436,7 @@ class Ultravisor:
             if handle not in self.configs:
                 return self._refused()
             state, owner = self.page_state(key)
-            if state in (NONSECURE, EXPORTED) or owner == handle and state in (SECURE, SHARED):
+            if state in (NONSECURE, EXPORTED) or (owner == handle and state in (SECURE, SHARED)):
                 self.pages[key] = (SECURE, handle)
                 return self._ok()
             if state == SHARED and self.feature_misc:
@@ -855,9 +875,7 @@ class Model:
 
     def _walk_keys(self, mm, vm=None, below=None):
         return sorted(
-            key
-            for key in mm.present
-            if (vm is None or key[0] == vm.id) and (below is None or key[1] < below)
+            key for key in mm.present if (vm is None or key[0] == vm.id) and (below is None or key[1] < below)
         )
 
     def _destroy_range(self, keys, reason):
@@ -914,8 +932,7 @@ class Model:
         left = [
             key
             for key in self._walk_keys(vm.mm, vm, LOW_PAGES)
-            if self.uv.page_state(key) in ((SECURE, old_handle), (SHARED, old_handle),
-                                           (ORPHANED, old_handle))
+            if self.uv.page_state(key) in ((SECURE, old_handle), (SHARED, old_handle), (ORPHANED, old_handle))
         ]
         if left and not self.uv.injected_fired:
             self.violations.append(f"I2: PREPARE left {len(left)} old pages below 2 GiB")
@@ -1019,9 +1036,7 @@ class Model:
             return EINVAL, None
         if length == 0:
             return ENOMEM, None  # the allocator returns NULL for 0 bytes
-        cc, rc, rrc, _ = self.uv.nodata(
-            "SET_SEC_CONF_PARAMS", vm.handle, valid=data.get("valid", True)
-        )
+        cc, rc, rrc, _ = self.uv.nodata("SET_SEC_CONF_PARAMS", vm.handle, valid=data.get("valid", True))
         out.set(rc, rrc)
         return (EINVAL if cc else 0), None
 
@@ -1384,11 +1399,7 @@ def check_invariants(model):
         vms = [model.vms[v] for v in mm.vms]
         # 8: protected_count equals the sum of its parts (outside cleanup-all).
         expected = sum(
-            (vm.handle != 0)
-            + (vm.set_aside is not None)
-            + len(vm.need_cleanup)
-            + vm.inflight
-            + len(vm.stuck)
+            (vm.handle != 0) + (vm.set_aside is not None) + len(vm.need_cleanup) + vm.inflight + len(vm.stuck)
             for vm in vms
         )
         if mm.protected_count != expected:

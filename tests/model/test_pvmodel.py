@@ -119,17 +119,19 @@ def test_fast_perform_leaves_rc_untouched():
 
 
 def test_failed_destroy_keeps_count_high_for_good():
-    m, pid, vm = protected_vm()
+    m, _, vm = protected_vm()
     m.inject_failure("DESTROY_SEC_CONF", 0x0A01, 0x22)
     assert m.pv_command(vm, KVM_PV_DISABLE) == (EIO, 0x0A01, 0x22)
     state = m.pv_state(vm)
-    assert state["protected"] and state["protected_count"] == 1
+    assert state["protected"]
+    assert state["protected_count"] == 1
     assert state["leaked"] == 3  # base + variable storage + unlisted top table
     assert not state["service_irq_masked"]  # cleared whatever cleanup-all returned
     clean(m)
     # retry: the handle was kept, so the retry destroys it and frees base/var
     assert m.pv_command(vm, KVM_PV_DISABLE) == (0, 1, 0)
-    assert m.pv_state(vm)["leaked"] == 1 and count(m, vm) == 0
+    assert m.pv_state(vm)["leaked"] == 1
+    assert count(m, vm) == 0
 
 
 # ------------------------------------------------------------------------------------------
@@ -146,10 +148,11 @@ def test_prepare_success_state_and_uv_work(fast):
     before = m.uv.stats()
     assert m.pv_command(vm, PREPARE, rc_in=5, rrc_in=6) == (0, 1, 42)
     state = m.pv_state(vm)
-    assert state["handle"] == 0 and state["set_aside"]
+    assert state["handle"] == 0
+    assert state["set_aside"]
     assert state["vcpu_protected"] == [False] * 3
     assert not state["service_irq_masked"]
-    for page in list(range(5)) + [LOW_PAGES - 1]:
+    for page in [*range(5), LOW_PAGES - 1]:
         assert m.page_state(vm, page) == (NONSECURE, 0)
     expected = {"DESTROY_SEC_CPU": 3, "DESTR_SEC_STOR": 6}
     if fast:
@@ -176,7 +179,8 @@ def test_second_prepare_fails_after_destroying_cpus():
     assert m.pv_command(vm, PREPARE, rc_in=0x11, rrc_in=0x22) == (EINVAL, 0x11, 0x22)
     state = m.pv_state(vm)
     assert state["vcpu_protected"] == [False, False]  # already made non-protected
-    assert state["handle"] == handle and state["protected"]
+    assert state["handle"] == handle
+    assert state["protected"]
     assert not state["service_irq_masked"]
     assert state["set_aside"]
     assert delta(m, before) == {"DESTROY_SEC_CPU": 2}
@@ -187,8 +191,10 @@ def test_second_prepare_fails_after_destroying_cpus():
     assert "DESTROY_SEC_CPU" not in delta(m, before)
     assert delta(m, before)["DESTROY_SEC_CONF"] == 1  # fast record: no UVC to dispose
     state = m.pv_state(vm)
-    assert not state["set_aside"] and state["need_cleanup"] == 0
-    assert state["protected_count"] == 0 and m.uv.live_configs() == 0
+    assert not state["set_aside"]
+    assert state["need_cleanup"] == 0
+    assert state["protected_count"] == 0
+    assert m.uv.live_configs() == 0
     clean(m)
 
 
@@ -197,7 +203,8 @@ def test_segment_asce_prepare_einval_after_cpus():
     assert m.vm_info(vm)["asce_type"] == "segment"
     assert m.pv_command(vm, PREPARE) == (EINVAL, 0, 0)
     state = m.pv_state(vm)
-    assert state["protected"] and state["vcpu_protected"] == [False, False]
+    assert state["protected"]
+    assert state["vcpu_protected"] == [False, False]
     assert not state["service_irq_masked"]
     assert m.pv_command(vm, KVM_PV_DISABLE) == (0, 1, 0)
     assert count(m, vm) == 0
@@ -224,7 +231,9 @@ def test_prepare_cpu_destroy_failure_keeps_mask():
     m.inject_failure("DESTROY_SEC_CPU", 0x0B01, 3)
     assert m.pv_command(vm, PREPARE) == (EIO, 0x0B01, 3)
     state = m.pv_state(vm)
-    assert state["service_irq_masked"] and state["protected"] and not state["set_aside"]
+    assert state["service_irq_masked"]
+    assert state["protected"]
+    assert not state["set_aside"]
     assert state["leaked"] == 1  # the CPU donation of the failed vCPU
     assert state["vcpu_protected"] == [False, False]
     clean(m)
@@ -235,7 +244,9 @@ def test_prepare_destroy_fast_0x104_stays_protected():
     m.inject_failure("DESTROY_SEC_CONF_FAST", 0x0104, 0)
     assert m.pv_command(vm, PREPARE) == (EIO, 0x0104, 0)
     state = m.pv_state(vm)
-    assert state["protected"] and not state["set_aside"] and state["leaked"] == 0
+    assert state["protected"]
+    assert not state["set_aside"]
+    assert state["leaked"] == 0
     assert not state["service_irq_masked"]
     # fallback: DISABLE with the normal Destroy Config
     before = m.uv.stats()
@@ -260,9 +271,11 @@ def test_double_reboot_race(fast):
     assert m.pv_command(vm, PREPARE) == (EINVAL, 0, 0)
     assert m.pv_command(vm, KVM_PV_DISABLE) == (0, 1, 0)
     state = m.pv_state(vm)
-    assert not state["set_aside"] and state["need_cleanup"] == 0
+    assert not state["set_aside"]
+    assert state["need_cleanup"] == 0
     assert state["protected_count"] == 0
-    assert m.uv.live_configs() == 0 and m.uv.secure_pages() == 0
+    assert m.uv.live_configs() == 0
+    assert m.uv.secure_pages() == 0
     # the late PERFORM finds nothing: EINVAL, rc/rrc as passed in (QEMU exit(1)s)
     assert m.pv_command(vm, PERFORM, rc_in=0, rrc_in=0) == (EINVAL, 0, 0)
     assert m.pv_command(vm, PERFORM, rc_in=3, rrc_in=4) == (EINVAL, 3, 4)
@@ -290,23 +303,26 @@ def test_prepare_allowed_once_perform_claimed():
     m, _, vm = protected_vm(destroy_fast=False)
     assert m.pv_command(vm, PREPARE) == (0, 1, 42)
     claim = m.perform_claim(vm)
-    assert claim.err == 0 and claim.token is not None
+    assert claim.err == 0
+    assert claim.token is not None
     assert count(m, vm) == 1  # the in-flight PERFORM holds the record
     clean(m)
     # a second PERFORM gets nothing
     assert m.perform_claim(vm).err == EINVAL
     assert m.pv_command(vm, KVM_PV_ENABLE) == (0, 1, 0)
     assert m.pv_command(vm, PREPARE) == (0, 1, 42)  # allowed while PERFORM runs
-    assert count(m, vm) == 2 and m.uv.live_configs() == 2
+    assert count(m, vm) == 2
+    assert m.uv.live_configs() == 2
     clean(m)
     assert m.perform_finish(claim.token) == (0, 1, 0)
     assert m.pv_command(vm, PERFORM) == (0, 1, 0)
-    assert count(m, vm) == 0 and m.uv.live_configs() == 0
+    assert count(m, vm) == 0
+    assert m.uv.live_configs() == 0
     clean(m)
 
 
 def test_perform_interrupted_goes_to_need_cleanup():
-    m, pid, vm = protected_vm(destroy_fast=False)
+    m, _, vm = protected_vm(destroy_fast=False)
     m.guest_access(vm, LOW_PAGES, 3 * BATCH_PAGES)
     old = m.pv_state(vm)["handle"]
     assert m.pv_command(vm, PREPARE) == (0, 1, 42)
@@ -315,17 +331,21 @@ def test_perform_interrupted_goes_to_need_cleanup():
     assert m.perform_finish(claim.token, interrupted=True, batches=1) == (0, 1, 42)
     assert delta(m, before) == {"DESTR_SEC_STOR": BATCH_PAGES}  # stopped within one batch
     state = m.pv_state(vm)
-    assert state["need_cleanup"] == 1 and not state["set_aside"]
+    assert state["need_cleanup"] == 1
+    assert not state["set_aside"]
     assert state["protected_count"] == 1
-    assert m.uv.secure_pages(old) == 2 * BATCH_PAGES and old in m.uv.config_handles()
+    assert m.uv.secure_pages(old) == 2 * BATCH_PAGES
+    assert old in m.uv.config_handles()
     clean(m)
     # DISABLE needs a protected VM; after a new ENABLE it disposes of the leftover too
     assert m.pv_command(vm, KVM_PV_DISABLE) == (EINVAL, 0, 0)
     assert m.pv_state(vm)["need_cleanup"] == 1
     assert m.pv_command(vm, KVM_PV_ENABLE) == (0, 1, 0)
     assert m.pv_command(vm, KVM_PV_DISABLE) == (0, 1, 0)
-    assert m.pv_state(vm)["need_cleanup"] == 0 and count(m, vm) == 0
-    assert m.uv.live_configs() == 0 and m.uv.secure_pages() == 0
+    assert m.pv_state(vm)["need_cleanup"] == 0
+    assert count(m, vm) == 0
+    assert m.uv.live_configs() == 0
+    assert m.uv.secure_pages() == 0
     clean(m)
 
 
@@ -336,7 +356,8 @@ def test_interrupted_late_signal_still_reports_need_cleanup():
     claim = m.perform_claim(vm)
     # the walk finished (one batch), the signal check after the last batch still fires
     assert m.perform_finish(claim.token, interrupted=True, batches=10) == (0, 1, 42)
-    assert m.pv_state(vm)["need_cleanup"] == 1 and m.uv.secure_pages() == 0
+    assert m.pv_state(vm)["need_cleanup"] == 1
+    assert m.uv.secure_pages() == 0
     m.close_vm(vm)
     assert count(m, vm) == 0
     clean(m)
@@ -364,11 +385,12 @@ def test_close_deferred_while_perform_in_flight():
     assert m.pv_command(vm, PREPARE) == (0, 1, 42)
     claim = m.perform_claim(vm)
     m.close_vm(vm)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="is closed"):
         m.pv_command(vm, KVM_PV_INFO, id=0, len_max=80)
     assert m.uv.live_configs() == 1  # the ioctl still holds the VM
     assert m.perform_finish(claim.token) == (0, 1, 0)
-    assert m.uv.live_configs() == 0 and count(m, vm) == 0
+    assert m.uv.live_configs() == 0
+    assert count(m, vm) == 0
     clean(m)
 
 
@@ -393,7 +415,9 @@ def _two_slow_leftovers():
     assert m.pv_command(vm, PREPARE) == (0, 1, 42)
     assert m.pv_command(vm, KVM_PV_ENABLE) == (0, 1, 0)
     state = m.pv_state(vm)
-    assert state["set_aside"] and state["need_cleanup"] == 1 and state["protected_count"] == 3
+    assert state["set_aside"]
+    assert state["need_cleanup"] == 1
+    assert state["protected_count"] == 3
     return m, vm
 
 
@@ -404,8 +428,11 @@ def test_disable_rc_current_vm_takes_precedence():
     assert m.pv_command(vm, KVM_PV_DISABLE) == (EIO, 0x0A01, 1)
     state = m.pv_state(vm)
     # current VM: handle kept (still counts); failed set-aside: stuck; need_cleanup one freed
-    assert state["protected"] and state["protected_count"] == 2
-    assert state["leaked"] == 6 and not state["set_aside"] and state["need_cleanup"] == 0
+    assert state["protected"]
+    assert state["protected_count"] == 2
+    assert state["leaked"] == 6
+    assert not state["set_aside"]
+    assert state["need_cleanup"] == 0
     clean(m)
 
 
@@ -416,7 +443,8 @@ def test_disable_rc_first_failing_leftover_wins():
     # the set-aside record is moved to the front of need_cleanup, so it is disposed of first
     assert m.pv_command(vm, KVM_PV_DISABLE) == (EIO, 0x0A02, 2)
     state = m.pv_state(vm)
-    assert not state["protected"] and state["protected_count"] == 2  # two stuck leftovers
+    assert not state["protected"]
+    assert state["protected_count"] == 2  # two stuck leftovers
     assert state["leaked"] == 6
     clean(m)
 
@@ -424,7 +452,8 @@ def test_disable_rc_first_failing_leftover_wins():
 def test_disable_all_ok_rc_one_rrc_from_destroy():
     m, vm = _two_slow_leftovers()
     assert m.pv_command(vm, KVM_PV_DISABLE, rc_in=0x55, rrc_in=0x66) == (0, 1, 0)
-    assert count(m, vm) == 0 and m.uv.live_configs() == 0
+    assert count(m, vm) == 0
+    assert m.uv.live_configs() == 0
     clean(m)
 
 
@@ -435,7 +464,9 @@ def test_disable_cpu_failure_stops_before_config_destroy():
     assert m.pv_command(vm, KVM_PV_DISABLE) == (EIO, 0x0C01, 7)
     assert delta(m, before) == {"DESTROY_SEC_CPU": 2}  # does not stop at the first failure
     state = m.pv_state(vm)
-    assert state["service_irq_masked"] and state["protected"] and state["leaked"] == 1
+    assert state["service_irq_masked"]
+    assert state["protected"]
+    assert state["leaked"] == 1
     # the UV CPU of the failed vCPU still exists: the config can never be destroyed now
     assert m.pv_command(vm, KVM_PV_DISABLE)[0] == EIO
     assert m.pv_state(vm)["protected"]
@@ -450,7 +481,9 @@ def test_enable_create_config_failure():
     m.inject_failure("CREATE_SEC_CONF", 0x0D01, 5)
     assert m.pv_command(vm, KVM_PV_ENABLE) == (EIO, 0x0D01, 5)
     state = m.pv_state(vm)
-    assert state["protected_count"] == 0 and not state["protected"] and state["leaked"] == 0
+    assert state["protected_count"] == 0
+    assert not state["protected"]
+    assert state["leaked"] == 0
     assert not state["service_irq_masked"]  # step 5 is not reached when init_vm fails
     clean(m)
 
@@ -462,7 +495,9 @@ def test_enable_need_destroy_failure_sticks():
     assert m.pv_command(vm, KVM_PV_ENABLE) == (EIO, 0x8D02, 0)
     assert delta(m, before) == {"CREATE_SEC_CONF": 1, "DESTROY_SEC_CONF": 1}
     state = m.pv_state(vm)
-    assert state["protected_count"] == 1 and not state["protected"] and state["leaked"] == 3
+    assert state["protected_count"] == 1
+    assert not state["protected"]
+    assert state["leaked"] == 3
     clean(m)
 
 
@@ -478,7 +513,9 @@ def test_enable_cpu_creation_failure_undoes_everything():
         "DESTROY_SEC_CONF": 1,
     }
     state = m.pv_state(vm)
-    assert state["protected_count"] == 0 and not state["protected"] and state["leaked"] == 0
+    assert state["protected_count"] == 0
+    assert not state["protected"]
+    assert state["leaked"] == 0
     assert state["service_irq_masked"]  # set even when cpus_to_pv failed
     assert m.uv.live_configs() == 0
     clean(m)
@@ -519,7 +556,7 @@ def test_not_protected_einval_rc_untouched(cmd, data):
     assert m.pv_state(vm)["user_cpu_state_ctrl"]  # set even on failure
 
 
-@pytest.mark.parametrize("cmd", list(range(0, 11)) + [11, 0xFFFF])
+@pytest.mark.parametrize("cmd", [*range(12), 0xFFFF])
 def test_prologue_errors(cmd):
     m, _, vm = booted_vm()
     assert m.pv_command(vm, cmd, rc_in=1, rrc_in=2, flags=1) == (EINVAL, 1, 2)
@@ -570,8 +607,7 @@ def test_unpack_checks_and_pages():
 
 @pytest.mark.parametrize(
     ("cmd", "uvc"),
-    [(KVM_PV_VERIFY, "VERIFY_IMG"), (KVM_PV_PREP_RESET, "PREPARE_RESET"),
-     (KVM_PV_UNSHARE_ALL, "SET_UNSHARE_ALL")],
+    [(KVM_PV_VERIFY, "VERIFY_IMG"), (KVM_PV_PREP_RESET, "PREPARE_RESET"), (KVM_PV_UNSHARE_ALL, "SET_UNSHARE_ALL")],
 )
 def test_nodata_commands(cmd, uvc):
     m, _, vm = protected_vm()
@@ -588,7 +624,8 @@ def test_info():
     assert m.pv_command(vm, KVM_PV_INFO, id=KVM_PV_INFO_VM, len_max=15).err == EINVAL
     assert m.pv_command(vm, KVM_PV_INFO, id=KVM_PV_INFO_VM, len_max=79).err == EINVAL
     result = m.pv_command(vm, KVM_PV_INFO, id=KVM_PV_INFO_VM, len_max=80, rc_in=5, rrc_in=6)
-    assert result == (0, 5, 6) and result.data["len_written"] == 80
+    assert result == (0, 5, 6)
+    assert result.data["len_written"] == 80
     assert result.data["inst_calls_list"][0] & 0x0000_0100_0000_0000  # bit 23: Destroy-Fast
     assert result.data["feature_indication"] == 0xC000_0000_0000_0000  # MISC + AIV
     assert m.pv_command(vm, KVM_PV_INFO, id=KVM_PV_INFO_DUMP, len_max=39).err == EINVAL
@@ -602,8 +639,7 @@ def test_info():
 
 
 def test_dump_sequence():
-    m, _, vm = protected_vm(memory=64 << 20, conf_dump_storage_state_len=512,
-                            conf_dump_finalize_len=256)
+    m, _, vm = protected_vm(memory=64 << 20, conf_dump_storage_state_len=512, conf_dump_finalize_len=256)
     assert m.pv_command(vm, KVM_PV_DUMP) == (EFAULT, 0, 0)
     for sub in (KVM_PV_DUMP_CONFIG_STOR_STATE, KVM_PV_DUMP_COMPLETE):
         assert m.pv_command(vm, KVM_PV_DUMP, subcmd=sub, buff_len=4096).err == EINVAL
@@ -618,11 +654,13 @@ def test_dump_sequence():
     assert m.pv_command(vm, KVM_PV_DUMP, subcmd=stor, buff_len=700).err == EINVAL
     before = m.uv.stats()
     result = m.pv_command(vm, KVM_PV_DUMP, subcmd=stor, buff_len=2048, gaddr=1 << 20)
-    assert result == (0, 1, 0) and result.data["gaddr"] == 5 << 20
+    assert result == (0, 1, 0)
+    assert result.data["gaddr"] == 5 << 20
     assert delta(m, before) == {"DUMP_CONF_STOR_STATE": 4}
     # past the end of guest memory the UV fails: EINVAL, data already produced stays
     result = m.pv_command(vm, KVM_PV_DUMP, subcmd=stor, buff_len=1024, gaddr=63 << 20)
-    assert result.err == EINVAL and result.data["bytes_copied"] == 512
+    assert result.err == EINVAL
+    assert result.data["bytes_copied"] == 512
     assert m.pv_command(vm, KVM_PV_DUMP, subcmd=KVM_PV_DUMP_COMPLETE, buff_len=255).err == EINVAL
     assert m.pv_command(vm, KVM_PV_DUMP, subcmd=KVM_PV_DUMP_COMPLETE, buff_len=256) == (0, 1, 0)
     assert not m.pv_state(vm)["dumping"]
@@ -702,7 +740,8 @@ def test_guest_touching_old_secure_page_destroys_then_imports():
     assert m2.guest_access(vm2, LOW_PAGES, 1) == 0
     assert delta(m2, before) == {"DESTR_SEC_STOR": 1, "CONV_TO_SEC_STOR": 1}
     assert m2.page_state(vm2, LOW_PAGES) == (SECURE, m2.pv_state(vm2)["handle"])
-    assert new and m.uv.secure_pages(new) == 1
+    assert new
+    assert m.uv.secure_pages(new) == 1
     clean(m)
     clean(m2)
 
@@ -761,14 +800,18 @@ def test_exit_without_helper(fast):
     m.exit(pid)
     assert not m.process_alive(pid)
     d = delta(m, before)
-    assert d["DESTROY_SEC_CPU"] == 2 and d["DESTR_SEC_STOR"] == 4
+    assert d["DESTROY_SEC_CPU"] == 2
+    assert d["DESTR_SEC_STOR"] == 4
     if fast:  # notifier: Destroy-Fast; VM destroy then finds handle 0
-        assert d["DESTROY_SEC_CONF_FAST"] == 1 and "DESTROY_SEC_CONF" not in d
+        assert d["DESTROY_SEC_CONF_FAST"] == 1
+        assert "DESTROY_SEC_CONF" not in d
         assert count(m, vm) == 1  # the notifier never decrements (mm is dead)
     else:
-        assert d["DESTROY_SEC_CONF"] == 1 and "DESTROY_SEC_CONF_FAST" not in d
+        assert d["DESTROY_SEC_CONF"] == 1
+        assert "DESTROY_SEC_CONF_FAST" not in d
         assert count(m, vm) == 0
-    assert m.uv.live_configs() == 0 and m.uv.secure_pages() == 0
+    assert m.uv.live_configs() == 0
+    assert m.uv.secure_pages() == 0
     clean(m)
 
 
@@ -798,7 +841,8 @@ def test_kill_during_perform():
     m.kill(pid)
     assert m.inflight_tokens() == []
     assert m.pv_state(vm)["need_cleanup"] == 0  # disposed of by VM destroy
-    assert m.uv.live_configs() == 0 and m.uv.secure_pages() == 0
+    assert m.uv.live_configs() == 0
+    assert m.uv.secure_pages() == 0
     assert not m.process_alive(pid)
     clean(m)
 
@@ -811,8 +855,9 @@ def test_close_vm_disposes_leftovers_and_zaps():
     m.close_vm(vm)
     m.close_vm(vm)  # twice is a no-op
     assert delta(m, before) == {"DESTR_SEC_STOR": 10}
-    assert count(m, vm) == 0 and m.uv.secure_pages() == 0
-    with pytest.raises(ValueError):
+    assert count(m, vm) == 0
+    assert m.uv.secure_pages() == 0
+    with pytest.raises(ValueError, match="is closed"):
         m.guest_access(vm, 0, 1)
     clean(m)
     m.exit(pid)
@@ -820,7 +865,7 @@ def test_close_vm_disposes_leftovers_and_zaps():
 
 
 def test_close_non_protected_vm_touches_nothing():
-    m, pid, vm = booted_vm()
+    m, _, vm = booted_vm()
     m.guest_access(vm, 0, 3)
     before = m.uv.stats()
     m.close_vm(vm)  # Δ6.5: cleanup-all returns at once when the count is 0
@@ -855,21 +900,32 @@ def test_uv_handles_in_creation_order():
 class ModelMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
-        self.m = None
+        self.m: Model | None = None
 
-    @rule(fast=st.booleans(), misc=st.booleans(), helper=st.booleans(),
-          vcpus=st.integers(0, 3), gib=st.sampled_from([1, 2, 3, 8]))
+    @property
+    def model(self) -> Model:
+        """The booted model (every rule but ``boot`` runs after it)."""
+        assert self.m is not None
+        return self.m
+
+    @rule(
+        fast=st.booleans(),
+        misc=st.booleans(),
+        helper=st.booleans(),
+        vcpus=st.integers(0, 3),
+        gib=st.sampled_from([1, 2, 3, 8]),
+    )
     @precondition(lambda self: self.m is None)
     def boot(self, fast, misc, helper, vcpus, gib):
         self.m = Model(destroy_fast=fast, feature_misc=misc)
-        self.pid = self.m.spawn_process()
-        self.helper = self.m.clone_vm(self.pid) if helper else None
-        self.vm = self.m.create_vm(self.pid, gib * GiB, vcpus)
+        self.pid = self.model.spawn_process()
+        self.helper = self.model.clone_vm(self.pid) if helper else None
+        self.vm = self.model.create_vm(self.pid, gib * GiB, vcpus)
         self.pages = gib * GiB // PAGE_SIZE
         self.tokens = []
 
     def _alive(self):
-        return self.m is not None and self.m.process_alive(self.pid)
+        return self.m is not None and self.model.process_alive(self.pid)
 
     def _live(self):
         return self._alive()
@@ -877,7 +933,7 @@ class ModelMachine(RuleBasedStateMachine):
     @rule(cmd=st.sampled_from([0, 1, 4, 5, 6, 9, 10]))
     @precondition(lambda self: self._live())
     def command(self, cmd):
-        result = self.m.pv_command(self.vm, cmd)
+        result = self.model.pv_command(self.vm, cmd)
         if cmd == PREPARE and result.err == 0:
             assert result[1:] == (1, 42)
         if cmd == KVM_PV_DISABLE and result.err == 0:
@@ -891,26 +947,25 @@ class ModelMachine(RuleBasedStateMachine):
         n = data.draw(st.integers(1, 2))
         kind = data.draw(st.sampled_from(["guest", "host", "share", "unpack"]))
         if kind == "guest":
-            self.m.guest_access(self.vm, page, n)
+            self.model.guest_access(self.vm, page, n)
         elif kind == "host":
-            self.m.host_access(self.vm, page, n)
+            self.model.host_access(self.vm, page, n)
         elif kind == "share":
-            self.m.guest_share(self.vm, page, n)
+            self.model.guest_share(self.vm, page, n)
         else:
-            self.m.pv_command(self.vm, KVM_PV_UNPACK, addr=page * PAGE_SIZE,
-                              size=n * PAGE_SIZE, tweak=0)
+            self.model.pv_command(self.vm, KVM_PV_UNPACK, addr=page * PAGE_SIZE, size=n * PAGE_SIZE, tweak=0)
 
     @rule()
     @precondition(lambda self: self._live())
     def claim(self):
-        result = self.m.perform_claim(self.vm)
+        result = self.model.perform_claim(self.vm)
         if result.token is not None:
             self.tokens.append(result.token)
 
     @rule(interrupted=st.booleans(), batches=st.integers(0, 2))
     @precondition(lambda self: self._alive() and self.tokens)
     def finish(self, interrupted, batches):
-        result = self.m.perform_finish(self.tokens.pop(0), interrupted, batches)
+        result = self.model.perform_finish(self.tokens.pop(0), interrupted, batches)
         assert result.err == 0
         if interrupted:
             assert result[1:] == (1, 42)
@@ -918,18 +973,18 @@ class ModelMachine(RuleBasedStateMachine):
     @rule(kill=st.booleans())
     @precondition(lambda self: self._alive())
     def end(self, kill):
-        (self.m.kill if kill else self.m.exit)(self.pid)
+        (self.model.kill if kill else self.model.exit)(self.pid)
         self.tokens = []
         if self.helper is not None:
-            self.m.exit(self.helper)
-        if self.m.uv.injected_fired == 0:
-            assert self.m.uv.live_configs() == 0
-            assert self.m.uv.secure_pages() == 0
+            self.model.exit(self.helper)
+        if self.model.uv.injected_fired == 0:
+            assert self.model.uv.live_configs() == 0
+            assert self.model.uv.secure_pages() == 0
 
     @rule()
     @precondition(lambda self: self.m is not None)
     def observe(self):
-        state = self.m.pv_state(self.vm)
+        state = self.model.pv_state(self.vm)
         assert state["protected_count"] >= 0
         assert state["protected"] == (state["handle"] != 0)
 
@@ -944,29 +999,39 @@ class FailureMachine(ModelMachine):
     (invariant 8) and freeing (invariant 12) rules must survive every error path."""
 
     @rule(
-        uvc=st.sampled_from(["CREATE_SEC_CONF", "DESTROY_SEC_CONF", "DESTROY_SEC_CONF_FAST",
-                             "CREATE_SEC_CPU", "DESTROY_SEC_CPU", "DESTR_SEC_STOR",
-                             "CONV_FROM_SEC_STOR", "CONV_TO_SEC_STOR", "UNPACK_IMG"]),
+        uvc=st.sampled_from(
+            [
+                "CREATE_SEC_CONF",
+                "DESTROY_SEC_CONF",
+                "DESTROY_SEC_CONF_FAST",
+                "CREATE_SEC_CPU",
+                "DESTROY_SEC_CPU",
+                "DESTR_SEC_STOR",
+                "CONV_FROM_SEC_STOR",
+                "CONV_TO_SEC_STOR",
+                "UNPACK_IMG",
+            ]
+        ),
         rc=st.sampled_from([0x0104, 0x0200, 0x8000 | 0x0201]),
         count=st.integers(1, 2),
         after=st.integers(0, 2),
     )
     @precondition(lambda self: self._live())
     def inject(self, uvc, rc, count, after):
-        self.m.inject_failure(uvc, rc, 0, count, after)
+        self.model.inject_failure(uvc, rc, 0, count, after)
 
     @rule()
     @precondition(lambda self: self._live())
     def hotplug(self):
-        self.m.create_vcpu(self.vm)
+        self.model.create_vcpu(self.vm)
 
     @rule()
-    @precondition(lambda self: self._live() and not self.m.vm_info(self.vm)["closed"])
+    @precondition(lambda self: self._live() and not self.model.vm_info(self.vm)["closed"])
     def close(self):
-        self.m.close_vm(self.vm)
+        self.model.close_vm(self.vm)
 
     def _live(self):
-        return self._alive() and not self.m.vm_info(self.vm)["closed"]
+        return self._alive() and not self.model.vm_info(self.vm)["closed"]
 
 
 FailureMachine.TestCase.settings = settings(
@@ -975,7 +1040,8 @@ FailureMachine.TestCase.settings = settings(
 test_failure_machine = FailureMachine.TestCase
 
 ModelMachine.TestCase.settings = settings(
-    stateful_step_count=30, deadline=None,
+    stateful_step_count=30,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_model_machine = ModelMachine.TestCase
@@ -993,5 +1059,6 @@ def test_kill_after_close_with_perform_in_flight_destroys_after_mm():
     names = [e.name for e in m.uv.trace[start:]]
     # mm teardown (count 1 from the leftover: page destroys) before the VM release (0x0101)
     assert names == ["DESTR_SEC_STOR"] * 5 + ["DESTROY_SEC_CONF"]
-    assert m.uv.live_configs() == 0 and count(m, vm) == 0
+    assert m.uv.live_configs() == 0
+    assert count(m, vm) == 0
     clean(m)

@@ -1,0 +1,108 @@
+"""arch/s390/kernel/uv.c and arch/s390/mm/fault.c: how host and guest accesses to protected memory
+are resolved (the secure-storage exception handlers, make-secure and make-accessible).
+
+An access that the hardware refuses raises one of three program exceptions; the handler resolves
+it and the access is retried (``access_with_faults`` is that loop):
+
+* PGM 0x3d, ``do_secure_storage_access``: the host, or a guest that does not run protected, touches
+  a secure page. ``arch_make_page_accessible``: pin it shared (UVC 0x0341), else export it (0x0201).
+* PGM 0x3e, ``do_non_secure_storage_access``: a protected guest touches a page that is not secure.
+  ``gmap_convert_to_secure`` -> ``gmap_make_secure``: import it (0x0200), after an export (result
+  ignored) when ``should_export_before_import`` says so.
+* PGM 0x3f, ``do_secure_storage_violation``: a protected guest touches a page another configuration
+  still owns (the set-aside guest's, after a reboot). ``gmap_destroy_page``: destroy it (0x0202),
+  else export it; the retried access then takes 0x3e.
+
+The Ultravisor emulation resolves a whole range in one native walk (GIL released): ``import_range``
+takes, page by page, the 0x3f and 0x3e paths; ``make_accessible_range`` the 0x3d path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+from . import _native
+from .constants import PAGE_SIZE
+from .errors import EFAULT, UvcError
+
+if TYPE_CHECKING:
+    from .gmap import Gmap
+    from .host import Host
+    from .mm import AddressSpace
+
+T = TypeVar("T")
+
+#: An access retried this often without getting through is a bug (a page that keeps racing back).
+MAX_FAULT_RETRIES = 8
+
+
+def should_export_before_import(host: Host, mm: AddressSpace) -> bool:
+    """should_export_before_import for a real import (UNPIN_PAGE_SHARED is none): never when the UV
+    has the MISC feature (it moves shared pages itself), else iff more than one protected
+    configuration may own pages of ``mm``."""
+    return not host.feature_misc and mm.protected_count > 1
+
+
+def gmap_make_secure(gmap: Gmap, handle: int, first: int, npages: int) -> tuple[int, int]:
+    """Make guest pages [first, first + npages) secure for configuration ``handle`` (import, with
+    export-before-import; pages of another configuration go through gmap_destroy_page first).
+    Returns (pages whose import failed, rc of the first failure)."""
+    _, _, _, failed, first_rc = gmap.uv.import_range(
+        handle, gmap.region, first, npages, export_first=should_export_before_import(gmap.host, gmap.mm)
+    )
+    return failed, first_rc
+
+
+def arch_make_page_accessible(gmap: Gmap, first: int, npages: int) -> int:
+    """Make every secure page of [first, first + npages) accessible to the host: pin shared, else
+    export. Returns the number of pages that stay secure (both UVCs failed)."""
+    _, _, failed = gmap.uv.make_accessible_range(gmap.region, first, npages)
+    return failed
+
+
+def do_secure_storage_access(gmap: Gmap, first: int, npages: int) -> None:
+    """PGM 0x3d over a range. A page that stays secure cannot be accessed: the kernel sends the
+    process SIGSEGV; here the access fails with UvcError(EFAULT)."""
+    failed = arch_make_page_accessible(gmap, first, npages)
+    if failed:
+        raise UvcError(EFAULT, f"secure-storage access: {failed} page(s) stay secure", 0)
+
+
+def do_non_secure_storage_access(gmap: Gmap, handle: int, first: int, npages: int) -> None:
+    """PGM 0x3e (and 0x3f, do_secure_storage_violation, for pages another configuration owns) of a
+    guest running as configuration ``handle``, over a range. A failed import is UvcError(EFAULT)."""
+    failed, first_rc = gmap_make_secure(gmap, handle, first, npages)
+    if failed:
+        raise UvcError(EFAULT, f"guest fault: CONV_TO_SEC_STOR on {failed} page(s)", first_rc)
+
+
+def guest_fault(gmap: Gmap, first: int, npages: int, *, secure_handle: int) -> int:
+    """The guest touches [first, first + npages). ``secure_handle`` is the configuration it runs as
+    (0: it runs as a normal guest). A protected guest takes 0x3e/0x3f; a normal guest takes 0x3d on
+    secure pages and ordinary first-touch faults. Returns the configuration whose view the access
+    then has (0 for the host's view)."""
+    if secure_handle:
+        do_non_secure_storage_access(gmap, secure_handle, first, npages)
+        return secure_handle
+    do_secure_storage_access(gmap, first, npages)
+    gmap.region.touch(first * PAGE_SIZE, npages * PAGE_SIZE)
+    return 0
+
+
+def host_fault(gmap: Gmap, first: int, npages: int) -> int:
+    """The VMM touches guest memory: 0x3d on its secure pages. Returns 0 (the host's view)."""
+    do_secure_storage_access(gmap, first, npages)
+    return 0
+
+
+def access_with_faults(fault: Callable[[], int], access: Callable[[int], T], what: str) -> T:
+    """Resolve the faults, then access with the view ``fault`` returned; a page that raced back
+    to secure in between (another thread) faults again, as the retried instruction would."""
+    for _ in range(MAX_FAULT_RETRIES):
+        view = fault()
+        try:
+            return access(view)
+        except _native.SecureStorageAccess:
+            continue
+    raise RuntimeError(f"{what}: a page kept faulting")
