@@ -69,9 +69,9 @@ def test_prepare_success_state(any_host):
     # [0, 2 GiB) is clean now; the high pages still belong to the old configuration
     assert host.uv.secure_pages(old) == 8 * MiB // 4096
     for page in (0, 100, 2047):
-        assert vm.region.page_state(page)[0] == "nonsecure"
+        assert vm.region.page_state(page).state == "nonsecure"
     kind = "orphaned" if host.destroy_fast_available else "secure"
-    assert vm.region.page_state(HIGH // 4096)[0] == kind
+    assert vm.region.page_state(HIGH // 4096).state == kind
     stats = host.uv.stats()
     assert stats.get("DESTROY_SEC_CONF_FAST", 0) == int(host.destroy_fast_available)
     assert stats.get("DESTROY_SEC_CONF", 0) == 0

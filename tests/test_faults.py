@@ -22,10 +22,10 @@ def test_guest_sees_plaintext_host_sees_ciphertext(host):
     assert seen != SECRET
     assert SECRET[:16] not in seen
     assert host.uv.stats()["CONV_FROM_SEC_STOR"] - s0.get("CONV_FROM_SEC_STOR", 0) == 1
-    assert vm.region.page_state(5)[0] == "exported"
+    assert vm.region.page_state(5).state == "exported"
     # the guest touches it again: import decrypts, the data is back
     assert vm.guest_read(0x5000, len(SECRET)) == SECRET
-    assert vm.region.page_state(5)[0] == "secure"
+    assert vm.region.page_state(5).state == "secure"
 
 
 def test_whole_range_never_returns_plaintext(host):
@@ -43,7 +43,7 @@ def test_shared_page_is_pinned_not_exported(host):
     enable(vm)
     vm.guest_write(0x3000, b"virtio ring")
     vm.guest_share(0x3000)
-    assert vm.region.page_state(3)[0] == "shared"
+    assert vm.region.page_state(3).state == "shared"
     s0 = host.uv.stats()
     assert vm.host_read(0x3000, 11) == b"virtio ring"
     s1 = host.uv.stats()
@@ -92,7 +92,8 @@ def test_new_protected_guest_resolves_violation_on_old_page():
     s1 = host.uv.stats()
     assert s1["DESTR_SEC_STOR"] - s0.get("DESTR_SEC_STOR", 0) == 1  # secure-storage violation
     assert s1["CONV_TO_SEC_STOR"] - s0["CONV_TO_SEC_STOR"] == 1
-    assert vm.region.page_state(2 * GiB // 4096) == ("secure", new)
+    page = vm.region.page_state(2 * GiB // 4096)
+    assert (page.state, page.owner) == ("secure", new)
     assert host.uv.secure_pages(old) == 0
 
 

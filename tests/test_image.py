@@ -231,9 +231,9 @@ def test_native_checks_too() -> None:
     with pytest.raises(ValueError, match=r"components\[0\]: expected a tuple .* got 2 items"):
         _native.image_seal([(0, b"a")])  # type: ignore[list-item]
     with pytest.raises(ValueError, match=r"^page: must be 4096 bytes"):
-        _native.image_decrypt_page(_native.image_seal([(0, 1, b"a")])[0], 1, 0, b"short")
+        _native.image_decrypt_page(_native.image_seal([(0, 1, b"a")]).header, 1, 0, b"short")
     with pytest.raises(TypeError, match=r"pages\[0\]\.plaintext: expected bytes"):
-        _native.image_verify(_native.image_seal([(0, 1, b"a")])[0], [(0, 1, 0, None)])  # type: ignore[list-item]
+        _native.image_verify(_native.image_seal([(0, 1, b"a")]).header, [(0, 1, 0, None)])  # type: ignore[list-item]
     assert _native.HOST_KEY_DEFAULT == image.HOST_KEY_DEFAULT == b"pvfast-emulated-ultravisor-key-1"
 
 

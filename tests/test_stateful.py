@@ -616,7 +616,8 @@ class PvMachine(RuleBasedStateMachine):
         for page in self._touched_pages(v):
             if page >= end:
                 continue
-            state, owner = v.region.page_state(page)
+            info = v.region.page_state(page)
+            state, owner = info.state, info.owner
             assert not (owner == old and state in ("secure", "shared", "orphaned")), (page, state)
 
     # ------------------------------------------------------------------ PERFORM split with a thread
@@ -699,7 +700,7 @@ class PvMachine(RuleBasedStateMachine):
         # VERIFY's verdict depends on page contents, which the model does not have: compare it only
         # when every image page holds what the host wrote (not secure/shared when unpacked).
         clean = all(
-            v.region.page_state(pg)[0] in ("nonsecure", "exported")
+            v.region.page_state(pg).state in ("nonsecure", "exported")
             for comp in image.components
             for pg in range(comp.addr // PAGE, (comp.addr + comp.size) // PAGE)
         )
@@ -786,7 +787,7 @@ class PvMachine(RuleBasedStateMachine):
         if self._fault_injections_pending():
             n = 1  # (D5; harness H3)
         page, n = self._range(v, where, off, n)
-        secure_before = [v.region.page_state(p)[0] for p in range(page, page + n)]
+        secure_before = [v.region.page_state(p).state for p in range(page, page + n)]
         try:
             data = v.vm.host_read(page * PAGE, n * PAGE)
         except UvcError:
@@ -799,7 +800,7 @@ class PvMachine(RuleBasedStateMachine):
         for k, state in enumerate(secure_before):
             if state in ("secure", "orphaned"):
                 # invariant 16: a secure page is never read in plaintext; it was exported first
-                assert v.region.page_state(page + k)[0] in ("exported", "shared", "nonsecure")
+                assert v.region.page_state(page + k).state in ("exported", "shared", "nonsecure")
 
     # ------------------------------------------------------------------ failures
 
@@ -912,7 +913,8 @@ class PvMachine(RuleBasedStateMachine):
                 touched = self._touched_pages(v)
                 assert v.region.present_pages() == len(touched), f"vm {v.vid} present pages"
                 for page in touched:
-                    rs, ro = v.region.page_state(page)
+                    info = v.region.page_state(page)
+                    rs, ro = info.state, info.owner
                     ms_, mo = model.page_state(v.vid, page)
                     assert rs == ms_.lower(), f"vm {v.vid} page {page}: pvfast {rs} model {ms_}"
                     if ms_ != pm.NONSECURE:
@@ -1176,8 +1178,9 @@ def test_disable_reports_the_failing_leftover_when_the_current_destroy_succeeds(
     old = vm.pv_state().handle
     vm.pv_command(PvCmd.ASYNC_CLEANUP_PREPARE)
     vm.pv_command(PvCmd.ENABLE)
-    cc, _, _, cpu = host.uv.native.create_cpu(old, num=7, stor_len=host.uv_info["guest_cpu_stor_len"])
-    assert cc == 0
+    created = host.uv.native.create_cpu(old, num=7, stor_len=host.uv_info["guest_cpu_stor_len"])
+    assert created.cc == 0
+    cpu = created.handle
     with pytest.raises(PvError) as ei:
         vm.pv_command(PvCmd.DISABLE)
     err = ei.value

@@ -75,14 +75,10 @@ class SecureStorageAccess(Exception):
     """Raised by Region.read/write when the host touches a SECURE page (a kernel bug in the caller)."""
 
 # ---- Results ----
-# Frozen, hashable, compared by value. Transitional: each result also unpacks and indexes like the
-# tuple it replaced, in field order (``cc, rc, rrc = uv.query()``), compares equal to that tuple
-# and hashes like it. For that it is typed here as a subclass of that tuple; at runtime it is
-# not a tuple (no tuple methods, no concatenation or ordering). Removed, and the tuple bases
-# with it, once the Python call sites use the names.
+# Frozen, hashable, compared by value; fields are read by name.
 
 @final
-class UvcResult(tuple[int, int, int]):
+class UvcResult:
     """One UVC: condition code (0 success, 1 error) and the UV's return codes."""
 
     def __new__(cls, cc: int, rc: int, rrc: int) -> Self: ...
@@ -94,7 +90,7 @@ class UvcResult(tuple[int, int, int]):
     def rrc(self) -> int: ...
 
 @final
-class HandleResult(tuple[int, int, int, int]):
+class HandleResult:
     """Create Config / Create CPU: status and the new handle (0 on failure, unless a Create Config
     rc carries the 0x8000 NEED_DESTROY flag)."""
 
@@ -109,7 +105,7 @@ class HandleResult(tuple[int, int, int, int]):
     def handle(self) -> int: ...
 
 @final
-class DumpResult(tuple[int, int, int, bytes]):
+class DumpResult:
     """A dump UVC: status and the data the UV wrote (empty on failure)."""
 
     def __new__(cls, cc: int, rc: int, rrc: int, data: bytes) -> Self: ...
@@ -123,7 +119,7 @@ class DumpResult(tuple[int, int, int, bytes]):
     def data(self) -> bytes: ...
 
 @final
-class CallResult(tuple[int, bytes]):
+class CallResult:
     """A raw UVCB call: condition code and the block with rc/rrc and output fields filled in."""
 
     def __new__(cls, cc: int, block: bytes) -> Self: ...
@@ -133,7 +129,7 @@ class CallResult(tuple[int, bytes]):
     def block(self) -> bytes: ...
 
 @final
-class WalkResult(tuple[int, int, bool, int]):
+class WalkResult:
     """destroy_walk: present pages visited (destroy-page UVCs issued), pages made non-secure,
     whether it was interrupted, first page not known to be done (the end when not interrupted)."""
 
@@ -148,7 +144,7 @@ class WalkResult(tuple[int, int, bool, int]):
     def resume_page(self) -> int: ...
 
 @final
-class ImportResult(tuple[int, int, int, int, int]):
+class ImportResult:
     """import_range: UVCs issued per kind (as in stats()), imports that failed, and the rc of the
     first failed import (0 if none failed)."""
 
@@ -165,7 +161,7 @@ class ImportResult(tuple[int, int, int, int, int]):
     def first_failure_rc(self) -> int: ...
 
 @final
-class AccessResult(tuple[int, int, int]):
+class AccessResult:
     """make_accessible_range: successful pins and exports, and the pages that stay secure."""
 
     def __new__(cls, pinned: int, exported: int, failed: int) -> Self: ...
@@ -177,7 +173,7 @@ class AccessResult(tuple[int, int, int]):
     def failed(self) -> int: ...
 
 @final
-class TeardownResult(tuple[int, int]):
+class TeardownResult:
     """mm_teardown: pages made non-secure by a destroy, successful exports."""
 
     def __new__(cls, destroyed: int, exported: int) -> Self: ...
@@ -187,7 +183,7 @@ class TeardownResult(tuple[int, int]):
     def exported(self) -> int: ...
 
 @final
-class UnpackResult(tuple[str, int, int, int]):
+class UnpackResult:
     """unpack_range: status "ok" | "eagain" | "einval" | "efault", rc/rrc of the last unpack UVC
     (0, 0 if none), pages unpacked."""
 
@@ -202,7 +198,7 @@ class UnpackResult(tuple[str, int, int, int]):
     def pages_done(self) -> int: ...
 
 @final
-class PageInfo(tuple[str, int]):
+class PageInfo:
     """Region.page_state: the state name and the owner handle (0 if none)."""
 
     def __new__(cls, state: str, owner: int) -> Self: ...
@@ -212,7 +208,7 @@ class PageInfo(tuple[str, int]):
     def owner(self) -> int: ...
 
 @final
-class SealedImage(tuple[bytes, list[bytes]]):
+class SealedImage:
     """image_seal: the SE header and the encrypted components, padded to 4 KiB."""
 
     def __new__(cls, header: bytes, components: list[bytes]) -> Self: ...

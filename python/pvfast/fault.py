@@ -48,17 +48,16 @@ def gmap_make_secure(gmap: Gmap, handle: int, first: int, npages: int) -> tuple[
     """Make guest pages [first, first + npages) secure for configuration ``handle`` (import, with
     export-before-import; pages of another configuration go through gmap_destroy_page first).
     Returns (pages whose import failed, rc of the first failure)."""
-    _, _, _, failed, first_rc = gmap.uv.import_range(
+    res = gmap.uv.import_range(
         handle, gmap.region, first, npages, export_first=should_export_before_import(gmap.host, gmap.mm)
     )
-    return failed, first_rc
+    return res.failed_pages, res.first_failure_rc
 
 
 def arch_make_page_accessible(gmap: Gmap, first: int, npages: int) -> int:
     """Make every secure page of [first, first + npages) accessible to the host: pin shared, else
     export. Returns the number of pages that stay secure (both UVCs failed)."""
-    _, _, failed = gmap.uv.make_accessible_range(gmap.region, first, npages)
-    return failed
+    return gmap.uv.make_accessible_range(gmap.region, first, npages).failed
 
 
 def do_secure_storage_access(gmap: Gmap, first: int, npages: int) -> None:

@@ -193,14 +193,14 @@ def build(
         if tweak in seen:
             raise ValueError(f"components[{i}].tweak: {tweak:#x} is also the tweak of components[{seen[tweak]}]")
         seen[tweak] = i
-    header, encrypted = _native.image_seal(
+    sealed = _native.image_seal(
         [(addr, tweak, data) for addr, data, tweak in parts], _host_key(host_key), _image_key(image_key)
     )
     return Image(
-        header=header,
+        header=sealed.header,
         components=tuple(
             EncryptedComponent(addr=addr, tweak=tweak, data=enc)
-            for (addr, _, tweak), enc in zip(parts, encrypted, strict=True)
+            for (addr, _, tweak), enc in zip(parts, sealed.components, strict=True)
         ),
     )
 

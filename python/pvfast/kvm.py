@@ -55,6 +55,7 @@ from .mm import File, register_kvm_create_vm
 from .pv import PvVmState, UvRc
 
 if TYPE_CHECKING:
+    from . import _native
     from .mm import Process
 
 __all__ = [
@@ -385,9 +386,9 @@ class Vm(File):
                 raise ValueError("guest_share: the guest is not protected")
             guest_fault(self.gmap, first, npages, secure_handle=handle)
             for page in range(first, first + npages):
-                cc, r, rr = self.uv.set_shared_access(handle, page * PAGE_SIZE)
-                if cc:
-                    raise UvcError(EIO, f"SET_SHARED_ACCESS at {page * PAGE_SIZE:#x}", r, rr)
+                res = self.uv.set_shared_access(handle, page * PAGE_SIZE)
+                if res.cc:
+                    raise UvcError(EIO, f"SET_SHARED_ACCESS at {page * PAGE_SIZE:#x}", res.rc, res.rrc)
         finally:
             self.process.fdput(self)
 
@@ -545,10 +546,10 @@ def handle_pv_set_sec_parms(vm: Vm, rc: UvRc, data: dict[str, Any], out: list[An
         return -ENOMEM  # vmalloc(0) returns NULL
     if length > len(header):
         return -EFAULT  # copy_from_user past the end of the buffer
-    cc, r, rr = vm.uv.set_sec_parms(vm.pv.handle, header[:length])
-    rc.set(r, rr)
-    _pv.uv_event(vm, "PROTVIRT VM SET PARMS: rc %x rrc %x", r, rr)
-    return -EINVAL if cc else 0
+    res = vm.uv.set_sec_parms(vm.pv.handle, header[:length])
+    rc.set(res.rc, res.rrc)
+    _pv.uv_event(vm, "PROTVIRT VM SET PARMS: rc %x rrc %x", res.rc, res.rrc)
+    return -EINVAL if res.cc else 0
 
 
 def handle_pv_unpack(vm: Vm, rc: UvRc, data: dict[str, Any], out: list[Any]) -> int:
@@ -569,11 +570,11 @@ def _uv_cmd_nodata(uvc: str, label: str) -> PvHandler:
     def handler(vm: Vm, rc: UvRc, data: dict[str, Any], out: list[Any]) -> int:
         if not vm.pv.handle:
             return -EINVAL
-        call: Callable[[int], tuple[int, int, int]] = getattr(vm.uv, uvc)
-        cc, r, rr = call(vm.pv.handle)
-        rc.set(r, rr)
-        _pv.uv_event(vm, "PROTVIRT %s: rc %x rrc %x", label, r, rr)
-        return -EINVAL if cc else 0
+        call: Callable[[int], _native.UvcResult] = getattr(vm.uv, uvc)
+        res = call(vm.pv.handle)
+        rc.set(res.rc, res.rrc)
+        _pv.uv_event(vm, "PROTVIRT %s: rc %x rrc %x", label, res.rc, res.rrc)
+        return -EINVAL if res.cc else 0
 
     handler.__name__ = handler.__qualname__ = f"handle_pv_{uvc}"
     return handler
@@ -628,10 +629,10 @@ def pv_dmp(vm: Vm, rc: UvRc, data: dict[str, Any], out: list[Any]) -> int:
             return -EINVAL
         for v in vm.vcpu_list:
             v.sie_blocked = True
-        cc, r, rr = vm.uv.dump_init(handle)
-        rc.set(r, rr)
-        _pv.uv_event(vm, "PROTVIRT DUMP INIT: rc %x rrc %x", r, rr)
-        if cc:
+        res = vm.uv.dump_init(handle)
+        rc.set(res.rc, res.rrc)
+        _pv.uv_event(vm, "PROTVIRT DUMP INIT: rc %x rrc %x", res.rc, res.rrc)
+        if res.cc:
             for v in vm.vcpu_list:
                 v.sie_blocked = False
             return -EINVAL
@@ -643,12 +644,12 @@ def pv_dmp(vm: Vm, rc: UvRc, data: dict[str, Any], out: list[Any]) -> int:
             return -EINVAL
         buf = bytearray()
         for _ in range(buff_len // chunk):
-            cc, r, rr, blob = vm.uv.dump_conf_stor_state(handle, gaddr)
-            rc.set(r, rr)
-            if cc:
+            dump = vm.uv.dump_conf_stor_state(handle, gaddr)
+            rc.set(dump.rc, dump.rrc)
+            if dump.cc:
                 out[0] = bytes(buf)  # what was copied before the failure stays in the user buffer
                 return -EINVAL
-            buf += blob
+            buf += dump.data
             gaddr += HPAGE_SIZE
         out[0] = bytes(buf)
         out[1] = gaddr
@@ -656,15 +657,15 @@ def pv_dmp(vm: Vm, rc: UvRc, data: dict[str, Any], out: list[Any]) -> int:
     if subcmd == PvDumpSubcmd.COMPLETE:
         if not vm.pv.dumping or buff_len < ui["conf_dump_finalize_len"]:
             return -EINVAL
-        cc, r, rr, blob = vm.uv.dump_complete(handle)
-        rc.set(r, rr)
-        _pv.uv_event(vm, "PROTVIRT DUMP COMPLETE: rc %x rrc %x", r, rr)
-        if cc:
+        dump = vm.uv.dump_complete(handle)
+        rc.set(dump.rc, dump.rrc)
+        _pv.uv_event(vm, "PROTVIRT DUMP COMPLETE: rc %x rrc %x", dump.rc, dump.rrc)
+        if dump.cc:
             return -EINVAL
         vm.pv.dumping = False
         for v in vm.vcpu_list:
             v.sie_blocked = False
-        out[0] = blob
+        out[0] = dump.data
         return 0
     return -ENOTTY
 

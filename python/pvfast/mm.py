@@ -148,9 +148,9 @@ class AddressSpace:
         destroyed = exported = 0
         if self.is_protected():
             for region in self.regions:
-                d, e = self.uv.mm_teardown(region, all_present=True)  # one UVC per present PTE
-                destroyed += d
-                exported += e
+                res = self.uv.mm_teardown(region, all_present=True)  # one UVC per present PTE
+                destroyed += res.destroyed
+                exported += res.exported
         for region in self.regions:
             self.uv.release_region(region)
         self.regions.clear()
@@ -160,8 +160,7 @@ class AddressSpace:
     def destroy_range(self, cancel: _native.CancelToken | None) -> bool:
         """s390_uv_destroy_range over the whole address space. Returns False if interrupted."""
         for region in list(self.regions):
-            _, _, interrupted, _ = self.uv.destroy_walk(region, 0, None, cancel)
-            if interrupted:
+            if self.uv.destroy_walk(region, 0, None, cancel).interrupted:
                 return False
         return not (cancel is not None and cancel.is_set())
 

@@ -111,11 +111,12 @@ def destroy_cpu(vm: Vm, vcpu: Vcpu, rc: UvRc) -> int:
     cc = 0
     host = vm.host
     if vcpu.pv_handle:
-        cc, r, rr = vm.uv.destroy_cpu(vcpu.pv_handle)
-        rc.set(r, rr)
-        uv_event(vm, "PROTVIRT DESTROY VCPU %d: rc %x rrc %x", vcpu.id, r, rr)
+        res = vm.uv.destroy_cpu(vcpu.pv_handle)
+        cc = res.cc
+        rc.set(res.rc, res.rrc)
+        uv_event(vm, "PROTVIRT DESTROY VCPU %d: rc %x rrc %x", vcpu.id, res.rc, res.rrc)
         if cc:
-            log.warning("vm %s: destroying secure CPU %d failed: rc %x rrc %x", vm.name, vcpu.id, r, rr)
+            log.warning("vm %s: destroying secure CPU %d failed: rc %x rrc %x", vm.name, vcpu.id, res.rc, res.rrc)
             host.leak(vcpu.stor_base, vm, vcpu.pv_handle)
     if not cc:
         host.kfree(vcpu.stor_base)
@@ -138,11 +139,11 @@ def create_cpu(vm: Vm, vcpu: Vcpu, rc: UvRc) -> int:
         return -ENOMEM
     vcpu.stor_base = stor
     vcpu.sida = sida
-    cc, r, rr, cpu_handle = vm.uv.create_cpu(vm.pv.handle, num=vcpu.id, stor_len=vm.host.uv_info["guest_cpu_stor_len"])
-    rc.set(r, rr)
-    uv_event(vm, "PROTVIRT CREATE VCPU: cpu %d handle %x rc %x rrc %x", vcpu.id, cpu_handle, r, rr)
-    vcpu.pv_handle = cpu_handle if not cc else 0
-    if cc:
+    res = vm.uv.create_cpu(vm.pv.handle, num=vcpu.id, stor_len=vm.host.uv_info["guest_cpu_stor_len"])
+    rc.set(res.rc, res.rrc)
+    uv_event(vm, "PROTVIRT CREATE VCPU: cpu %d handle %x rc %x rrc %x", vcpu.id, res.handle, res.rc, res.rrc)
+    vcpu.pv_handle = res.handle if not res.cc else 0
+    if res.cc:
         destroy_cpu(vm, vcpu, UvRc())
         return -EIO
     vcpu.pv_handle_config = vm.pv.handle
@@ -209,15 +210,16 @@ def init_vm(vm: Vm, rc: UvRc) -> int:
     vm.pv.stor_base = base
     vm.pv.stor_var = var
     vm.pv.guest_len = guest_len
-    cc, r, rr, handle = vm.uv.create_config(
+    res = vm.uv.create_config(
         vm.region, guest_len=guest_len, asce=vm.gmap.asce, sca=vm.sca, base_stor_len=base_len, var_stor_len=vlen
     )
-    rc.set(r, rr)
+    rc.set(res.rc, res.rrc)
+    handle = res.handle
     vm.pv.handle = handle
     vm.mm.protected_inc()
-    uv_event(vm, "PROTVIRT CREATE VM: handle %x len %x rc %x rrc %x", handle, guest_len, r, rr)
-    if cc:
-        if r & UVC_RC_NEED_DESTROY:
+    uv_event(vm, "PROTVIRT CREATE VM: handle %x len %x rc %x rrc %x", handle, guest_len, res.rc, res.rrc)
+    if res.cc:
+        if res.rc & UVC_RC_NEED_DESTROY:
             deinit_vm(vm, UvRc())
         else:
             vm.mm.protected_dec()
@@ -232,10 +234,10 @@ def init_vm(vm: Vm, rc: UvRc) -> int:
 
 def deinit_vm(vm: Vm, rc: UvRc) -> int:
     """kvm_s390_pv_deinit_vm: Destroy Config of the current VM; no memory walk."""
-    cc, r, rr = vm.uv.destroy_config(vm.pv.handle)
-    rc.set(r, rr)
+    res = vm.uv.destroy_config(vm.pv.handle)
+    rc.set(res.rc, res.rrc)
     vm.gmap.guest_handle = 0
-    if not cc:
+    if not res.cc:
         vm.mm.protected_dec()
         dealloc_vm(vm)
     else:
@@ -245,23 +247,23 @@ def deinit_vm(vm: Vm, rc: UvRc) -> int:
         old_table = vm.gmap.table
         vm.gmap.replace_asce()
         vm.host.leak(old_table, vm, vm.pv.handle)
-        log.warning("vm %s: destroying the secure configuration failed: rc %x rrc %x", vm.name, r, rr)
-    uv_event(vm, "PROTVIRT DESTROY VM: rc %x rrc %x", r, rr)
-    return -EIO if cc else 0
+        log.warning("vm %s: destroying the secure configuration failed: rc %x rrc %x", vm.name, res.rc, res.rrc)
+    uv_event(vm, "PROTVIRT DESTROY VM: rc %x rrc %x", res.rc, res.rrc)
+    return -EIO if res.cc else 0
 
 
 def deinit_vm_fast(vm: Vm, rc: UvRc | None) -> int:
     """kvm_s390_pv_deinit_vm_fast: Destroy-Fast (0x0102); the counter is left to the caller."""
-    cc, r, rr = vm.uv.destroy_config_fast(vm.pv.handle)
+    res = vm.uv.destroy_config_fast(vm.pv.handle)
     if rc is not None:
-        rc.set(r, rr)
+        rc.set(res.rc, res.rrc)
     vm.gmap.guest_handle = 0  # v6.2: zeroed whatever the result
-    if not cc:
+    if not res.cc:
         dealloc_vm(vm)
-    uv_event(vm, "PROTVIRT DESTROY VM FAST: rc %x rrc %x", r, rr)
-    if cc and r != UVC_RC_DESTROY_FAST_APQN:  # Δ6.6: no warning for APQNs still bound
-        log.warning("vm %s: Destroy-Fast failed: rc %x rrc %x", vm.name, r, rr)
-    return -EIO if cc else 0
+    uv_event(vm, "PROTVIRT DESTROY VM FAST: rc %x rrc %x", res.rc, res.rrc)
+    if res.cc and res.rc != UVC_RC_DESTROY_FAST_APQN:  # Δ6.6: no warning for APQNs still bound
+        log.warning("vm %s: Destroy-Fast failed: rc %x rrc %x", vm.name, res.rc, res.rrc)
+    return -EIO if res.cc else 0
 
 
 def dispose_one_leftover(vm: Vm, rec: AsideRecord, rc: UvRc) -> int:
@@ -269,14 +271,14 @@ def dispose_one_leftover(vm: Vm, rec: AsideRecord, rc: UvRc) -> int:
     if rec.fast:
         vm.mm.protected_dec()
         return 0
-    cc, r, rr = vm.uv.destroy_config(rec.handle)
-    rc.set(r, rr)
-    uv_event(vm, "PROTVIRT DESTROY LEFTOVER VM: handle %x rc %x rrc %x", rec.handle, r, rr)
-    if cc:
-        log.warning("vm %s: destroying a leftover configuration failed: rc %x rrc %x", vm.name, r, rr)
+    res = vm.uv.destroy_config(rec.handle)
+    rc.set(res.rc, res.rrc)
+    uv_event(vm, "PROTVIRT DESTROY LEFTOVER VM: handle %x rc %x rrc %x", rec.handle, res.rc, res.rrc)
+    if res.cc:
+        log.warning("vm %s: destroying a leftover configuration failed: rc %x rrc %x", vm.name, res.rc, res.rrc)
         for addr in (rec.stor_base, rec.stor_var, rec.old_gmap_table):
             vm.host.leak(addr, vm, rec.handle)
-        return cc
+        return res.cc
     vm.host.kfree(rec.stor_base)
     vm.host.kfree(rec.old_gmap_table)
     vm.host.kfree(rec.stor_var)
@@ -401,7 +403,7 @@ def unpack(vm: Vm, addr: int, size: int, tweak: int, rc: UvRc) -> int:
     """kvm_s390_pv_unpack: page by page; a fatal signal stops it only where the kernel retries."""
     if addr % PAGE_SIZE or not size or size % PAGE_SIZE:
         return -EINVAL
-    status, r, rr, done = vm.uv.unpack_range(
+    res = vm.uv.unpack_range(
         vm.pv.handle,
         vm.region,
         addr,
@@ -410,10 +412,11 @@ def unpack(vm: Vm, addr: int, size: int, tweak: int, rc: UvRc) -> int:
         export_first=should_export_before_import(vm.host, vm.mm),
         cancel=vm.process.fatal_signal,
     )
-    if status != "ok" or done:
-        rc.set(r, rr)
-    if status == "ok":
-        uv_event(vm, "PROTVIRT VM UNPACK: successful rc %x rrc %x", r, rr)
+    if res.status != "ok" or res.pages_done:
+        rc.set(res.rc, res.rrc)
+    if res.status == "ok":
+        uv_event(vm, "PROTVIRT VM UNPACK: successful rc %x rrc %x", res.rc, res.rrc)
         return 0
-    uv_event(vm, "PROTVIRT VM UNPACK: failed addr %x rc %x rrc %x", addr + done * PAGE_SIZE, r, rr)
-    return {"eagain": -EAGAIN, "einval": -EINVAL, "efault": -EFAULT, "eintr": -EINTR}.get(status, -EINVAL)
+    failed_at = addr + res.pages_done * PAGE_SIZE
+    uv_event(vm, "PROTVIRT VM UNPACK: failed addr %x rc %x rrc %x", failed_at, res.rc, res.rrc)
+    return {"eagain": -EAGAIN, "einval": -EINVAL, "efault": -EFAULT, "eintr": -EINTR}.get(res.status, -EINVAL)

@@ -1,13 +1,10 @@
 //! Named results of the native calls: one small frozen class per result shape (UVC status,
 //! status + handle, status + dump data, walk, import, ...), with read-only fields, `__repr__`,
-//! `__eq__` and `__hash__`.
-//!
-//! Transitional: every class also unpacks positionally in the order of the tuple it replaced
-//! (`__len__`, `__getitem__`, `__iter__`), compares equal to that tuple and hashes like it, so
-//! the Python call sites can move to the names one by one. Removed once they all use names.
+//! `__eq__` and `__hash__`. Callers read fields by name; there is no positional unpacking.
 
 use pyo3::prelude::*;
-use pyo3::types::PyTuple;
+use std::hash::{Hash, Hasher};
+
 use pyo3::IntoPyObjectExt;
 
 use pvfast_core as core_;
@@ -61,21 +58,14 @@ impl FieldRepr for Vec<Vec<u8>> {
 }
 
 /// One result class: the struct, its getters and constructor, and the methods every result
-/// has. Field order is the order of the tuple the class replaces.
+/// has. Fields are listed in the order the constructor takes them.
 macro_rules! result_class {
     ($(#[$doc:meta])* $name:ident { $($field:ident: $ty:ty),+ $(,)? }) => {
         $(#[$doc])*
         #[pyclass(frozen, module = "pvfast._native")]
-        #[derive(Clone, Debug, PartialEq, Eq)]
+        #[derive(Clone, Debug, PartialEq, Eq, Hash)]
         pub struct $name {
             $(pub $field: $ty,)+
-        }
-
-        impl $name {
-            /// The fields as the tuple this class replaces.
-            fn as_tuple<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
-                PyTuple::new(py, [$(self.$field.clone().into_bound_py_any(py)?),+])
-            }
         }
 
         #[pymethods]
@@ -99,42 +89,20 @@ macro_rules! result_class {
                 format!("{}({})", stringify!($name), fields.join(", "))
             }
 
-            /// Equal to a result of the same class with equal fields (and, transitional, to the
-            /// tuple it replaces).
+            /// Equal to a result of the same class with equal fields.
             fn __eq__(&self, py: Python<'_>, other: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
                 if let Ok(other) = other.cast::<$name>() {
                     return (self == other.get()).into_py_any(py);
                 }
-                // transitional: positional unpacking, removed once the Python call sites use names
-                if other.is_instance_of::<PyTuple>() {
-                    return self.as_tuple(py)?.eq(other)?.into_py_any(py);
-                }
                 Ok(py.NotImplemented())
             }
 
-            /// The hash of the equivalent tuple, so that equal objects hash equal.
-            fn __hash__(&self, py: Python<'_>) -> PyResult<isize> {
-                self.as_tuple(py)?.hash()
-            }
-
-            // transitional: positional unpacking, removed once the Python call sites use names
-            fn __len__(&self) -> usize {
-                [$(stringify!($field)),+].len()
-            }
-
-            // transitional: positional unpacking, removed once the Python call sites use names.
-            // Indexes like the replaced tuple (negative indices, slices; IndexError past the end).
-            fn __getitem__<'py>(
-                &self,
-                py: Python<'py>,
-                index: &Bound<'py, PyAny>,
-            ) -> PyResult<Bound<'py, PyAny>> {
-                self.as_tuple(py)?.as_any().get_item(index)
-            }
-
-            // transitional: positional unpacking, removed once the Python call sites use names
-            fn __iter__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-                Ok(self.as_tuple(py)?.as_any().try_iter()?.into_any())
+            /// A hash of the fields, so that equal results hash equal.
+            fn __hash__(&self) -> isize {
+                let mut hasher = std::collections::hash_map::DefaultHasher::new();
+                self.hash(&mut hasher);
+                // Python hashes are isize; the bit pattern of the u64 is as good a hash.
+                hasher.finish() as isize
             }
         }
     };
