@@ -7,7 +7,7 @@ public names; the layers below it import one way: constants/errors -> host -> gm
 
 from __future__ import annotations
 
-from . import _native
+from . import _native, image, vmm
 from ._version import __version__
 from .constants import (
     KVM_CAP_S390_PROTECTED,
@@ -34,7 +34,7 @@ from .constants import (
     PvInfoId,
     Uvc,
 )
-from .errors import PvError, UvcError
+from .errors import ClosedFdError, PvError, UvcError
 from .host import Host, UltravisorView
 from .kvm import PvResult, PvState, Vm
 from .mm import AddressSpace, Process
@@ -62,6 +62,7 @@ __all__ = [
     "PAGE_SIZE",
     "AddressSpace",
     "Cap",
+    "ClosedFdError",
     "Host",
     "Process",
     "PvCmd",
@@ -76,4 +77,6 @@ __all__ = [
     "Vm",
     "__version__",
     "build_profile",
+    "image",
+    "vmm",
 ]

@@ -17,6 +17,7 @@ SZ_2G = 1 << 31
 HPAGE_SIZE = SZ_1M  # DUMP_BUFF_LEN
 CRST_TABLE_SIZE = 4 * PAGE_SIZE  # CRST_ALLOC_ORDER = 2
 SEC_PARMS_MAX_LEN = 2 * PAGE_SIZE  # v6.2 header size limit for SET_SEC_PARMS
+MAX_GUEST_MEMORY: Final = 1 << 46  # 64 TiB: the largest guest memory the emulated UV maps for one VM
 ASYNC_RRC = 42  # KVM-made rrc for PREPARE success and an interrupted PERFORM
 
 KVMIO = 0xAE

@@ -1,5 +1,6 @@
 """Exceptions of the Python API: PvError for the ioctl's errno, plus rc/rrc as QEMU logs them;
-UvcError for a failed UV call outside that ioctl. Also the errno values the kernel code returns."""
+UvcError for a failed UV call outside that ioctl; ClosedFdError for a call on a closed VM fd. Also
+the errno values the kernel code returns."""
 
 from __future__ import annotations
 
@@ -58,6 +59,23 @@ EAGAIN = _errno.EAGAIN
 EINTR = _errno.EINTR
 ENXIO = _errno.ENXIO
 EOPNOTSUPP = _errno.EOPNOTSUPP
+EBADF = _errno.EBADF
+
+
+class ClosedFdError(OSError, ValueError):
+    """A call on a VM whose fd is closed (``vm.close()``, or its process has exited).
+
+    An ioctl on a closed file descriptor fails with EBADF, so this is an ``OSError`` with
+    ``errno == errno.EBADF``. It is also a ``ValueError``, because the API's contract says that calls
+    on a closed VM raise ValueError (as calls on a closed Python file do): ``except OSError`` and
+    ``except ValueError`` both catch it.
+    """
+
+    def __init__(self, what: str) -> None:
+        super().__init__(EBADF, what)
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (type(self), (self.strerror,))
 
 
 class UvcError(OSError):

@@ -19,12 +19,13 @@ takes, page by page, the 0x3f and 0x3e paths; ``make_accessible_range`` the 0x3d
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from . import _native
 from .constants import PAGE_SIZE
-from .errors import EFAULT, UvcError
+from .errors import EAGAIN, EFAULT, UvcError
 
 if TYPE_CHECKING:
     from .gmap import Gmap
@@ -33,8 +34,10 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-#: An access retried this often without getting through is a bug (a page that keeps racing back).
-MAX_FAULT_RETRIES = 8
+#: Retries of an access whose page went back to secure before it got through: the first
+#: FAST_FAULT_RETRIES at once, the rest after yielding the CPU (the racing vCPU thread can run).
+FAST_FAULT_RETRIES = 8
+MAX_FAULT_RETRIES = 64
 
 
 def should_export_before_import(host: Host, mm: AddressSpace) -> bool:
@@ -97,11 +100,19 @@ def host_fault(gmap: Gmap, first: int, npages: int) -> int:
 
 def access_with_faults(fault: Callable[[], int], access: Callable[[int], T], what: str) -> T:
     """Resolve the faults, then access with the view ``fault`` returned; a page that raced back
-    to secure in between (another thread) faults again, as the retried instruction would."""
-    for _ in range(MAX_FAULT_RETRIES):
+    to secure in between (another thread) faults again, as the retried instruction would.
+
+    The kernel retries such an access for as long as it takes. Here a page that another thread
+    makes secure again MAX_FAULT_RETRIES times in a row ends the access with OSError(EAGAIN), a
+    BlockingIOError: nothing was read (a write may have stored the pages before the one that kept
+    faulting, as a copy that faults part-way does); the caller may try again.
+    """
+    for attempt in range(MAX_FAULT_RETRIES):
+        if attempt >= FAST_FAULT_RETRIES:
+            time.sleep(0)  # let the thread that keeps re-importing the page run
         view = fault()
         try:
             return access(view)
         except _native.SecureStorageAccess:
             continue
-    raise RuntimeError(f"{what}: a page kept faulting")
+    raise OSError(EAGAIN, f"{what}: a page went back to secure {MAX_FAULT_RETRIES} times before the access got through")

@@ -28,10 +28,8 @@ class Gmap:
         self.mm = mm
         self.region = region
         self.asce_type = asce_type_for_limit(limit)
-        table = host.kalloc("crst", CRST_TABLE_SIZE)
-        assert table is not None  # gmap creation is not a PV path; allocation failures are not injected here
-        self.table = table
-        self.listed: set[int] = {table}
+        self.table = host.kalloc_nofail("crst", CRST_TABLE_SIZE)  # KVM_CREATE_VM, not a PV path
+        self.listed: set[int] = {self.table}
         self.guest_handle = 0  # v6.2: copy of kvm->arch.pv.handle for the fault handlers
 
     @property

@@ -27,7 +27,9 @@ from .constants import (
     BIT_UVC_CMD_DUMP_CONF_STOR_STATE,
     BIT_UVC_CMD_DUMP_CPU,
     BIT_UVC_CMD_DUMP_INIT,
+    MAX_GUEST_MEMORY,
     PAGE_SIZE,
+    SZ_1M,
     UVC_RC_EXECUTED,
     Cap,
     Uvc,
@@ -52,6 +54,26 @@ class LeakEntry(TypedDict):
     size: int
     handle: int
     vm: int
+
+
+def check_vm_args(host: Host, memory_size: object, vcpus: object, memory_limit: object) -> tuple[int, int, int]:
+    """The arguments of ``create_vm`` checked (TypeError/ValueError naming the argument) before
+    anything is created: (memory_size, vcpus, memory_limit), the limit defaulting to the size."""
+    size = check_int("memory_size", memory_size)
+    if size <= 0 or size % SZ_1M:
+        raise ValueError(f"memory_size: {size} is not a positive multiple of 1 MiB")
+    if size > MAX_GUEST_MEMORY:
+        raise ValueError(f"memory_size: {size:#x} is more than the {MAX_GUEST_MEMORY >> 40} TiB one VM can have")
+    cpus = check_int("vcpus", vcpus, bits=16)
+    max_cpus = host.uv_info["max_guest_cpu_id"] + 1
+    if cpus > max_cpus:
+        raise ValueError(f"vcpus: {cpus} is more than the {max_cpus} the host supports")
+    if memory_limit is None:
+        return size, cpus, size
+    limit = check_int("memory_limit", memory_limit)
+    if limit < size:
+        raise ValueError(f"memory_limit: {limit} is below memory_size {size}")
+    return size, cpus, limit
 
 
 # -- the process registry's constructor and the interpreter-exit hook ----------------------
@@ -100,24 +122,24 @@ class UltravisorView:
     def secure_pages(self, handle: int | None = None) -> int:
         """Pages the host cannot read in plaintext (secure, shared-secure, orphaned) of ``handle``."""
         if handle is not None:
-            check_int("handle", handle, bits=64)
+            handle = check_int("handle", handle, bits=64)
         return self.native.secure_pages(handle)
 
     def inject_failure(self, uvc: int, rc: int, *, rrc: int = 0, count: int = 1) -> None:
         """Make the next ``count`` executions of ``uvc`` fail (cc 1) with rc/rrc, changing nothing."""
-        check_int("uvc", uvc, bits=16)
+        uvc = check_int("uvc", uvc, bits=16)
         try:
             Uvc(uvc)
         except ValueError:
             raise ValueError(f"uvc: unknown UVC command code {uvc:#x}") from None
-        check_int("rc", rc, bits=16)
-        check_int("rrc", rrc, bits=16)
-        check_int("count", count, bits=31)
+        rc = check_int("rc", rc, bits=16)
+        rrc = check_int("rrc", rrc, bits=16)
+        count = check_int("count", count, bits=31)
         if rc == UVC_RC_EXECUTED:
             raise ValueError(f"rc: {UVC_RC_EXECUTED:#06x} means success; an injected failure needs another rc")
         if count < 1:
             raise ValueError("count: must be at least 1")
-        self.native.inject_failure(int(uvc), rc, rrc, count)
+        self.native.inject_failure(uvc, rc, rrc, count)
 
     def clear_failures(self) -> None:
         self.native.clear_failures()
@@ -146,17 +168,14 @@ class Host:
     ) -> None:
         if isinstance(async_destroy, bool):
             async_destroy = int(async_destroy)
-        check_int("async_destroy", async_destroy, bits=32, signed=True)
-        for name, value in (
-            ("prot_virt", prot_virt),
-            ("destroy_fast", destroy_fast),
-            ("feature_misc", feature_misc),
-            ("feature_aiv", feature_aiv),
-            ("dump", dump),
-            ("use_gisa", use_gisa),
-        ):
-            check_bool(name, value)
-        check_int("walk_threads", walk_threads, bits=16)
+        async_destroy = check_int("async_destroy", async_destroy, bits=32, signed=True)
+        prot_virt = check_bool("prot_virt", prot_virt)
+        destroy_fast = check_bool("destroy_fast", destroy_fast)
+        feature_misc = check_bool("feature_misc", feature_misc)
+        feature_aiv = check_bool("feature_aiv", feature_aiv)
+        dump = check_bool("dump", dump)
+        use_gisa = check_bool("use_gisa", use_gisa)
+        walk_threads = check_int("walk_threads", walk_threads, bits=16)
         native = _native.Ultravisor(
             destroy_fast=bool(destroy_fast),
             feature_misc=bool(feature_misc),
@@ -241,7 +260,7 @@ class Host:
     # -- KVM_CHECK_EXTENSION on the system fd --
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION: 180 → prot_virt, 217 → prot_virt and dump UVCs, 224 → async_destroy && prot_virt."""
-        check_int("cap", cap, bits=64, signed=True)
+        cap = check_int("cap", cap, bits=64, signed=True)
         if cap == Cap.S390_PROTECTED:
             return int(self.prot_virt)
         if cap == Cap.S390_PROTECTED_DUMP:
@@ -266,6 +285,7 @@ class Host:
 
     def create_vm(self, memory_size: int, vcpus: int = 1) -> Vm:
         """A VM in a new process; the process exits when the VM is closed."""
+        memory_size, vcpus, _ = check_vm_args(self, memory_size, vcpus, None)
         proc = self.spawn_process()
         try:
             vm = proc.create_vm(memory_size, vcpus)
@@ -283,7 +303,7 @@ class Host:
     # -- kernel memory: donations and page tables, so leaks can be accounted --
     def inject_alloc_failure(self, count: int = 1) -> None:
         """Make the next ``count`` kernel allocations of the PV code fail (-ENOMEM paths)."""
-        check_int("count", count, bits=31)
+        count = check_int("count", count, bits=31)
         with self._lock:
             self._alloc_failures += count
 
@@ -292,10 +312,19 @@ class Host:
             if self._alloc_failures:
                 self._alloc_failures -= 1
                 return None
-            addr = self._next_kaddr
-            self._next_kaddr += max(size, PAGE_SIZE) + PAGE_SIZE  # a guard page between allocations
-            self._kmem[addr] = (kind, size)
-            return addr
+            return self._kalloc_locked(kind, size)
+
+    def kalloc_nofail(self, kind: str, size: int) -> int:
+        """An allocation outside the PV code (KVM_CREATE_VM's gmap and SCA): injected failures are
+        for the PV paths and are left for them."""
+        with self._lock:
+            return self._kalloc_locked(kind, size)
+
+    def _kalloc_locked(self, kind: str, size: int) -> int:
+        addr = self._next_kaddr
+        self._next_kaddr += max(size, PAGE_SIZE) + PAGE_SIZE  # a guard page between allocations
+        self._kmem[addr] = (kind, size)
+        return addr
 
     def kfree(self, addr: int) -> None:
         if addr:

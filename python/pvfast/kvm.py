@@ -48,7 +48,7 @@ from .constants import (
     PvInfoId,
     Uvc,
 )
-from .errors import EFAULT, EINVAL, EIO, ENOMEM, ENOTTY, PvError, UvcError
+from .errors import EFAULT, EINVAL, EIO, ENOMEM, ENOTTY, ClosedFdError, PvError, UvcError
 from .fault import access_with_faults, guest_fault, host_fault
 from .gmap import Gmap
 from .mm import File, register_kvm_create_vm
@@ -190,7 +190,7 @@ class Vm(File):
         self.memory_limit = memory_limit
         self.region = self.mm.mmap(memory_size)
         self.gmap = Gmap(self.host, self.mm, self.region, memory_limit)
-        self.sca = self.host.kalloc("sca", PAGE_SIZE) or 0
+        self.sca = self.host.kalloc_nofail("sca", PAGE_SIZE)
         self.lock = threading.Lock()  # kvm->lock
         self.pv = PvVmState()
         self.vcpu_list: list[Vcpu] = []
@@ -228,7 +228,7 @@ class Vm(File):
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION on the VM fd (same values as the system fd)."""
         if self.closed:
-            raise ValueError("VM is closed")
+            raise ClosedFdError("VM is closed")
         return self.host.check_extension(cap)
 
     def create_vcpu(self) -> int:
@@ -253,7 +253,7 @@ class Vm(File):
     def pv_state(self) -> PvState:
         """The VM's PV bookkeeping now (kvm->arch.pv, the vCPUs, the mm counter, the leaks)."""
         if self.closed:
-            raise ValueError("VM is closed")
+            raise ClosedFdError("VM is closed")
         leaks = tuple(dict(e) for e in self.host.leaked() if e["vm"] == id(self))
         aside = self.pv.set_aside
         return PvState(
@@ -285,7 +285,7 @@ class Vm(File):
         """
         tp = type(cmd)
         if (tp is not PvCmd and tp is not int) or flags is not _ZERO or rc is not _ZERO or rrc is not _ZERO or data:
-            _check_pv_args(cmd, flags, rc, rrc, data)  # the unusual calls: every argument checked
+            cmd, flags, rc, rrc, data = _check_pv_args(cmd, flags, rc, rrc, data)  # the unusual calls
         handler = _HANDLE_PV.get(cmd)
         if handler is None:
             if not 0 <= cmd <= 0xFFFFFFFF:
@@ -456,26 +456,41 @@ register_kvm_create_vm(Vm)
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_pv_args(cmd: object, flags: object, rc: object, rrc: object, data: dict[str, Any]) -> None:
+def _check_pv_args(
+    cmd: object, flags: object, rc: object, rrc: object, data: dict[str, Any]
+) -> tuple[int, int, int, int, dict[str, Any]]:
+    """Every argument checked and returned as plain values (an int subclass is read by its value).
+
+    A keyword that is no command's data, or that this command does not take, is a TypeError naming
+    it, like a Python call with an unexpected keyword; an unknown command number takes any of them
+    (the ioctl then fails with ENOTTY, as the kernel's switch does).
+    """
     if isinstance(cmd, bool) or not isinstance(cmd, int):
         raise TypeError(f"cmd: expected int or PvCmd, got {type(cmd).__name__}")
-    if not 0 <= cmd <= 0xFFFFFFFF:
-        raise ValueError(f"cmd: {cmd} does not fit the u32 cmd field")
-    check_int("flags", flags, bits=32)  # also for falsy non-ints ('' or None): TypeError
-    check_int("rc", rc, bits=16)
-    check_int("rrc", rrc, bits=16)
+    plain = int.__index__(cmd)
+    if not 0 <= plain <= 0xFFFFFFFF:
+        raise ValueError(f"cmd: {plain} does not fit the u32 cmd field")
+    known = _CMDS.get(plain)
+    flags = check_int("flags", flags, bits=32)  # also for falsy non-ints ('' or None): TypeError
+    rc = check_int("rc", rc, bits=16)
+    rrc = check_int("rrc", rrc, bits=16)
     for name in data:
         if name not in _ALL_DATA_ARGS:
             raise TypeError(f"pv_command() got an unexpected keyword argument {name!r}")
-    wanted = _DATA_ARGS.get(cmd)
-    if wanted is not None:
-        for name, value in data.items():
-            if name not in wanted:
-                raise TypeError(f"{name}: not an argument of {PvCmd(cmd).name}")
-            if name == "header":
-                check_bytes(name, value)
-            else:
-                check_int(name, value, bits=_DATA_BITS.get(name, 64))
+    wanted = _DATA_ARGS.get(plain, ())
+    checked: dict[str, Any] = {}
+    for name, value in data.items():
+        if known is not None and name not in wanted:
+            takes = f"takes {', '.join(wanted)}" if wanted else "takes no command data"
+            raise TypeError(f"{name}: not an argument of {known.name} (it {takes})")
+        if name == "header":
+            checked[name] = check_bytes(name, value)
+        else:
+            checked[name] = check_int(name, value, bits=_DATA_BITS.get(name, 64))
+    return plain, flags, rc, rrc, checked
+
+
+_CMDS: dict[int, PvCmd] = {int(c): c for c in PvCmd}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ KVM_CREATE_VM entry ``Process.create_vm`` uses (``register_kvm_create_vm``).
 from __future__ import annotations
 
 import abc
+import os
 import signal
 import threading
 import time
@@ -23,8 +24,8 @@ from typing import TYPE_CHECKING
 
 from . import _native
 from ._util import check_int
-from .constants import SZ_1M
-from .host import register_copy_process
+from .errors import ENOMEM, ClosedFdError
+from .host import check_vm_args, register_copy_process
 
 if TYPE_CHECKING:
     from .host import Host
@@ -100,7 +101,13 @@ class AddressSpace:
     # -- mappings --
     def mmap(self, size: int) -> _native.Region:
         """An anonymous mapping of ``size`` bytes (guest memory of one VM), torn down with the mm."""
-        region = self.uv.create_region(size)
+        try:
+            region = self.uv.create_region(size)
+        except OSError as err:  # the machine cannot reserve that much address space
+            code = err.errno or ENOMEM
+            why = f"memory_size: cannot reserve {size:#x} bytes of guest memory: {os.strerror(code)}"
+            raise OSError(code, why) from err
+
         with self._lock:
             self.regions.append(region)
         return region
@@ -232,14 +239,15 @@ class Process:
     # fdget/fdput run on every call into the kernel: explicit acquire/release is about half the
     # cost of ``with`` on CPython 3.11, and the try/finally costs nothing when nothing raises.
     def fdget(self, file: File) -> None:
-        """A call on ``file`` starts: it holds a reference and counts as work in flight."""
+        """A call on ``file`` starts: it holds a reference and counts as work in flight. A closed
+        file (or one of an exited process) raises ClosedFdError (EBADF)."""
         lock = self._lock
         lock.acquire()
         try:
             if file.closed:
-                raise ValueError(f"{file.what} is closed")
-            if self._exiting:
-                raise ValueError(f"process {self.pid} ({self.name}) has exited")
+                raise ClosedFdError(f"{file.what} is closed")
+            if self._exiting:  # exit closes every fd of the process
+                raise ClosedFdError(f"process {self.pid} ({self.name}) has exited")
             self._inflight += 1
             file.f_count += 1
         finally:
@@ -292,23 +300,18 @@ class Process:
 
     # -- public API --
     def create_vm(self, memory_size: int, vcpus: int = 1, *, memory_limit: int | None = None) -> Vm:
-        """KVM_CREATE_VM plus one memslot of ``memory_size`` bytes and ``vcpus`` vCPUs."""
-        check_int("memory_size", memory_size)
-        if memory_size <= 0 or memory_size % SZ_1M:
-            raise ValueError(f"memory_size: {memory_size} is not a positive multiple of 1 MiB")
-        check_int("vcpus", vcpus, bits=16)
-        max_cpus = self.host.uv_info["max_guest_cpu_id"] + 1
-        if vcpus > max_cpus:
-            raise ValueError(f"vcpus: {vcpus} is more than the {max_cpus} the host supports")
-        if memory_limit is not None:
-            check_int("memory_limit", memory_limit)
-            if memory_limit < memory_size:
-                raise ValueError(f"memory_limit: {memory_limit} is below memory_size {memory_size}")
+        """KVM_CREATE_VM plus one memslot of ``memory_size`` bytes and ``vcpus`` vCPUs.
+
+        ``memory_size`` is a positive multiple of 1 MiB up to 64 TiB, ``memory_limit`` (default: the
+        size) at least the size; misuse raises TypeError/ValueError naming the argument. If the
+        machine cannot reserve the guest memory, OSError(ENOMEM) names ``memory_size``.
+        """
+        memory_size, vcpus, limit = check_vm_args(self.host, memory_size, vcpus, memory_limit)
         if _kvm_create_vm is None:  # pragma: no cover - pvfast/__init__ imports kvm, which registers it
             raise RuntimeError("pvfast.kvm is not loaded: no VM can be created")
         self._enter()
         try:
-            vm = _kvm_create_vm(self, memory_size, memory_limit if memory_limit is not None else memory_size)
+            vm = _kvm_create_vm(self, memory_size, limit)
             with self._lock:
                 self._fds.append(vm)
         finally:
@@ -338,7 +341,7 @@ class Process:
         the address-space user is dropped first (the last user runs the mm teardown: notifiers,
         then destroy/export of every present page), then the VM fds close (each VM is destroyed
         as by ``Vm.close()``). Records ``exit_status`` = ``status & 0xff``; returns when done."""
-        check_int("status", status, bits=32, signed=True)
+        status = check_int("status", status, bits=32, signed=True)
         self._do_group_exit((status & 0xFF) << 8)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
@@ -346,7 +349,7 @@ class Process:
         process): interruptible work in flight stops at its next check (PERFORM at a batch
         boundary, UNPACK where the kernel retries), then the process is torn down as by ``exit``.
         Records ``exit_signal`` = ``sig``; returns once the teardown is done."""
-        check_int("sig", sig, bits=32, signed=True)
+        sig = check_int("sig", sig, bits=32, signed=True)
         if not 0 < sig < signal.NSIG or sig in _NOT_FATAL:
             raise ValueError(f"sig: {sig} is not a signal whose default action ends the process")
         self._do_group_exit(int(sig))

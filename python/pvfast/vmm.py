@@ -13,12 +13,23 @@ from typing import TYPE_CHECKING, Any
 
 from .constants import SZ_2G, Cap, PvCmd
 from .errors import PvError
+from .image import Image
+from .kvm import Vm
 
 if TYPE_CHECKING:
-    from .image import Image
-    from .kvm import PvResult, Vm
+    from .kvm import PvResult
 
 log = logging.getLogger("pvfast.vmm")
+
+
+def _check_vm(vm: object) -> None:
+    if not isinstance(vm, Vm):
+        raise TypeError(f"vm: expected Vm, got {type(vm).__name__}")
+
+
+def _check_hold(hold: object) -> None:
+    if hold is not None and not isinstance(hold, threading.Event):
+        raise TypeError(f"hold: expected threading.Event or None, got {type(hold).__name__}")
 
 
 class AsyncCleanupThread(threading.Thread):
@@ -52,6 +63,8 @@ def try_disable_async(
     vm: Vm, *, hold: threading.Event | None = None, exit_on_error: bool = True
 ) -> AsyncCleanupThread | None:
     """s390_pv_vm_try_disable_async: the thread running PERFORM, or None if QEMU would not go async."""
+    _check_vm(vm)
+    _check_hold(hold)
     if vm.memory_limit <= SZ_2G:
         return None
     if not vm.host.check_extension(Cap.S390_PROTECTED_ASYNC_DISABLE):
@@ -73,6 +86,8 @@ def unprotect(vm: Vm, *, hold: threading.Event | None = None, exit_on_error: boo
     QEMU's double-reboot race reproducible (see docs/EXAMPLES.md). ``exit_on_error``: a failing
     PERFORM or DISABLE exits the VMM process, as QEMU does.
     """
+    _check_vm(vm)
+    _check_hold(hold)
     thread = try_disable_async(vm, hold=hold, exit_on_error=exit_on_error)
     if thread is not None:
         return thread
@@ -91,6 +106,9 @@ def protect(vm: Vm, image: Image, *, load: bool = True) -> None:
 
     On a failure after ENABLE, QEMU unprotects (async first) and reports the error; so does this.
     """
+    _check_vm(vm)
+    if not isinstance(image, Image):
+        raise TypeError(f"image: expected pvfast.image.Image, got {type(image).__name__}")
     if load:
         for comp in image.components:
             vm.host_write(comp.addr, comp.data)  # the IPL loads the encrypted image into guest memory
