@@ -173,13 +173,13 @@ def test_prepare_slow_path_enomem_leaks_old_table():
         vm.pv_command(PREPARE)
     assert vm.pv_state().leaked == 0
     # the record succeeds, the new top table does not: the unlisted old table leaks (spec §2.6)
-    orig = host.kalloc
-    host.kalloc = lambda kind, size: None if kind == "crst" else orig(kind, size)  # type: ignore[method-assign]
+    orig = host._kalloc
+    host._kalloc = lambda kind, size: None if kind == "crst" else orig(kind, size)  # type: ignore[method-assign]
     try:
         with raises_errno(errno.ENOMEM):
             vm.pv_command(PREPARE)
     finally:
-        del host.kalloc
+        del host._kalloc
     st = vm.pv_state()
     assert st.leaked == 1
     assert st.leaks[0]["kind"] == "crst"
@@ -481,14 +481,14 @@ def test_a_second_end_waits_for_the_first_teardown():
     vm = protected_vm(host, high=4 * MiB)
     proc = vm.process
     entered, release = threading.Event(), threading.Event()
-    real_mmput = proc.mm.mmput
+    real_mmput = proc.mm._mmput
 
     def slow_mmput() -> None:
         entered.set()
         release.wait(10)
         real_mmput()
 
-    proc.mm.mmput = slow_mmput
+    proc.mm._mmput = slow_mmput
     first = threading.Thread(target=proc.exit, args=(7,))
     first.start()
     assert entered.wait(10)

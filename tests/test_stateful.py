@@ -359,7 +359,7 @@ class PvMachine(RuleBasedStateMachine):
         if id(mm) in self.patched_mms:
             return
         self.patched_mms.add(id(mm))
-        real = mm.destroy_range
+        real = mm._destroy_range
 
         def destroy_range(cancel: Any) -> bool:
             gate = self.gate_by_thread.get(threading.get_ident())
@@ -379,7 +379,7 @@ class PvMachine(RuleBasedStateMachine):
                     return False
             return real(cancel)
 
-        mm.destroy_range = destroy_range
+        mm._destroy_range = destroy_range
 
     def _spawn(self) -> ProcPair:
         assert self.host is not None
@@ -1036,7 +1036,7 @@ def test_pv_state_machine(request: pytest.FixtureRequest) -> None:
 def _hold_perform(mm: Any) -> tuple[threading.Event, threading.Event]:
     """Stop the next PERFORM walk on ``mm`` between its claim and its walk (spec §3.9 a→c)."""
     entered, release = threading.Event(), threading.Event()
-    real = mm.destroy_range
+    real = mm._destroy_range
 
     def destroy_range(cancel: Any) -> bool:
         if cancel is not None and not entered.is_set():
@@ -1046,7 +1046,7 @@ def _hold_perform(mm: Any) -> tuple[threading.Event, threading.Event]:
                     break
         return real(cancel)
 
-    mm.destroy_range = destroy_range
+    mm._destroy_range = destroy_range
     return entered, release
 
 

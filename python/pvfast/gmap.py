@@ -28,7 +28,7 @@ class Gmap:
         self.mm = mm
         self.region = region
         self.asce_type = asce_type_for_limit(limit)
-        self.table = host.kalloc_nofail("crst", CRST_TABLE_SIZE)  # KVM_CREATE_VM, not a PV path
+        self.table = host._kalloc_nofail("crst", CRST_TABLE_SIZE)  # KVM_CREATE_VM, not a PV path
         self.listed: set[int] = {self.table}
         self.guest_handle = 0  # v6.2: copy of kvm->arch.pv.handle for the fault handlers
 
@@ -46,7 +46,7 @@ class Gmap:
         self.unlist_old_asce()
         if self.asce_type == "segment":
             return -EINVAL
-        new = self.host.kalloc("crst", CRST_TABLE_SIZE)
+        new = self.host._kalloc("crst", CRST_TABLE_SIZE)
         if new is None:
             return -ENOMEM
         self.listed.add(new)
@@ -56,5 +56,5 @@ class Gmap:
     def free(self) -> None:
         """gmap_remove: free every listed table; unlisted (leaked or set-aside) tables stay."""
         for table in self.listed:
-            self.host.kfree(table)
+            self.host._kfree(table)
         self.listed.clear()

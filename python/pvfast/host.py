@@ -211,7 +211,7 @@ class Host:
         self._kmem: dict[int, tuple[str, int]] = {}
         self._alloc_failures = 0
         self.processes: list[Process] = []
-        self.ledger: dict[int, LeakEntry] = {}
+        self._ledger: dict[int, LeakEntry] = {}
         object.__setattr__(self, "_frozen", True)
         _hosts.add(self)
 
@@ -278,7 +278,7 @@ class Host:
             raise RuntimeError("pvfast.mm is not loaded: no process can be made")
         return _copy_process(self, name)
 
-    def add_process(self, proc: Process) -> None:
+    def _add_process(self, proc: Process) -> None:
         """Enter a new process in the registry (the interpreter-exit hook kills what is alive)."""
         with self._lock:
             self.processes.append(proc)
@@ -295,7 +295,7 @@ class Host:
         proc.exit_with_last_vm = True
         return vm
 
-    def alloc_pid(self) -> int:
+    def _alloc_pid(self) -> int:
         with self._lock:
             self._next_pid += 1
             return self._next_pid
@@ -307,14 +307,14 @@ class Host:
         with self._lock:
             self._alloc_failures += count
 
-    def kalloc(self, kind: str, size: int) -> int | None:
+    def _kalloc(self, kind: str, size: int) -> int | None:
         with self._lock:
             if self._alloc_failures:
                 self._alloc_failures -= 1
                 return None
             return self._kalloc_locked(kind, size)
 
-    def kalloc_nofail(self, kind: str, size: int) -> int:
+    def _kalloc_nofail(self, kind: str, size: int) -> int:
         """An allocation outside the PV code (KVM_CREATE_VM's gmap and SCA): injected failures are
         for the PV paths and are left for them."""
         with self._lock:
@@ -326,24 +326,24 @@ class Host:
         self._kmem[addr] = (kind, size)
         return addr
 
-    def kfree(self, addr: int) -> None:
+    def _kfree(self, addr: int) -> None:
         if addr:
             with self._lock:
                 self._kmem.pop(addr, None)
-                self.ledger.pop(addr, None)
+                self._ledger.pop(addr, None)
 
-    def leak(self, addr: int, vm: object | None, handle: int = 0) -> None:
+    def _leak(self, addr: int, vm: object | None, handle: int = 0) -> None:
         """Record a resource the kernel leaves to the UV because a destroy UVC failed."""
         if not addr:
             return
         with self._lock:
             kind, size = self._kmem.get(addr, ("unknown", 0))
-            self.ledger[addr] = LeakEntry(kind=kind, addr=addr, size=size, handle=handle, vm=id(vm) if vm else 0)
+            self._ledger[addr] = LeakEntry(kind=kind, addr=addr, size=size, handle=handle, vm=id(vm) if vm else 0)
 
     def leaked(self) -> list[LeakEntry]:
         """Every resource currently on the leak ledger (all VMs of this host)."""
         with self._lock:
-            return list(self.ledger.values())
+            return list(self._ledger.values())
 
     def kernel_memory(self) -> int:
         """Bytes of kernel memory (donations, SIDA pages, top tables) currently allocated."""

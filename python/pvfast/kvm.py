@@ -188,9 +188,9 @@ class Vm(File):
         self.uv = self.host.uv.native
         self.memory_size = memory_size
         self.memory_limit = memory_limit
-        self.region = self.mm.mmap(memory_size)
+        self.region = self.mm._mmap(memory_size)
         self.gmap = Gmap(self.host, self.mm, self.region, memory_limit)
-        self.sca = self.host.kalloc_nofail("sca", PAGE_SIZE)
+        self.sca = self.host._kalloc_nofail("sca", PAGE_SIZE)
         self.lock = threading.Lock()  # kvm->lock
         self.pv = PvVmState()
         self.vcpu_list: list[Vcpu] = []
@@ -233,7 +233,7 @@ class Vm(File):
 
     def create_vcpu(self) -> int:
         """KVM_CREATE_VCPU; a vCPU created while the VM is protected gets a secure CPU (under kvm->lock)."""
-        self.process.fdget(self)
+        self.process._fdget(self)
         try:
             with self.lock:
                 max_cpus = self.host.uv_info["max_guest_cpu_id"] + 1
@@ -248,7 +248,7 @@ class Vm(File):
                 self.vcpu_list.append(vcpu)
                 return vcpu.id
         finally:
-            self.process.fdput(self)
+            self.process._fdput(self)
 
     def pv_state(self) -> PvState:
         """The VM's PV bookkeeping now (kvm->arch.pv, the vCPUs, the mm counter, the leaks)."""
@@ -292,7 +292,7 @@ class Vm(File):
                 raise ValueError(f"cmd: {cmd} does not fit the u32 cmd field")
             handler = _handle_pv_unknown
         proc = self.process
-        proc.fdget(self)
+        proc._fdget(self)
         try:
             self.user_cpu_state_ctrl = True  # side effect first, even for calls that fail
             if not self._prot_virt:
@@ -304,7 +304,7 @@ class Vm(File):
             if handler is handle_pv_async_cleanup_perform:  # takes kvm->lock only for short moments
                 r = handler(self, uvrc, data, out)
             else:
-                lock = self.lock  # kvm->lock; acquire/release: cheaper than ``with`` (see Process.fdget)
+                lock = self.lock  # kvm->lock; acquire/release: cheaper than ``with`` (see Process._fdget)
                 lock.acquire()
                 try:
                     r = handler(self, uvrc, data, out)
@@ -314,7 +314,7 @@ class Vm(File):
                 raise PvError(-r, cmd, uvrc.rc, uvrc.rrc, out[0])
             return _pv_result(uvrc.rc, uvrc.rrc, out[0], out[1])
         finally:
-            proc.fdput(self)
+            proc._fdput(self)
 
     # -- guest and host memory (faults resolved as in fault.py) --
     def _page_range(self, gaddr: object, size: object) -> tuple[int, int]:
@@ -343,17 +343,17 @@ class Vm(File):
     def guest_access(self, gaddr: int, size: int = PAGE_SIZE, *, write: bool = True) -> None:
         """The running guest touches [gaddr, gaddr+size) (faults resolved as the kernel does)."""
         first, npages = self._page_range(gaddr, size)
-        self.process.fdget(self)
+        self.process._fdget(self)
         try:
             self._guest_fault(first, npages)
         finally:
-            self.process.fdput(self)
+            self.process._fdput(self)
 
     def guest_write(self, gaddr: int, data: bytes) -> None:
         """The guest writes its own memory (plaintext in its view)."""
         payload = check_bytes("data", data)
         first, npages = self._page_range(gaddr, len(payload))
-        self.process.fdget(self)
+        self.process._fdget(self)
         try:
             access_with_faults(
                 lambda: self._guest_fault(first, npages),
@@ -361,12 +361,12 @@ class Vm(File):
                 "guest_write",
             )
         finally:
-            self.process.fdput(self)
+            self.process._fdput(self)
 
     def guest_read(self, gaddr: int, size: int) -> bytes:
         """The guest reads its own memory (plaintext in its view)."""
         first, npages = self._page_range(gaddr, size)
-        self.process.fdget(self)
+        self.process._fdget(self)
         try:
             return access_with_faults(
                 lambda: self._guest_fault(first, npages),
@@ -374,12 +374,12 @@ class Vm(File):
                 "guest_read",
             )
         finally:
-            self.process.fdput(self)
+            self.process._fdput(self)
 
     def guest_share(self, gaddr: int, size: int = PAGE_SIZE) -> None:
         """The protected guest makes pages shared (SET_SHARED_ACCESS, guest-side UVC 0x1000)."""
         first, npages = self._page_range(gaddr, size)
-        self.process.fdget(self)
+        self.process._fdget(self)
         try:
             handle = self._secure_handle()
             if not handle:
@@ -390,30 +390,30 @@ class Vm(File):
                 if res.cc:
                     raise UvcError(EIO, f"SET_SHARED_ACCESS at {page * PAGE_SIZE:#x}", res.rc, res.rrc)
         finally:
-            self.process.fdput(self)
+            self.process._fdput(self)
 
     def host_read(self, gaddr: int, size: int) -> bytes:
         """The VMM reads guest memory: secure pages are pinned (shared) or exported first."""
         first, npages = self._page_range(gaddr, size)
-        self.process.fdget(self)
+        self.process._fdget(self)
         try:
             return access_with_faults(
                 lambda: host_fault(self.gmap, first, npages), lambda _: self.region.read(gaddr, size), "host_read"
             )
         finally:
-            self.process.fdput(self)
+            self.process._fdput(self)
 
     def host_write(self, gaddr: int, data: bytes) -> None:
         """The VMM writes guest memory: secure pages are pinned (shared) or exported first."""
         payload = check_bytes("data", data)
         first, npages = self._page_range(gaddr, len(payload))
-        self.process.fdget(self)
+        self.process._fdget(self)
         try:
             access_with_faults(
                 lambda: host_fault(self.gmap, first, npages), lambda _: self.region.write(gaddr, payload), "host_write"
             )
         finally:
-            self.process.fdput(self)
+            self.process._fdput(self)
 
     # -- VM destruction --
     def close(self) -> None:
@@ -422,9 +422,9 @@ class Vm(File):
         A call still in flight on this VM (a PERFORM in another thread, say) holds the file, so
         the destruction runs when the last such call returns, as in the kernel.
         """
-        self.process.close_fd(self)
+        self.process._close_fd(self)
 
-    def release(self) -> None:
+    def _release(self) -> None:
         """kvm_vm_release -> kvm_destroy_vm -> kvm_arch_destroy_vm (no kvm->lock): vCPUs, the SCA,
         cleanup-all, then the mmu notifier is unregistered (which calls its release while the mm
         lives). Runs once."""
@@ -437,14 +437,14 @@ class Vm(File):
             if vcpu.pv_handle:
                 _pv.destroy_cpu(self, vcpu, rc)
             else:
-                self.host.kfree(vcpu.sida)
+                self.host._kfree(vcpu.sida)
         self.vcpu_list = []
-        self.host.kfree(self.sca)
+        self.host._kfree(self.sca)
         _pv.deinit_cleanup_all(self, rc)
         notifier = self.pv.mmu_notifier
         if notifier is not None:
             self.pv.mmu_notifier = None
-            self.mm.mmu_notifier_unregister(notifier)
+            self.mm._mmu_notifier_unregister(notifier)
         self.gmap.free()
 
 

@@ -8,7 +8,7 @@ callback and then destroys (or exports) every present page. A call on a file hol
 (fdget/fput); after close(2) the file's release runs when the last reference goes.
 
 This layer never calls KVM code directly: KVM registers a release callback (``MmuNotifier``, like
-``kvm_s390_pv_mmu_notifier_ops``), its files implement ``File.release``, and kvm.py registers the
+``kvm_s390_pv_mmu_notifier_ops``), its files implement ``File._release``, and kvm.py registers the
 KVM_CREATE_VM entry ``Process.create_vm`` uses (``register_kvm_create_vm``).
 """
 
@@ -80,15 +80,15 @@ class AddressSpace:
         self.teardown_stats: dict[str, int] = {}
 
     # -- mm->context.protected_count (atomic in the kernel) --
-    def protected_inc(self) -> None:
+    def _protected_inc(self) -> None:
         with self._lock:
             self.protected_count += 1
 
-    def protected_dec(self) -> None:
+    def _protected_dec(self) -> None:
         with self._lock:
             self.protected_count -= 1
 
-    def protected_inc_not_zero(self) -> bool:
+    def _protected_inc_not_zero(self) -> bool:
         with self._lock:
             if self.protected_count == 0:
                 return False
@@ -99,7 +99,7 @@ class AddressSpace:
         return self.protected_count != 0
 
     # -- mappings --
-    def mmap(self, size: int) -> _native.Region:
+    def _mmap(self, size: int) -> _native.Region:
         """An anonymous mapping of ``size`` bytes (guest memory of one VM), torn down with the mm."""
         try:
             region = self.uv.create_region(size)
@@ -113,11 +113,11 @@ class AddressSpace:
         return region
 
     # -- mmu notifiers --
-    def mmu_notifier_register(self, subscription: MmuNotifier) -> None:
+    def _mmu_notifier_register(self, subscription: MmuNotifier) -> None:
         with self._lock:
             self._notifiers.append(subscription)
 
-    def mmu_notifier_unregister(self, subscription: MmuNotifier) -> None:
+    def _mmu_notifier_unregister(self, subscription: MmuNotifier) -> None:
         """Unregister; a subscription still registered on a live mm gets its release call now."""
         with self._lock:
             registered = subscription in self._notifiers
@@ -128,25 +128,25 @@ class AddressSpace:
             subscription.release(self)
 
     # -- mm_users --
-    def mmget(self) -> None:
+    def _mmget(self) -> None:
         with self._lock:
             self.users += 1
 
-    def mmget_not_zero(self) -> bool:
+    def _mmget_not_zero(self) -> bool:
         with self._lock:
             if self.users == 0:
                 return False
             self.users += 1
             return True
 
-    def mmput(self) -> None:
+    def _mmput(self) -> None:
         with self._lock:
             self.users -= 1
             last = self.users == 0
         if last:
-            self.exit_mmap()
+            self._exit_mmap()
 
-    def exit_mmap(self) -> None:
+    def _exit_mmap(self) -> None:
         """Last user gone: every notifier's release, then page-table teardown."""
         with self._lock:
             subscriptions, self._notifiers = self._notifiers, []
@@ -164,7 +164,7 @@ class AddressSpace:
         self.teardown_stats = {"destroyed": destroyed, "exported": exported}
         self.dead = True
 
-    def destroy_range(self, cancel: _native.CancelToken | None) -> bool:
+    def _destroy_range(self, cancel: _native.CancelToken | None) -> bool:
         """s390_uv_destroy_range over the whole address space. Returns False if interrupted."""
         for region in list(self.regions):
             if self.uv.destroy_walk(region, 0, None, cancel).interrupted:
@@ -184,7 +184,7 @@ class File(abc.ABC):
         self.release_pending = False  # closed while calls were in flight: the last fput releases
 
     @abc.abstractmethod
-    def release(self) -> None:
+    def _release(self) -> None:
         """f_op->release: the last reference is gone (it runs at most once per file)."""
 
 
@@ -199,7 +199,7 @@ class Process:
         self.host = host
         self.mm = mm
         self.name = name
-        self.pid = host.alloc_pid()
+        self.pid = host._alloc_pid()
         self.alive = True
         self.fatal_signal = _native.CancelToken()
         self.helper_of = helper_of
@@ -212,7 +212,7 @@ class Process:
         self._wait_status: int | None = None
         self._exiter = 0  # thread ident running the teardown
         self._exited = threading.Event()
-        host.add_process(self)
+        host._add_process(self)
 
     def __repr__(self) -> str:
         return f"<Process pid={self.pid} name={self.name!r} alive={self.alive}>"
@@ -238,7 +238,7 @@ class Process:
     # -- files: fdget/fput and close --
     # fdget/fdput run on every call into the kernel: explicit acquire/release is about half the
     # cost of ``with`` on CPython 3.11, and the try/finally costs nothing when nothing raises.
-    def fdget(self, file: File) -> None:
+    def _fdget(self, file: File) -> None:
         """A call on ``file`` starts: it holds a reference and counts as work in flight. A closed
         file (or one of an exited process) raises ClosedFdError (EBADF)."""
         lock = self._lock
@@ -253,7 +253,7 @@ class Process:
         finally:
             lock.release()
 
-    def fdput(self, file: File) -> None:
+    def _fdput(self, file: File) -> None:
         """The call returns; if the file was closed meanwhile, the last reference releases it."""
         lock = self._lock
         lock.acquire()
@@ -266,12 +266,12 @@ class Process:
         finally:
             lock.release()
         try:
-            file.release()  # still counted in flight, so an exit waits for it
+            file._release()  # still counted in flight, so an exit waits for it
         finally:
             self._leave()
         self._fd_closed(file)
 
-    def close_fd(self, file: File) -> None:
+    def _close_fd(self, file: File) -> None:
         """close(2): with no call in flight the file is released now, else by the last fput."""
         with self._lock:
             if file.closed:
@@ -286,7 +286,7 @@ class Process:
                 raise ValueError(f"process {self.pid} ({self.name}) has exited")
             self._inflight += 1
         try:
-            file.release()
+            file._release()
         finally:
             self._leave()
         self._fd_closed(file)
@@ -326,7 +326,7 @@ class Process:
             raise TypeError(f"name: expected str, got {type(name).__name__}")
         self._enter()
         try:
-            self.mm.mmget()
+            self.mm._mmget()
             return Process(self.host, self.mm, name or f"cleanup/{self.pid}", helper_of=self)
         finally:
             self._leave()
@@ -396,13 +396,13 @@ class Process:
         try:
             self.fatal_signal.set()  # the killing signal, or exit_group's SIGKILL to the other threads
             self._wait_idle()
-            self.mm.mmput()  # exit_mm before exit_files
+            self.mm._mmput()  # exit_mm before exit_files
             with self._lock:
                 files, self._fds = self._fds, []
             for file in files:  # close_files: nothing is in flight any more, so each fput releases
                 file.closed = True
                 file.release_pending = False
-                file.release()
+                file._release()
             self.alive = False
             self.exit_seconds = time.perf_counter() - start
         finally:

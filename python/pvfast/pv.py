@@ -117,10 +117,10 @@ def destroy_cpu(vm: Vm, vcpu: Vcpu, rc: UvRc) -> int:
         uv_event(vm, "PROTVIRT DESTROY VCPU %d: rc %x rrc %x", vcpu.id, res.rc, res.rrc)
         if cc:
             log.warning("vm %s: destroying secure CPU %d failed: rc %x rrc %x", vm.name, vcpu.id, res.rc, res.rrc)
-            host.leak(vcpu.stor_base, vm, vcpu.pv_handle)
+            host._leak(vcpu.stor_base, vm, vcpu.pv_handle)
     if not cc:
-        host.kfree(vcpu.stor_base)
-    host.kfree(vcpu.sida)
+        host._kfree(vcpu.stor_base)
+    host._kfree(vcpu.sida)
     vcpu.clear_pv()
     return EIO if cc else 0  # the kernel's quirk: a positive EIO; callers only test non-zero
 
@@ -130,12 +130,12 @@ def create_cpu(vm: Vm, vcpu: Vcpu, rc: UvRc) -> int:
     host = vm.host
     if vcpu.pv_handle:
         return -EINVAL
-    stor = host.kalloc("cpu_stor", vm.host.uv_info["guest_cpu_stor_len"])
+    stor = host._kalloc("cpu_stor", vm.host.uv_info["guest_cpu_stor_len"])
     if stor is None:
         return -ENOMEM
-    sida = host.kalloc("sida", PAGE_SIZE)
+    sida = host._kalloc("sida", PAGE_SIZE)
     if sida is None:
-        host.kfree(stor)
+        host._kfree(stor)
         return -ENOMEM
     vcpu.stor_base = stor
     vcpu.sida = sida
@@ -186,8 +186,8 @@ def cpus_to_pv(vm: Vm, rc: UvRc) -> int:
 
 def dealloc_vm(vm: Vm) -> None:
     """kvm_s390_pv_dealloc_vm: free both donations and clear the PV state."""
-    vm.host.kfree(vm.pv.stor_base)
-    vm.host.kfree(vm.pv.stor_var)
+    vm.host._kfree(vm.pv.stor_base)
+    vm.host._kfree(vm.pv.stor_var)
     vm.pv.clear_state()
 
 
@@ -196,16 +196,16 @@ def init_vm(vm: Vm, rc: UvRc) -> int:
     host = vm.host
     info = host.uv_info
     base_len = info["guest_base_stor_len"]
-    base = host.kalloc("stor_base", base_len)
+    base = host._kalloc("stor_base", base_len)
     if base is None:
         return -ENOMEM
     guest_len = vm.memory_size  # end of the highest memslot
     npages_1m = guest_len // SZ_1M
     vlen = -(-(info["guest_virt_var_stor_len"] * npages_1m) // PAGE_SIZE) * PAGE_SIZE
     vlen += info["guest_virt_base_stor_len"]
-    var = host.kalloc("stor_var", vlen)
+    var = host._kalloc("stor_var", vlen)
     if var is None:
-        host.kfree(base)
+        host._kfree(base)
         return -ENOMEM
     vm.pv.stor_base = base
     vm.pv.stor_var = var
@@ -216,19 +216,19 @@ def init_vm(vm: Vm, rc: UvRc) -> int:
     rc.set(res.rc, res.rrc)
     handle = res.handle
     vm.pv.handle = handle
-    vm.mm.protected_inc()
+    vm.mm._protected_inc()
     uv_event(vm, "PROTVIRT CREATE VM: handle %x len %x rc %x rrc %x", handle, guest_len, res.rc, res.rrc)
     if res.cc:
         if res.rc & UVC_RC_NEED_DESTROY:
             deinit_vm(vm, UvRc())
         else:
-            vm.mm.protected_dec()
+            vm.mm._protected_dec()
             dealloc_vm(vm)
         return -EIO
     vm.gmap.guest_handle = handle
     if vm.pv.mmu_notifier is None:
         vm.pv.mmu_notifier = MmuNotifier(lambda _mm: mmu_notifier_release(vm))
-        vm.mm.mmu_notifier_register(vm.pv.mmu_notifier)
+        vm.mm._mmu_notifier_register(vm.pv.mmu_notifier)
     return 0
 
 
@@ -238,15 +238,15 @@ def deinit_vm(vm: Vm, rc: UvRc) -> int:
     rc.set(res.rc, res.rrc)
     vm.gmap.guest_handle = 0
     if not res.cc:
-        vm.mm.protected_dec()
+        vm.mm._protected_dec()
         dealloc_vm(vm)
     else:
         # Intended leak: the UV may still use the donations and the top table.
-        vm.host.leak(vm.pv.stor_base, vm, vm.pv.handle)
-        vm.host.leak(vm.pv.stor_var, vm, vm.pv.handle)
+        vm.host._leak(vm.pv.stor_base, vm, vm.pv.handle)
+        vm.host._leak(vm.pv.stor_var, vm, vm.pv.handle)
         old_table = vm.gmap.table
         vm.gmap.replace_asce()
-        vm.host.leak(old_table, vm, vm.pv.handle)
+        vm.host._leak(old_table, vm, vm.pv.handle)
         log.warning("vm %s: destroying the secure configuration failed: rc %x rrc %x", vm.name, res.rc, res.rrc)
     uv_event(vm, "PROTVIRT DESTROY VM: rc %x rrc %x", res.rc, res.rrc)
     return -EIO if res.cc else 0
@@ -269,7 +269,7 @@ def deinit_vm_fast(vm: Vm, rc: UvRc | None) -> int:
 def dispose_one_leftover(vm: Vm, rec: AsideRecord, rc: UvRc) -> int:
     """kvm_s390_pv_dispose_one_leftover: fast records only drop the count; slow ones Destroy Config."""
     if rec.fast:
-        vm.mm.protected_dec()
+        vm.mm._protected_dec()
         return 0
     res = vm.uv.destroy_config(rec.handle)
     rc.set(res.rc, res.rrc)
@@ -277,12 +277,12 @@ def dispose_one_leftover(vm: Vm, rec: AsideRecord, rc: UvRc) -> int:
     if res.cc:
         log.warning("vm %s: destroying a leftover configuration failed: rc %x rrc %x", vm.name, res.rc, res.rrc)
         for addr in (rec.stor_base, rec.stor_var, rec.old_gmap_table):
-            vm.host.leak(addr, vm, rec.handle)
+            vm.host._leak(addr, vm, rec.handle)
         return res.cc
-    vm.host.kfree(rec.stor_base)
-    vm.host.kfree(rec.old_gmap_table)
-    vm.host.kfree(rec.stor_var)
-    vm.mm.protected_dec()
+    vm.host._kfree(rec.stor_base)
+    vm.host._kfree(rec.old_gmap_table)
+    vm.host._kfree(rec.stor_var)
+    vm.mm._protected_dec()
     return 0
 
 
@@ -298,14 +298,14 @@ def set_aside(vm: Vm, rc: UvRc) -> int:
         return -EINVAL
     if vm.gmap.asce_type == "segment":  # Δ6.4: a segment ASCE cannot be replaced
         return -EINVAL
-    kaddr = vm.host.kalloc("aside_record", 64)
+    kaddr = vm.host._kalloc("aside_record", 64)
     if kaddr is None:
         return -ENOMEM
     rec = AsideRecord(kaddr=kaddr)
     if vm.host.destroy_fast_available:
         res = deinit_vm_fast(vm, rc)
         if res:
-            vm.host.kfree(kaddr)
+            vm.host._kfree(kaddr)
             return res
     else:
         rec = AsideRecord(
@@ -318,8 +318,8 @@ def set_aside(vm: Vm, rc: UvRc) -> int:
         vm.gmap.guest_handle = 0
         if vm.gmap.replace_asce():
             # The old table was unlisted before the failure and nobody points to it now.
-            vm.host.leak(rec.old_gmap_table, vm, rec.handle)
-            vm.host.kfree(kaddr)
+            vm.host._leak(rec.old_gmap_table, vm, rec.handle)
+            vm.host._kfree(kaddr)
             return -ENOMEM
     destroy_lower_2g(vm)
     vm.pv.clear_state()
@@ -341,11 +341,11 @@ def deinit_aside_vm(vm: Vm, rc: UvRc) -> int:
     ret = 0
     try:
         vm.perform_started.set()
-        finished = vm.mm.destroy_range(vm.process.fatal_signal)
+        finished = vm.mm._destroy_range(vm.process.fatal_signal)
         if finished:
             if dispose_one_leftover(vm, rec, rc):
                 ret = -EIO
-            vm.host.kfree(rec.kaddr)
+            vm.host._kfree(rec.kaddr)
             return ret
         with vm.lock:
             vm.pv.need_cleanup.insert(0, rec)  # list_add: at the head
@@ -360,7 +360,7 @@ def deinit_aside_vm(vm: Vm, rc: UvRc) -> int:
 def deinit_cleanup_all(vm: Vm, rc: UvRc) -> int:
     """kvm_s390_pv_deinit_cleanup_all (Δ6.5): current VM, set-aside, leftovers, then the zap."""
     mm = vm.mm
-    if not mm.protected_inc_not_zero():
+    if not mm._protected_inc_not_zero():
         return 0
     rc.rc = UVC_RC_EXECUTED
     cc = 0
@@ -379,11 +379,11 @@ def deinit_cleanup_all(vm: Vm, rc: UvRc) -> int:
             cc = 1
             if rc.rc == UVC_RC_EXECUTED:  # first error wins; a failed current-VM destroy comes first
                 rc.set(tmp.rc, tmp.rrc)
-        vm.host.kfree(rec.kaddr)
-    if need_zap and mm.mmget_not_zero():
-        mm.destroy_range(None)
-        mm.mmput()
-    mm.protected_dec()
+        vm.host._kfree(rec.kaddr)
+    if need_zap and mm._mmget_not_zero():
+        mm._destroy_range(None)
+        mm._mmput()
+    mm._protected_dec()
     return -EIO if cc else 0
 
 
