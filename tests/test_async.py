@@ -99,8 +99,10 @@ def test_prepare_refused_for_segment_asce_after_cpus_are_gone(host):
     enable(vm)
     handle = vm.pv_state().handle
     with raises_errno(errno.EINVAL) as ei:
-        vm.pv_command(PREPARE)
-    assert (ei.value.rc, ei.value.rrc) == (0x0001, 0)  # rc/rrc from the CPU destroys
+        vm.pv_command(PREPARE, rc=0x11, rrc=0x22)
+    # kvm_s390_cpus_from_pv copies rc/rrc out only for a failing CPU, and set_aside refuses
+    # before any UV call: what user space passed in comes back.
+    assert (ei.value.rc, ei.value.rrc) == (0x11, 0x22)
     st = vm.pv_state()
     assert st.handle == handle
     assert not any(st.vcpu_handles)

@@ -170,18 +170,6 @@ class ComparedModel(pm.Model):
                     self.perform_finish(token_id, interrupted=True, batches=0)
         return super().exit(pid)
 
-    def _cpus_from_pv(self, vm, out):
-        """M1 (VERIFICATION.md): kvm_s390_cpus_from_pv passes the caller's rc/rrc pointers to every
-        per-CPU destroy until the first failure (then dummies), so a successful CPU destroy leaves
-        rc 0x0001 behind. The model writes rc/rrc only on failure; pvfast follows the kernel."""
-        ret = 0
-        for vcpu in vm.vcpus:
-            target = out if not ret else pm.Cmd()
-            if self._destroy_cpu(vm, vcpu, target) and not ret:
-                ret = pm.EIO
-        vm.gisa_disabled = False
-        return ret
-
 
 def pv_call(vm: pvfast.Vm, cmd: int, rc: int = 0, rrc: int = 0, **data: Any) -> tuple[int, int, int]:
     """pvfast's ioctl as the model's (errno or 0, rc, rrc) triple."""

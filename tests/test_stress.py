@@ -159,9 +159,9 @@ def worker(fleet: Fleet, seed: int, deadline: float, stats: Counter, errors: lis
             elif op == "cmd":
                 cmd = rng.choice([PvCmd.INFO, PvCmd.UNSHARE_ALL, PvCmd.PREP_RESET, PvCmd.DUMP, 42])
                 if cmd == PvCmd.INFO:
-                    vm.pv_command(cmd, id=rng.randint(0, 1), len_max=80)
+                    vm.pv_command(PvCmd.INFO, id=rng.randint(0, 1), len_max=80)
                 elif cmd == PvCmd.DUMP:
-                    vm.pv_command(cmd, subcmd=rng.randint(0, 2), buff_len=4096, gaddr=0)
+                    vm.pv_command(PvCmd.DUMP, subcmd=rng.randint(0, 2), buff_len=4096, gaddr=0)
                 else:
                     vm.pv_command(cmd)
             elif op == "close":

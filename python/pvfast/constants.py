@@ -7,7 +7,7 @@ are taken from the native module.
 from __future__ import annotations
 
 import enum
-from typing import Final
+from typing import Final, Literal
 
 from . import _native
 
@@ -42,17 +42,19 @@ class PvCmd(enum.IntEnum):
     ASYNC_CLEANUP_PERFORM = 10
 
 
-KVM_PV_ENABLE = int(PvCmd.ENABLE)
-KVM_PV_DISABLE = int(PvCmd.DISABLE)
-KVM_PV_SET_SEC_PARMS = int(PvCmd.SET_SEC_PARMS)
-KVM_PV_UNPACK = int(PvCmd.UNPACK)
-KVM_PV_VERIFY = int(PvCmd.VERIFY)
-KVM_PV_PREP_RESET = int(PvCmd.PREP_RESET)
-KVM_PV_UNSHARE_ALL = int(PvCmd.UNSHARE_ALL)
-KVM_PV_INFO = int(PvCmd.INFO)
-KVM_PV_DUMP = int(PvCmd.DUMP)
-KVM_PV_ASYNC_CLEANUP_PREPARE = int(PvCmd.ASYNC_CLEANUP_PREPARE)
-KVM_PV_ASYNC_CLEANUP_PERFORM = int(PvCmd.ASYNC_CLEANUP_PERFORM)
+# The kernel spellings as plain ints, typed as their literal values so that the typed overloads of
+# Vm.pv_command accept them as they accept the PvCmd members (tests check both agree).
+KVM_PV_ENABLE: Final = 0
+KVM_PV_DISABLE: Final = 1
+KVM_PV_SET_SEC_PARMS: Final = 2
+KVM_PV_UNPACK: Final = 3
+KVM_PV_VERIFY: Final = 4
+KVM_PV_PREP_RESET: Final = 5
+KVM_PV_UNSHARE_ALL: Final = 6
+KVM_PV_INFO: Final = 7
+KVM_PV_DUMP: Final = 8
+KVM_PV_ASYNC_CLEANUP_PREPARE: Final = 9
+KVM_PV_ASYNC_CLEANUP_PERFORM: Final = 10
 
 
 class Cap(enum.IntEnum):
@@ -161,7 +163,11 @@ _REGION2_SIZE = 1 << 42
 _REGION1_SIZE = 1 << 53
 
 
-def asce_type_for_limit(limit: int) -> str:
+#: The designation type of a guest ASCE, as ``Vm.asce_type`` names it.
+AsceType = Literal["segment", "region3", "region2", "region1"]
+
+
+def asce_type_for_limit(limit: int) -> AsceType:
     """gmap_create: the ASCE type for a gmap whose highest address is limit - 1."""
     top = limit - 1
     if top < _REGION3_SIZE:
@@ -173,7 +179,7 @@ def asce_type_for_limit(limit: int) -> str:
     return "region1"
 
 
-ASCE_TYPE_BITS = {
+ASCE_TYPE_BITS: dict[AsceType, int] = {
     "segment": ASCE_TYPE_SEGMENT,
     "region3": ASCE_TYPE_REGION3,
     "region2": ASCE_TYPE_REGION2,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .constants import ASCE_TYPE_BITS, CRST_TABLE_SIZE, asce_type_for_limit
+from .constants import ASCE_TYPE_BITS, CRST_TABLE_SIZE, AsceType, asce_type_for_limit
 from .errors import EINVAL, ENOMEM
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ class Gmap:
         self.uv = host.uv.native
         self.mm = mm
         self.region = region
-        self.asce_type = asce_type_for_limit(limit)
+        self.asce_type: AsceType = asce_type_for_limit(limit)
         self.table = host._kalloc_nofail("crst", CRST_TABLE_SIZE)  # KVM_CREATE_VM, not a PV path
         self.listed: set[int] = {self.table}
         self.guest_handle = 0  # v6.2: copy of kvm->arch.pv.handle for the fault handlers

@@ -15,7 +15,7 @@ import threading
 import weakref
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, TypedDict
 
 from . import _native
 from ._util import check_bool, check_int
@@ -43,6 +43,59 @@ if TYPE_CHECKING:
 _SYSFS_ASYNC_DESTROY = "/sys/module/kvm/parameters/async_destroy"
 
 log = logging.getLogger("pvfast.host")
+
+
+class UvInfo(TypedDict):
+    """``host.uv.info()``: the Ultravisor's Query Ultravisor Information (UVC 0x0001), as the kernel
+    keeps it in ``struct uv_info`` (arch/s390/include/asm/uv.h) and shows it in /sys/firmware/uv.
+
+    ``inst_calls_list``: four 64-bit words of installed-call bits, numbered from the most significant
+    bit (bit 23: Destroy-Fast, bits 24-27: the dump calls); ``uv_feature_indications``: feature bits,
+    same numbering (bit 0: MISC, bit 1: AIV); ``guest_base_stor_len``, ``guest_virt_base_stor_len``,
+    ``guest_virt_var_stor_len`` (per MiB of guest memory) and ``guest_cpu_stor_len``: the storage a
+    configuration and a secure CPU take from the host, in bytes; ``max_guest_cpu_id``,
+    ``max_num_sec_conf``, ``max_sec_stor_addr``: the limits; ``conf_dump_storage_state_len`` (per MiB)
+    and ``conf_dump_finalize_len``: the sizes of the dump data.
+    """
+
+    inst_calls_list: tuple[int, int, int, int]
+    uv_feature_indications: int
+    guest_base_stor_len: int
+    guest_virt_base_stor_len: int
+    guest_virt_var_stor_len: int
+    guest_cpu_stor_len: int
+    max_guest_cpu_id: int
+    max_num_sec_conf: int
+    max_sec_stor_addr: int
+    conf_dump_storage_state_len: int
+    conf_dump_finalize_len: int
+
+
+def _uv_info(native: _native.Ultravisor) -> UvInfo:
+    raw = native.info()
+    words = raw["inst_calls_list"]
+    if not isinstance(words, tuple) or len(words) != 4:  # pragma: no cover - the native side's shape
+        raise RuntimeError(f"uv_info: inst_calls_list is {words!r}, expected four words")
+
+    def num(key: str) -> int:
+        value = raw[key]
+        if not isinstance(value, int):  # pragma: no cover - the native side's shape
+            raise RuntimeError(f"uv_info: {key} is {value!r}, expected an int")
+        return value
+
+    return UvInfo(
+        inst_calls_list=(words[0], words[1], words[2], words[3]),
+        uv_feature_indications=num("uv_feature_indications"),
+        guest_base_stor_len=num("guest_base_stor_len"),
+        guest_virt_base_stor_len=num("guest_virt_base_stor_len"),
+        guest_virt_var_stor_len=num("guest_virt_var_stor_len"),
+        guest_cpu_stor_len=num("guest_cpu_stor_len"),
+        max_guest_cpu_id=num("max_guest_cpu_id"),
+        max_num_sec_conf=num("max_num_sec_conf"),
+        max_sec_stor_addr=num("max_sec_stor_addr"),
+        conf_dump_storage_state_len=num("conf_dump_storage_state_len"),
+        conf_dump_finalize_len=num("conf_dump_finalize_len"),
+    )
 
 
 class LeakEntry(TypedDict):
@@ -144,8 +197,9 @@ class UltravisorView:
     def clear_failures(self) -> None:
         self.native.clear_failures()
 
-    def info(self) -> dict[str, Any]:
-        return self.native.info()
+    def info(self) -> UvInfo:
+        """The Ultravisor's query data (a fresh copy each call); see ``UvInfo`` for the fields."""
+        return _uv_info(self.native)
 
     def donated_bytes(self) -> int:
         return self.native.donated_bytes()
@@ -189,10 +243,10 @@ class Host:
         self.async_destroy = int(async_destroy)
         self.prot_virt = bool(prot_virt)
         self.use_gisa = bool(use_gisa)
-        info: dict[str, Any] = dict(native.info())
+        info = _uv_info(native)
         self.uv_info = info
-        inst: tuple[int, ...] = info["inst_calls_list"]
-        feat: int = info["uv_feature_indications"]
+        inst = info["inst_calls_list"]
+        feat = info["uv_feature_indications"]
         self.destroy_fast_available = test_bit_inv(BIT_UVC_CMD_DESTROY_SEC_CONF_FAST, inst)
         self.feature_misc = test_bit_inv(BIT_UV_FEAT_MISC, feat)
         self.feature_aiv = test_bit_inv(BIT_UV_FEAT_AIV, feat)
@@ -341,9 +395,9 @@ class Host:
             self._ledger[addr] = LeakEntry(kind=kind, addr=addr, size=size, handle=handle, vm=id(vm) if vm else 0)
 
     def leaked(self) -> list[LeakEntry]:
-        """Every resource currently on the leak ledger (all VMs of this host)."""
+        """Every resource currently on the leak ledger (all VMs of this host), as copies."""
         with self._lock:
-            return list(self._ledger.values())
+            return [entry.copy() for entry in self._ledger.values()]
 
     def kernel_memory(self) -> int:
         """Bytes of kernel memory (donations, SIDA pages, top tables) currently allocated."""

@@ -14,7 +14,7 @@ import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from . import pv as _pv
 from ._util import check_bytes, check_int
@@ -42,6 +42,7 @@ from .constants import (
     PV_INFO_HEADER_LEN,
     PV_INFO_VM_LEN,
     SEC_PARMS_MAX_LEN,
+    AsceType,
     Cap,
     PvCmd,
     PvDumpSubcmd,
@@ -51,6 +52,7 @@ from .constants import (
 from .errors import EFAULT, EINVAL, EIO, ENOMEM, ENOTTY, ClosedFdError, PvError, UvcError
 from .fault import access_with_faults, guest_fault, host_fault
 from .gmap import Gmap
+from .host import LeakEntry
 from .mm import File, register_kvm_create_vm
 from .pv import PvVmState, UvRc
 
@@ -100,6 +102,25 @@ _DATA_BITS = {"id": 32, "len_max": 32}
 _ZERO = 0  # the cached int 0: an identity test against it selects the argument-check fast path
 
 
+#: The commands that take no data struct.
+_NoDataCmd = Literal[
+    PvCmd.ENABLE,
+    PvCmd.DISABLE,
+    PvCmd.VERIFY,
+    PvCmd.PREP_RESET,
+    PvCmd.UNSHARE_ALL,
+    PvCmd.ASYNC_CLEANUP_PREPARE,
+    PvCmd.ASYNC_CLEANUP_PERFORM,
+    0,
+    1,
+    4,
+    5,
+    6,
+    9,
+    10,
+]
+
+
 @dataclass(frozen=True, slots=True)
 class PvResult:
     """A successful KVM_S390_PV_COMMAND: rc/rrc as copied back, and INFO/DUMP output."""
@@ -147,7 +168,7 @@ class PvState:
     guest_handle: int
     asce: int
     mm_users: int
-    leaks: tuple[dict[str, Any], ...] = field(default=(), repr=False)
+    leaks: tuple[LeakEntry, ...] = field(default=(), repr=False)
 
 
 class Vcpu:
@@ -213,7 +234,10 @@ class Vm(File):
 
     # -- simple properties --
     @property
-    def asce_type(self) -> str:
+    def asce_type(self) -> AsceType:
+        """The designation type of the guest ASCE, chosen from the memory limit as gmap_create does:
+        ``"segment"`` for a limit up to 2 GiB (PREPARE refuses such a VM), then ``"region3"`` (up to
+        4 TiB), ``"region2"`` (up to 8 PiB), ``"region1"``."""
         return self.gmap.asce_type
 
     @property
@@ -254,7 +278,7 @@ class Vm(File):
         """The VM's PV bookkeeping now (kvm->arch.pv, the vCPUs, the mm counter, the leaks)."""
         if self.closed:
             raise ClosedFdError("VM is closed")
-        leaks = tuple(dict(e) for e in self.host.leaked() if e["vm"] == id(self))
+        leaks = tuple(e for e in self.host.leaked() if e["vm"] == id(self))  # copies
         aside = self.pv.set_aside
         return PvState(
             handle=self.pv.handle,
@@ -276,12 +300,100 @@ class Vm(File):
         )
 
     # -- KVM_S390_PV_COMMAND --
+    # One signature per command: the keywords are the fields of the command's data struct. A call
+    # with no data at all also type-checks (the last overload): the kernel then reads a NULL
+    # pointer, so a command that takes data fails with EFAULT.
+    @overload
+    def pv_command(
+        self,
+        cmd: _NoDataCmd,
+        *,
+        flags: int = 0,
+        rc: int = 0,
+        rrc: int = 0,
+    ) -> PvResult: ...
+    @overload
+    def pv_command(
+        self,
+        cmd: Literal[PvCmd.SET_SEC_PARMS, 2],
+        *,
+        header: bytes | bytearray | memoryview,
+        length: int = ...,
+        flags: int = 0,
+        rc: int = 0,
+        rrc: int = 0,
+    ) -> PvResult: ...
+    @overload
+    def pv_command(
+        self,
+        cmd: Literal[PvCmd.UNPACK, 3],
+        *,
+        addr: int,
+        size: int,
+        tweak: int,
+        flags: int = 0,
+        rc: int = 0,
+        rrc: int = 0,
+    ) -> PvResult: ...
+    @overload
+    def pv_command(
+        self,
+        cmd: Literal[PvCmd.INFO, 7],
+        *,
+        id: int,
+        len_max: int,
+        flags: int = 0,
+        rc: int = 0,
+        rrc: int = 0,
+    ) -> PvResult: ...
+    @overload
+    def pv_command(
+        self,
+        cmd: Literal[PvCmd.DUMP, 8],
+        *,
+        subcmd: int,
+        buff_len: int = 0,
+        gaddr: int = 0,
+        flags: int = 0,
+        rc: int = 0,
+        rrc: int = 0,
+    ) -> PvResult: ...
+    @overload
+    def pv_command(self, cmd: int, *, flags: int = 0, rc: int = 0, rrc: int = 0) -> PvResult: ...
     def pv_command(self, cmd: int, *, flags: int = 0, rc: int = 0, rrc: int = 0, **data: Any) -> PvResult:
-        """The KVM_S390_PV_COMMAND ioctl. Success returns PvResult; failure raises PvError.
+        """The KVM_S390_PV_COMMAND ioctl (kvm_s390_handle_pv). Success returns PvResult; failure
+        raises PvError (errno, and rc/rrc as copied back). ``rc``/``rrc`` are the values user space
+        puts in the struct before the call: a field KVM does not write comes back unchanged, on
+        success and on failure alike.
+
+        Command data, as keywords (any other keyword is a TypeError naming it):
+
+        * SET_SEC_PARMS: ``header`` (bytes), ``length`` (default ``len(header)``)
+        * UNPACK: ``addr``, ``size``, ``tweak``
+        * INFO: ``id`` (PvInfoId), ``len_max``; DUMP: ``subcmd`` (PvDumpSubcmd), ``buff_len``, ``gaddr``
+        * every other command: none
+
+        What comes back in rc/rrc (details and kernel sources: docs/COMMANDS.md):
+
+        * ENABLE: Create Config's rc/rrc, then each Create CPU's (0x0001/0 on success); a failed CPU
+          creation's on EIO.
+        * DISABLE: 0x0001/0 on success; on EIO the first failing destroy's (a secure CPU, else the
+          current configuration, else a leftover).
+        * SET_SEC_PARMS, UNPACK (the last page tried), VERIFY, PREP_RESET, UNSHARE_ALL, DUMP: the UV
+          call's rc/rrc, also when the UV refuses (EINVAL).
+        * INFO: never written.
+        * ASYNC_CLEANUP_PREPARE: 0x0001/42 (made by KVM) on success; a secure CPU's or Destroy-Fast's
+          rc/rrc on EIO.
+        * ASYNC_CLEANUP_PERFORM: on success with Destroy-Fast nothing is written (the caller's values
+          come back); without it Destroy Config's 0x0001/0; 0x0001/42 if a fatal signal stopped the
+          walk (the rest is left for DISABLE or VM destroy).
+        * Every refusal before a UV call (EINVAL for a VM in the wrong state or ``flags`` != 0,
+          EFAULT for missing data, ENOMEM, ENOTTY for an unknown ``cmd``) writes nothing, even a
+          PREPARE refused after it destroyed the secure CPUs.
 
         Python misuse (a cmd that is not an int or does not fit u32, flags/rc/rrc of the wrong type
         or width, unknown or wrongly typed command data) raises TypeError/ValueError naming the
-        argument before the ioctl starts.
+        argument before the ioctl starts. On a closed VM: ClosedFdError (EBADF, a ValueError).
         """
         tp = type(cmd)
         if (tp is not PvCmd and tp is not int) or flags is not _ZERO or rc is not _ZERO or rrc is not _ZERO or data:

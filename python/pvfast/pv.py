@@ -152,15 +152,19 @@ def create_cpu(vm: Vm, vcpu: Vcpu, rc: UvRc) -> int:
 
 
 def cpus_from_pv(vm: Vm, rc: UvRc) -> int:
-    """kvm_s390_cpus_from_pv: destroy every secure CPU, report the first failure, never stop early."""
+    """kvm_s390_cpus_from_pv: destroy every secure CPU, report the first failure, never stop early.
+
+    Each destroy writes to a local rc/rrc; only the first failure's are copied to ``rc``, so when
+    every CPU goes the caller's rc/rrc stay as they were (kvm-s390.c @ cc726886079f).
+    """
     ret = 0
-    out = rc  # every CPU destroy writes rc/rrc until the first failure; later ones go to a dummy
     for vcpu in vm.vcpu_list:
+        one = UvRc()
         with vcpu.mutex:
-            err = destroy_cpu(vm, vcpu, out)
+            err = destroy_cpu(vm, vcpu, one)
         if err and not ret:
+            rc.set(one.rc, one.rrc)
             ret = -EIO
-            out = UvRc()
     if not ret and vm.host.use_gisa:
         vm.gisa_enabled = True
     return ret
