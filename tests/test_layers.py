@@ -26,6 +26,7 @@ LAYERS: list[set[str]] = [
     {"pv"},  # arch/s390/kvm/pv.c
     {"kvm"},  # arch/s390/kvm/kvm-s390.c
     {"vmm", "image", "trace", "experiments", "cli"},
+    {"testing"},  # the pytest plugin (fixtures, the QEMU-shaped VMM, host checks); imports pytest
     {"__init__", "__main__"},
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}

@@ -10,10 +10,12 @@ sits above the machine it runs on.
 from __future__ import annotations
 
 import atexit
+import collections
 import logging
 import threading
 import weakref
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, TypedDict
 
@@ -96,6 +98,28 @@ def _uv_info(native: _native.Ultravisor) -> UvInfo:
         conf_dump_storage_state_len=num("conf_dump_storage_state_len"),
         conf_dump_finalize_len=num("conf_dump_finalize_len"),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class KernelWarning:
+    """One kernel WARN, as ``host.warnings()`` lists them (also logged on ``pvfast.kvm_uv``).
+
+    The kernel warns (WARN_ONCE, in arch/s390/kvm/pv.c) when a destroy UV call fails and it has
+    to leave memory to the UV: ``function`` is the kernel function that warned (for example
+    ``"kvm_s390_pv_deinit_vm"``), ``message`` the text, ``vm`` the VM's name (``Vm.name``),
+    ``handle`` the secure CPU's or configuration's handle, ``rc``/``rrc`` the failed call's codes.
+    """
+
+    function: str
+    message: str
+    vm: str
+    handle: int
+    rc: int
+    rrc: int
+
+
+#: ``host.warnings()`` keeps the latest this many warnings.
+MAX_WARNINGS = 10_000
 
 
 class LeakEntry(TypedDict):
@@ -264,6 +288,7 @@ class Host:
         self._next_kaddr = 0x1_0000_0000
         self._kmem: dict[int, tuple[str, int]] = {}
         self._alloc_failures = 0
+        self._warnings: collections.deque[KernelWarning] = collections.deque(maxlen=MAX_WARNINGS)
         self.processes: list[Process] = []
         self._ledger: dict[int, LeakEntry] = {}
         object.__setattr__(self, "_frozen", True)
@@ -403,3 +428,31 @@ class Host:
         """Bytes of kernel memory (donations, SIDA pages, top tables) currently allocated."""
         with self._lock:
             return sum(size for _, size in self._kmem.values())
+
+    def kernel_allocations(self) -> dict[str, tuple[int, int]]:
+        """The kernel memory allocated now, by what it is for: ``{kind: (count, bytes)}``.
+
+        Kinds: ``crst`` (a gmap's top-level table), ``sca``, ``stor_base``/``stor_var`` (a
+        configuration's donations), ``cpu_stor`` (a secure CPU's), ``sida``, ``aside_record``.
+        """
+        out: dict[str, tuple[int, int]] = {}
+        with self._lock:
+            for kind, size in self._kmem.values():
+                count, total = out.get(kind, (0, 0))
+                out[kind] = (count + 1, total + size)
+        return out
+
+    # -- kernel WARNs --
+    def warnings(self) -> list[KernelWarning]:
+        """The kernel WARNs issued on this host so far (the latest MAX_WARNINGS), oldest first."""
+        with self._lock:
+            return list(self._warnings)
+
+    def clear_warnings(self) -> None:
+        """Forget the warnings recorded so far."""
+        with self._lock:
+            self._warnings.clear()
+
+    def _warn(self, warning: KernelWarning) -> None:
+        with self._lock:
+            self._warnings.append(warning)

@@ -24,6 +24,7 @@ from .constants import (
 )
 from .errors import EAGAIN, EFAULT, EINTR, EINVAL, EIO, ENOMEM
 from .fault import should_export_before_import
+from .host import KernelWarning
 from .mm import MmuNotifier
 
 if TYPE_CHECKING:
@@ -95,6 +96,13 @@ class PvVmState:
         self.stor_var = 0
 
 
+def warn(vm: Vm, function: str, what: str, handle: int, rc: int, rrc: int) -> None:
+    """A kernel WARN (WARN_ONCE in pv.c): recorded on the host (``host.warnings()``) and logged."""
+    message = f"{what}: rc {rc:x} rrc {rrc:x}"
+    vm.host._warn(KernelWarning(function=function, message=message, vm=vm.name, handle=handle, rc=rc, rrc=rrc))
+    log.warning("vm %s: %s", vm.name, message)
+
+
 def uv_event(vm: Vm, fmt: str, *args: object) -> None:
     """KVM_UV_EVENT: the kvm-uv debug feature, as Python logging on ``pvfast.kvm_uv``."""
     if log.isEnabledFor(logging.DEBUG):
@@ -116,7 +124,14 @@ def destroy_cpu(vm: Vm, vcpu: Vcpu, rc: UvRc) -> int:
         rc.set(res.rc, res.rrc)
         uv_event(vm, "PROTVIRT DESTROY VCPU %d: rc %x rrc %x", vcpu.id, res.rc, res.rrc)
         if cc:
-            log.warning("vm %s: destroying secure CPU %d failed: rc %x rrc %x", vm.name, vcpu.id, res.rc, res.rrc)
+            warn(
+                vm,
+                "kvm_s390_pv_destroy_cpu",
+                f"destroying secure CPU {vcpu.id} failed",
+                vcpu.pv_handle,
+                res.rc,
+                res.rrc,
+            )
             host._leak(vcpu.stor_base, vm, vcpu.pv_handle)
     if not cc:
         host._kfree(vcpu.stor_base)
@@ -251,7 +266,7 @@ def deinit_vm(vm: Vm, rc: UvRc) -> int:
         old_table = vm.gmap.table
         vm.gmap.replace_asce()
         vm.host._leak(old_table, vm, vm.pv.handle)
-        log.warning("vm %s: destroying the secure configuration failed: rc %x rrc %x", vm.name, res.rc, res.rrc)
+        warn(vm, "kvm_s390_pv_deinit_vm", "destroying the secure configuration failed", vm.pv.handle, res.rc, res.rrc)
     uv_event(vm, "PROTVIRT DESTROY VM: rc %x rrc %x", res.rc, res.rrc)
     return -EIO if res.cc else 0
 
@@ -266,7 +281,7 @@ def deinit_vm_fast(vm: Vm, rc: UvRc | None) -> int:
         dealloc_vm(vm)
     uv_event(vm, "PROTVIRT DESTROY VM FAST: rc %x rrc %x", res.rc, res.rrc)
     if res.cc and res.rc != UVC_RC_DESTROY_FAST_APQN:  # Δ6.6: no warning for APQNs still bound
-        log.warning("vm %s: Destroy-Fast failed: rc %x rrc %x", vm.name, res.rc, res.rrc)
+        warn(vm, "kvm_s390_pv_deinit_vm_fast", "Destroy-Fast failed", vm.pv.handle, res.rc, res.rrc)
     return -EIO if res.cc else 0
 
 
@@ -279,7 +294,14 @@ def dispose_one_leftover(vm: Vm, rec: AsideRecord, rc: UvRc) -> int:
     rc.set(res.rc, res.rrc)
     uv_event(vm, "PROTVIRT DESTROY LEFTOVER VM: handle %x rc %x rrc %x", rec.handle, res.rc, res.rrc)
     if res.cc:
-        log.warning("vm %s: destroying a leftover configuration failed: rc %x rrc %x", vm.name, res.rc, res.rrc)
+        warn(
+            vm,
+            "kvm_s390_pv_dispose_one_leftover",
+            "destroying a leftover configuration failed",
+            rec.handle,
+            res.rc,
+            res.rrc,
+        )
         for addr in (rec.stor_base, rec.stor_var, rec.old_gmap_table):
             vm.host._leak(addr, vm, rec.handle)
         return res.cc
