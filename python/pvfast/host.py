@@ -123,8 +123,9 @@ MAX_WARNINGS = 10_000
 
 
 class LeakEntry(TypedDict):
-    """One resource the kernel leaves to the UV on purpose (a failed destroy UVC): what the
-    allocation was for, its address and size, the configuration handle, and ``id()`` of its VM."""
+    """One resource the kernel leaves to the UV on purpose (a failed destroy UVC): ``kind``, what
+    the allocation was for (see ``Host.kernel_allocations``); ``addr`` and ``size``, where it is
+    and how big; ``handle``, the secure CPU's or configuration's handle; ``vm``, ``id()`` of its VM."""
 
     kind: str
     addr: int
@@ -180,7 +181,8 @@ def _shutdown_all() -> None:
 
 
 class UltravisorView:
-    """``host.uv``: the emulated Ultravisor, for inspection and fault injection."""
+    """``host.uv``: the emulated Ultravisor, for inspection and fault injection. ``native`` is the
+    Rust Ultravisor itself (``pvfast._native.Ultravisor``), for what this view does not wrap."""
 
     def __init__(self, native: _native.Ultravisor) -> None:
         self.native = native
@@ -190,6 +192,7 @@ class UltravisorView:
         return self.native.stats()
 
     def reset_stats(self) -> None:
+        """Set every counter of ``stats()`` back to zero."""
         self.native.reset_stats()
 
     def config_handles(self) -> set[int]:
@@ -219,6 +222,7 @@ class UltravisorView:
         self.native.inject_failure(uvc, rc, rrc, count)
 
     def clear_failures(self) -> None:
+        """Drop every injected failure that has not fired yet."""
         self.native.clear_failures()
 
     def info(self) -> UvInfo:
@@ -226,11 +230,23 @@ class UltravisorView:
         return _uv_info(self.native)
 
     def donated_bytes(self) -> int:
+        """Bytes of host storage donated to the UV now: configurations' base and variable storage
+        and secure CPUs' storage (leaked donations included: the UV still has them)."""
         return self.native.donated_bytes()
 
 
 class Host:
-    """One booted machine: a kvm module loaded with ``async_destroy`` and a UV with its features."""
+    """One booted machine: a kvm module loaded with ``async_destroy`` and a UV with its features.
+
+    The keywords are load-time settings (read-only afterwards): the kvm module parameter
+    ``async_destroy``, whether the host booted with PV support (``prot_virt``), the UV's
+    Destroy-Fast call, MISC and AIV features and dump calls, KVM's ``use_gisa``, and
+    ``walk_threads`` (worker threads of the native page walks; 0: one per CPU).
+
+    Attributes: ``uv`` (UltravisorView), ``uv_info`` (UvInfo, as QUI reported it at boot),
+    ``processes`` (every process spawned on this host), ``async_destroy``, ``prot_virt``,
+    ``use_gisa``, ``destroy_fast_available``, ``feature_misc``, ``feature_aiv``, ``dump_available``.
+    """
 
     def __init__(
         self,
@@ -319,6 +335,7 @@ class Host:
         return files[path]
 
     def sysfs_paths(self) -> list[str]:
+        """The sysfs files ``read_sysfs`` knows on this host, sorted."""
         return sorted(self._sysfs())
 
     def _sysfs(self) -> dict[str, str]:
@@ -350,7 +367,8 @@ class Host:
 
     # -- processes --
     def spawn_process(self, name: str = "qemu") -> Process:
-        """A new VMM process with its own address space."""
+        """A new VMM process named ``name`` with its own address space and no VM yet (fork+exec
+        of a VMM). ``host.create_vm`` is the shortcut for a process with one VM."""
         if not isinstance(name, str):
             raise TypeError(f"name: expected str, got {type(name).__name__}")
         if _copy_process is None:  # pragma: no cover - pvfast/__init__ imports mm, which registers it

@@ -123,7 +123,13 @@ _NoDataCmd = Literal[
 
 @dataclass(frozen=True, slots=True)
 class PvResult:
-    """A successful KVM_S390_PV_COMMAND: rc/rrc as copied back, and INFO/DUMP output."""
+    """A successful KVM_S390_PV_COMMAND, as the struct and data come back to user space.
+
+    ``rc``, ``rrc``: the UV return codes copied back (docs/COMMANDS.md says, per command, whose
+    they are; a field KVM did not write holds what the caller passed). ``data``: INFO's
+    ``struct kvm_s390_pv_info`` (header and the part asked for) or DUMP's output buffer, else None.
+    ``gaddr``: after DUMP CONFIG_STOR_STATE, the guest address the next call continues at.
+    """
 
     rc: int
     rrc: int
@@ -151,7 +157,25 @@ def _pv_result(rc: int, rrc: int, data: bytes | None, gaddr: int | None) -> PvRe
 
 @dataclass(frozen=True)
 class PvState:
-    """``vm.pv_state()``: the VM's PV bookkeeping as the kernel holds it."""
+    """``vm.pv_state()``: the VM's PV bookkeeping as the kernel holds it (``kvm->arch.pv`` and friends).
+
+    * ``handle``: the current configuration's handle, 0 when not protected; ``protected``: handle != 0.
+    * ``set_aside``: a configuration was set aside by PREPARE and not yet claimed by PERFORM;
+      ``set_aside_fast``: that record is a Destroy-Fast one (the configuration is already gone,
+      only its memory is left).
+    * ``need_cleanup``: leftover records (a PERFORM stopped by a fatal signal), for DISABLE or the
+      VM's destruction; ``performing``: PERFORM calls between their claim and their end.
+    * ``protected_count``: the address space's ``mm->context.protected_count``, the protected
+      configurations that may still own pages of it; ``mm_users``: the address space's users.
+    * ``dumping``: a dump sequence started by DUMP INIT has not completed.
+    * ``leaked``, ``leaks``: the number of leak-ledger entries of this VM, and the entries (as
+      ``host.leaked()`` gives them): storage the kernel left to the UV after a failed destroy.
+    * ``vcpu_handles``: each vCPU's secure-CPU handle (0: not protected).
+    * ``service_irq_masked``: service-signal interrupts are masked (from ENABLE to DISABLE/PREPARE).
+    * ``user_cpu_state_ctrl``: user space controls the CPU state (set by every PV command).
+    * ``guest_handle``: the gmap's copy of the handle that the fault handlers read (v6.2).
+    * ``asce``: the guest ASCE: top-level table origin, designation type, table length.
+    """
 
     handle: int
     protected: bool
@@ -188,6 +212,7 @@ class Vcpu:
         self.sie_blocked = False
 
     def clear_pv(self) -> None:
+        """The SIE block's PV fields back to a normal vCPU (after its secure CPU is destroyed)."""
         self.pv_handle = 0
         self.stor_base = 0
         self.sida = 0
@@ -197,7 +222,13 @@ class Vcpu:
 
 
 class Vm(File):
-    """A VM file descriptor: guest memory, vCPUs and the PV command interface."""
+    """A VM file descriptor: guest memory, vCPUs and the PV command interface.
+
+    Made by ``Process.create_vm`` (or ``Host.create_vm``). ``memory_size`` and ``memory_limit``
+    are in bytes, ``process`` and ``host`` are where it lives, ``name`` (``"<pid>:<tag>"``) names
+    it in log lines and warnings. A context manager: leaving the block closes it. Calls on a
+    closed VM raise ClosedFdError (EBADF; a ValueError too).
+    """
 
     what = "VM"
 
@@ -242,10 +273,13 @@ class Vm(File):
 
     @property
     def vcpus(self) -> int:
+        """The number of vCPUs (``create_vcpu`` adds one)."""
         return len(self.vcpu_list)
 
     @property
     def protected(self) -> bool:
+        """Whether the VM runs as a protected VM now: a configuration handle is set
+        (kvm_s390_pv_is_protected)."""
         return self.pv.handle != 0
 
     # -- VM ioctls --
@@ -275,7 +309,7 @@ class Vm(File):
             self.process._fdput(self)
 
     def pv_state(self) -> PvState:
-        """The VM's PV bookkeeping now (kvm->arch.pv, the vCPUs, the mm counter, the leaks)."""
+        """The VM's PV bookkeeping now (kvm->arch.pv, the vCPUs, the mm counter, the leaks); see PvState."""
         if self.closed:
             raise ClosedFdError("VM is closed")
         leaks = tuple(e for e in self.host.leaked() if e["vm"] == id(self))  # copies
@@ -505,7 +539,9 @@ class Vm(File):
             self.process._fdput(self)
 
     def host_read(self, gaddr: int, size: int) -> bytes:
-        """The VMM reads guest memory: secure pages are pinned (shared) or exported first."""
+        """The VMM reads guest memory: secure pages are pinned (shared) or exported first, so the
+        host never reads plaintext of a protected guest. A page a running vCPU keeps importing back
+        ends the read with OSError(EAGAIN) (BlockingIOError)."""
         first, npages = self._page_range(gaddr, size)
         self.process._fdget(self)
         try:

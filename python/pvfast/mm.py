@@ -66,7 +66,12 @@ class MmuNotifier:
 
 
 class AddressSpace:
-    """An mm_struct: the guest memory mappings of every VM of the processes that share it."""
+    """An mm_struct: the guest memory mappings of every VM of the processes that share it.
+
+    For inspection: ``protected_count`` (``mm->context.protected_count``), ``users``
+    (``mm_users``: the process and its CLONE_VM helpers), ``regions`` (one per VM's memory),
+    ``dead`` (torn down), ``teardown_stats`` (pages destroyed and exported by the teardown).
+    """
 
     def __init__(self, host: Host) -> None:
         self.host = host
@@ -96,6 +101,7 @@ class AddressSpace:
             return True
 
     def is_protected(self) -> bool:
+        """mm_is_protected: a protected configuration may still own pages of this address space."""
         return self.protected_count != 0
 
     # -- mappings --
@@ -190,6 +196,9 @@ class File(abc.ABC):
 
 class Process:
     """A VMM process: an address space (possibly shared with clone_vm helpers) and VM fds.
+
+    ``pid``, ``name``, ``alive``, ``host``, ``mm`` (its AddressSpace), ``helper_of`` (the process a
+    CLONE_VM helper was cloned from), ``exit_seconds`` (wall time of its exit teardown).
 
     Every call into the emulated kernel counts as work in flight of its process, so ``exit`` and
     ``kill`` wait for it as the kernel waits for the process's other threads.
@@ -333,6 +342,7 @@ class Process:
 
     @property
     def vms(self) -> list[Vm]:
+        """The VM fds this process holds open."""
         with self._lock:
             return list(self._fds)
 

@@ -45,6 +45,8 @@ class AsyncCleanupThread(threading.Thread):
         self.entered = threading.Event()
 
     def run(self) -> None:
+        """Wait for ``hold``, issue PERFORM; on failure log QEMU's line and, with
+        ``exit_on_error``, exit the VMM with status 1. ``result``/``error`` keep the outcome."""
         if self.hold is not None:
             self.hold.wait()  # "thread created, ioctl not yet entered": the double-reboot window
         self.entered.set()
