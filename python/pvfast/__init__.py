@@ -28,6 +28,7 @@ from .constants import (
     KVM_S390_PV_COMMAND,
     KVM_S390_PV_CPU_COMMAND,
     PAGE_SIZE,
+    AsceType,
     Cap,
     PvCmd,
     PvDumpSubcmd,
@@ -35,7 +36,7 @@ from .constants import (
     Uvc,
 )
 from .errors import ClosedFdError, PvError, UvcError
-from .host import Host, UltravisorView
+from .host import Host, KernelWarning, LeakEntry, UltravisorView, UvInfo
 from .kvm import PvResult, PvState, Vm
 from .mm import AddressSpace, Process
 
@@ -61,9 +62,12 @@ __all__ = [
     "KVM_S390_PV_CPU_COMMAND",
     "PAGE_SIZE",
     "AddressSpace",
+    "AsceType",
     "Cap",
     "ClosedFdError",
     "Host",
+    "KernelWarning",
+    "LeakEntry",
     "Process",
     "PvCmd",
     "PvDumpSubcmd",
@@ -72,6 +76,7 @@ __all__ = [
     "PvResult",
     "PvState",
     "UltravisorView",
+    "UvInfo",
     "Uvc",
     "UvcError",
     "Vm",
