@@ -8,8 +8,9 @@
 //! ≥ 0x10 of the form 0xFFFF_FFFF_FFFF_FFxx is replaced: xx < 0x80 → the (xx mod n)-th handle
 //! created so far (configs and CPUs), xx ≥ 0x80 → the host address of page (xx - 0x80) of the
 //! region. Properties: no panic; afterwards the O(1) secure-page counter equals a full recount of
-//! the region's page states. One UV (with its worker pool) lives for the whole run; each input gets
-//! a fresh region, and destroys the CPUs and configurations it created before releasing it.
+//! the region's page states; once the input's CPUs and configurations are destroyed and the region
+//! released, the UV keeps no configuration record (ids are reused, nothing leaks across inputs).
+//! One UV (with its worker pool) lives for the whole run; each input gets a fresh region.
 #![no_main]
 
 use std::sync::OnceLock;
@@ -85,4 +86,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = uv.destroy_config(h);
     }
     let _ = uv.release_region(&region);
+    // Nothing refers to this input's configurations any more: every record is retired.
+    let t = uv.table_sizes();
+    assert_eq!((t.configs, t.cpus), (0, 0), "configuration records leaked: {t:?}");
 });

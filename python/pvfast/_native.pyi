@@ -305,6 +305,11 @@ class Ultravisor:
         base storage when this UV was built with initialised=False and initialised by a call
         (a default UV's boot-time donation happened before it existed and is not counted)."""
     def is_initialised(self) -> bool: ...  # INIT_UV done (not a UVC, does not count)
+    def table_sizes(self) -> dict[str, int]:
+        """The UV's configuration tables: configs (records kept: live ones and dead ones some
+        page still refers to), live, dead, id_slots (ids handed out at once, at most 2**27-1)
+        and free_ids among them, cpus, asces. A dead configuration is retired, and its id
+        reused, once no page names it (orphaned and exported pages do)."""
     def inject_failure(self, uvc: int, rc: int, rrc: int = 0, count: int = 1) -> None:
         """ValueError for an unknown UVC code, rc == 0x0001, or count < 1.
         Exception: an injected Create Config rc with the 0x8000 (NEED_DESTROY) flag does create

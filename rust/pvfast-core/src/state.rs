@@ -184,6 +184,10 @@ pub(crate) struct Core {
     threads: usize,
     salt: u64,
     cpu_seq: AtomicU64,
+    config_seq: AtomicU64,
+    /// Bumped whenever a configuration is retired (its id may be reused): a cache of id ->
+    /// configuration (the walks keep one) is valid only while this is unchanged.
+    pub(crate) retire_epoch: AtomicU64,
 }
 
 /// What a UVC returns, and what it returns when an injected failure stops it before it runs.
@@ -243,6 +247,8 @@ impl Core {
             threads,
             salt: random_u64(),
             cpu_seq: AtomicU64::new(0),
+            config_seq: AtomicU64::new(1),
+            retire_epoch: AtomicU64::new(0),
         })
     }
 
@@ -319,9 +325,22 @@ impl Core {
         rlock(&self.tables).live(handle).cloned()
     }
 
-    /// Sequence number of the next secure CPU (tagged so it never meets a config id).
+    /// Sequence number of the next secure CPU (tagged so it never meets a config's).
     pub(crate) fn next_cpu_seq(&self) -> u64 {
         self.cpu_seq.fetch_add(1, Ordering::Relaxed) | (1 << 63)
+    }
+
+    /// Sequence number of the next configuration: never reused (unlike its id), so neither is
+    /// its handle.
+    pub(crate) fn next_config_seq(&self) -> u64 {
+        self.config_seq.fetch_add(1, Ordering::Relaxed) & !(1 << 63)
+    }
+
+    /// Retire the dead configurations no page refers to (tables write lock held).
+    pub(crate) fn retire(&self, t: &mut Tables) {
+        if t.retire_unreferenced() != 0 {
+            self.retire_epoch.fetch_add(1, Ordering::Release);
+        }
     }
 
     /// An opaque handle: non-zero, unused, and with both neighbours unused (so that

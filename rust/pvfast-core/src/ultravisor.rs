@@ -5,10 +5,11 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+pub use crate::config::TableSizes;
 use crate::config::{Config, Cpu, CFG_DESTROYED, CFG_FAST_DESTROYED};
 use crate::error::{invalid, CoreError};
 use crate::image;
-use crate::memory::{mlock, ps, rlock, wlock};
+use crate::memory::{mlock, rlock, wlock};
 use crate::pages::{OwnerOp, PageCtx};
 use crate::region::{classify, PageState, Region};
 use crate::state::Core;
@@ -193,6 +194,8 @@ impl Ultravisor {
         self.check_region(region)?;
         wlock(&self.regions).remove(&region.base);
         region.release();
+        // Its pages are gone: dead configurations only they referred to can be retired.
+        self.sweep();
         Ok(())
     }
 
@@ -397,9 +400,8 @@ impl Ultravisor {
         // Lock order is region mapping before tables: look at the mapping first.
         let released = req.region.is_none_or(|r| r.is_released());
         let mut t = wlock(&self.core.tables);
-        if t.live as u64 >= info.max_num_sec_conf
-            || t.by_id.len() as u64 >= u64::from(ps::MAX_OWNER)
-        {
+        self.core.retire(&mut t);
+        if t.live as u64 >= info.max_num_sec_conf || t.ids_exhausted() {
             return fail(rc::TOO_MANY_CONFIGS);
         }
         let Some(region) = req.region.filter(|_| !released) else {
@@ -418,8 +420,10 @@ impl Ultravisor {
         if t.asce_in_use.contains(&origin) {
             return fail(rc::ASCE_IN_USE);
         }
-        let id = t.by_id.len() as u32 + 1;
-        let handle = self.core.fresh_handle(&t, u64::from(id));
+        let Some(id) = t.next_id() else {
+            return fail(rc::TOO_MANY_CONFIGS);
+        };
+        let handle = self.core.fresh_handle(&t, self.core.next_config_seq());
         let donated = req.base_stor_len.saturating_add(req.var_stor_len);
         let cfg = Arc::new(Config::new(
             id,
@@ -429,8 +433,7 @@ impl Ultravisor {
             origin,
             donated,
         ));
-        t.by_id.push(Arc::clone(&cfg));
-        t.by_handle.insert(handle, cfg);
+        t.insert(cfg);
         t.asce_in_use.insert(origin);
         t.live += 1;
         self.core.donated.fetch_add(donated, Ordering::Relaxed);
@@ -459,14 +462,19 @@ impl Ultravisor {
         Ok(cfg)
     }
 
-    /// DESTROY_SEC_CONF 0x0101: refused while the config has CPUs; cleans all its pages.
+    /// DESTROY_SEC_CONF 0x0101: refused while the config has CPUs; cleans all its pages, so
+    /// no page refers to it afterwards and its record is retired at once.
     pub fn destroy_config(&self, handle: u64) -> UvcStatus {
         self.core.execute(Uvc::DestroySecConf, || {
             match self.destroy_config_common(handle, Uvc::DestroySecConf) {
                 Ok(cfg) => {
                     if let Some(region) = self.region_of(&cfg) {
                         walk::clean_config(&self.core, &region, cfg.id);
+                        self.forget_exports(&region, cfg.id);
                     }
+                    // Only now: while its own clean-up walk runs, the id must stay its own.
+                    wlock(&self.core.tables).mark_dead(cfg.id);
+                    self.sweep();
                     UvcStatus::OK
                 }
                 Err(s) => s,
@@ -474,17 +482,64 @@ impl Ultravisor {
         })
     }
 
-    /// DESTROY_SEC_CONF_FAST 0x0102: O(1); the config's pages become ORPHANED.
+    /// DESTROY_SEC_CONF_FAST 0x0102: O(1); the config's pages become ORPHANED. The record
+    /// stays while orphaned (or orphan-exported) pages refer to it.
     pub fn destroy_config_fast(&self, handle: u64) -> UvcStatus {
         self.core.execute(Uvc::DestroySecConfFast, || {
             if !self.core.opts.destroy_fast {
                 return UvcStatus::err(rc::INV_CMD);
             }
             match self.destroy_config_common(handle, Uvc::DestroySecConfFast) {
-                Ok(_) => UvcStatus::OK,
+                Ok(cfg) => {
+                    let mut t = wlock(&self.core.tables);
+                    t.mark_dead(cfg.id);
+                    self.core.retire(&mut t);
+                    UvcStatus::OK
+                }
                 Err(s) => s,
             }
         })
+    }
+
+    /// Pages dead configuration `id` exported while it lived read as non-secure; rewrite them
+    /// so (`PageCtx::forget_export`), dropping their references to `id`. O(exported pages of
+    /// the region).
+    fn forget_exports(&self, region: &Region, id: u32) {
+        let pages: Vec<u64> = mlock(&region.exported)
+            .iter()
+            .filter(|(_, tag)| tag.owner == id)
+            .map(|(idx, _)| *idx)
+            .collect();
+        if pages.is_empty() {
+            return;
+        }
+        let _ = region.with_mem(|mem| {
+            let ctx = PageCtx {
+                core: &self.core,
+                region,
+                mem,
+            };
+            for idx in pages {
+                ctx.forget_export(idx, id);
+            }
+        });
+    }
+
+    /// Retire every dead configuration no page refers to, first forgetting the exports of
+    /// those only such pages still name. Runs after a destroy and a region release.
+    fn sweep(&self) {
+        let candidates = rlock(&self.core.tables).only_live_exports();
+        for cfg in candidates {
+            if let Some(region) = self.region_of(&cfg) {
+                self.forget_exports(&region, cfg.id);
+            }
+        }
+        self.core.retire(&mut wlock(&self.core.tables));
+    }
+
+    /// Sizes of the configuration tables (inspection; not a UVC).
+    pub fn table_sizes(&self) -> TableSizes {
+        rlock(&self.core.tables).sizes()
     }
 
     /// CREATE_SEC_CPU 0x0120 -> (status, cpu handle). Checks, in order: handle 0x0020,

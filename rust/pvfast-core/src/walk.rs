@@ -54,8 +54,10 @@ pub struct WalkResult {
 }
 
 /// Per-owner secure-page deltas of one batch, flushed to the configs at the end of the batch.
+/// The cached id -> config lookup is redone when a configuration was retired meanwhile (its id
+/// may now name another one).
 struct OwnerTally {
-    cache: Option<(u32, Option<Arc<Config>>)>,
+    cache: Option<(u32, u64, Option<Arc<Config>>)>,
     counts: Vec<(u32, i64)>,
 }
 
@@ -69,10 +71,15 @@ impl OwnerTally {
 
     #[inline]
     fn config(&mut self, core: &Core, owner: u32) -> Option<&Arc<Config>> {
-        if self.cache.as_ref().is_none_or(|(id, _)| *id != owner) {
-            self.cache = Some((owner, core.config_by_id(owner)));
+        let epoch = core.retire_epoch.load(Ordering::Acquire);
+        if self
+            .cache
+            .as_ref()
+            .is_none_or(|(id, e, _)| *id != owner || *e != epoch)
+        {
+            self.cache = Some((owner, epoch, core.config_by_id(owner)));
         }
-        self.cache.as_ref().and_then(|(_, c)| c.as_ref())
+        self.cache.as_ref().and_then(|(_, _, c)| c.as_ref())
     }
 
     #[inline]

@@ -656,3 +656,99 @@ fn exported_pages_of_a_dead_config_read_as_nonsecure() {
     assert_eq!(uv.convert_to_secure(h2, 0), ok());
     assert_eq!(state(r, 0), ("secure", h2));
 }
+
+#[test]
+fn destroyed_configurations_are_retired_and_their_ids_reused() {
+    let uv = uv();
+    let r = uv.create_region(4 * MIB).unwrap();
+    r.touch(0, MIB).unwrap();
+    let mut handles = std::collections::HashSet::new();
+    for i in 0..10_000u64 {
+        let (st, h) = create(&uv, &r, 4 * MIB, 0x10_000);
+        assert_eq!(st, ok());
+        assert!(handles.insert(h), "handle {h:#x} reused (cycle {i})");
+        assert_eq!(uv.convert_to_secure(h, (i % 8) * PAGE), ok());
+        assert_eq!(uv.convert_from_secure(r.base() + (i % 8) * PAGE), ok());
+        let c = cpu(&uv, h, 0);
+        assert_eq!(uv.destroy_cpu(c), ok());
+        assert_eq!(uv.destroy_config(h), ok());
+        let t = uv.table_sizes();
+        assert_eq!(
+            (t.configs, t.live, t.dead, t.cpus),
+            (0, 0, 0, 0),
+            "cycle {i}"
+        );
+        assert_eq!(t.id_slots, 1, "the one id is reused (cycle {i})");
+    }
+    // The exports of destroyed configurations read as plain non-secure memory.
+    for p in 0..8 {
+        assert_eq!(state(&r, p), ("nonsecure", 0));
+    }
+}
+
+#[test]
+fn a_reused_id_never_adopts_an_old_page() {
+    let uv = uv();
+    let r = uv.create_region(4 * MIB).unwrap();
+    r.touch(0, MIB).unwrap();
+    // A: page 0 orphaned by Destroy-Fast, page 1 exported while A lived.
+    let (_, a) = create(&uv, &r, 4 * MIB, 0x10_000);
+    for p in 0..2 {
+        assert_eq!(uv.convert_to_secure(a, p * PAGE), ok());
+    }
+    r.write(PAGE, b"A's secret", a).unwrap();
+    assert_eq!(uv.convert_from_secure(r.base() + PAGE), ok());
+    assert_eq!(uv.destroy_config_fast(a), ok());
+    assert_eq!(state(&r, 0), ("orphaned", a));
+    // While the orphan exists, A is kept: new configurations get other ids.
+    let (_, b) = create(&uv, &r, 4 * MIB, 0x20_000);
+    assert_eq!(uv.table_sizes().id_slots, 2);
+    assert_eq!(uv.convert_to_secure(b, 0), err(rc::OTHER_OWNER));
+    assert_eq!(uv.secure_pages(Some(a)), 1);
+    // The orphan goes; a sweep (any destroy or region release) forgets A's export and A.
+    assert_eq!(uv.destroy_page(r.base()), ok());
+    assert_eq!(uv.destroy_config(b), ok());
+    let t = uv.table_sizes();
+    assert_eq!((t.configs, t.free_ids), (0, 2));
+    assert_eq!(uv.secure_pages(Some(a)), 0);
+    // C and D take the two freed ids, so one of them has A's: A's exported page is neither's
+    // to decrypt, it is fresh memory (zeroed on import), and A's handle means nothing.
+    let (_, c) = create(&uv, &r, 4 * MIB, 0x30_000);
+    let (_, d) = create(&uv, &r, 4 * MIB, 0x40_000);
+    assert_eq!(uv.table_sizes().id_slots, 2, "both ids reused");
+    assert_eq!(state(&r, 1), ("nonsecure", 0));
+    for (h, page) in [(c, 1), (d, 2)] {
+        assert_eq!(uv.convert_to_secure(h, page * PAGE), ok());
+        assert_eq!(r.read(page * PAGE, 10, h).unwrap(), vec![0u8; 10]);
+    }
+    assert_eq!(state(&r, 0), ("nonsecure", 0));
+    assert_eq!(uv.destroy_config(a), err(rc::INV_GUEST_HANDLE));
+    assert!(c != a && d != a && c != b && d != b);
+}
+
+#[test]
+fn an_orphan_export_keeps_its_configuration_until_the_region_goes() {
+    let uv = uv();
+    let r = uv.create_region(4 * MIB).unwrap();
+    r.touch(0, MIB).unwrap();
+    let (_, a) = create(&uv, &r, 4 * MIB, 0x10_000);
+    assert_eq!(uv.convert_to_secure(a, 0), ok());
+    assert_eq!(uv.destroy_config_fast(a), ok());
+    assert_eq!(uv.convert_from_secure(r.base()), ok()); // the orphan is exported
+    for _ in 0..100 {
+        let (_, h) = create(&uv, &r, 4 * MIB, 0x20_000);
+        assert_eq!(uv.destroy_config(h), ok());
+        assert_eq!(
+            state(&r, 0),
+            ("exported", a),
+            "still attributed to the dead handle"
+        );
+    }
+    assert_eq!(uv.table_sizes().dead, 1);
+    // Destroy-page leaves an exported page alone; the region going releases everything.
+    assert_eq!(uv.destroy_page(r.base()), ok());
+    assert_eq!(uv.table_sizes().configs, 1);
+    uv.release_region(&r).unwrap();
+    let t = uv.table_sizes();
+    assert_eq!((t.configs, t.dead), (0, 0));
+}

@@ -357,6 +357,19 @@ impl Ultravisor {
         self.inner.donated_bytes()
     }
 
+    fn table_sizes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.inner.table_sizes();
+        let d = PyDict::new(py);
+        d.set_item("configs", s.configs)?;
+        d.set_item("live", s.live)?;
+        d.set_item("dead", s.dead)?;
+        d.set_item("id_slots", s.id_slots)?;
+        d.set_item("free_ids", s.free_ids)?;
+        d.set_item("cpus", s.cpus)?;
+        d.set_item("asces", s.asces)?;
+        Ok(d)
+    }
+
     #[pyo3(signature = (uvc, rc, rrc = 0, count = 1))]
     fn inject_failure(
         &self,
