@@ -30,7 +30,7 @@ LENS = {
     0x0311: 0x40,
     0x0320: 0x40,
     0x0321: 0x40,
-    0x0330: 0x28,
+    0x0330: 0x50,
     0x0340: 0x40,
     0x0341: 0x20,
     0x0342: 0x28,
@@ -56,11 +56,23 @@ def block(cmd: int, fields: dict[int, int] | None = None, length: int | None = N
 
 
 def create_conf(guest_len: int, asce: int) -> bytes:
-    return block(0x0100, {0x38: 0, 0x40: guest_len, 0x48: 0x1000, 0x50: asce})
+    """Donation origins and SCA above the lowcore; asce must carry the private-space bit 0x100."""
+    return block(0x0100, {0x20: 0x10_0000, 0x28: 0x20_0000, 0x38: 0, 0x40: guest_len, 0x48: 0x4000, 0x50: asce})
 
 
-def seq(*blocks: bytes) -> bytes:
-    return b"".join(struct.pack(">H", len(b)) + b for b in blocks)
+GUEST = 0x8000  # length-word flag of uv_sequence: issued by the guest of the first config
+
+
+def seq(*blocks: bytes | tuple[str, bytes]) -> bytes:
+    out = b""
+    for b in blocks:
+        flag, data = (GUEST, b[1]) if isinstance(b, tuple) else (0, b)
+        out += struct.pack(">H", flag | len(data)) + data
+    return out
+
+
+def guest(b: bytes) -> tuple[str, bytes]:
+    return ("guest", b)
 
 
 def write(dirname: str, name: str, data: bytes) -> None:
@@ -78,9 +90,12 @@ def main() -> None:
     write(d, "short", b"\x00\x40\x01\x01")
     write(d, "unknown_cmd", block(0x7777, length=0x40))
     write(d, "truncated_qui", block(0x0001)[:0x40])
+    write(d, "qui_short", block(0x0001, length=0xA8))
+    write(d, "qui_linux_6_4", block(0x0001, length=0x120))
+    write(d, "cpu_set_state", block(0x0330, {0x18: 0x1000_0001, 0x20: 5}))  # state 5 at 0x27
 
     s = "fuzz/corpus/uv_sequence"
-    conf = create_conf(4 << 20, 0x6000_0007)
+    conf = create_conf(4 << 20, 0x6000_0107)
     cpu = block(0x0120, {0x20: H(0), 0x28: 0x2000})
     imp = [block(0x0200, {0x18: H(0), 0x20: k * 4096}) for k in range(4)]
     write(s, "lifecycle", seq(conf, cpu, *imp, block(0x0121, {0x18: H(1)}), block(0x0101, {0x18: H(0)})))
@@ -105,7 +120,7 @@ def main() -> None:
             conf,
             cpu,
             imp[0],
-            block(0x1000, {0x18: H(0), 0x20: 0}),
+            guest(block(0x1000, {0x20: 0})),
             block(0x0341, {0x18: P(0)}),
             block(0x0201, {0x18: P(0)}),
             imp[0],
@@ -114,7 +129,7 @@ def main() -> None:
     write(
         s,
         "unshare_all",
-        seq(conf, cpu, imp[0], imp[1], block(0x1000, {0x18: H(0), 0x20: 4096}), block(0x0340, {0x18: H(0)})),
+        seq(conf, cpu, imp[0], imp[1], guest(block(0x1000, {0x20: 4096})), block(0x0340, {0x18: H(0)})),
     )
     write(
         s,
@@ -126,7 +141,7 @@ def main() -> None:
         "two_configs",
         seq(
             conf,
-            create_conf(4 << 20, 0x7000_0007),
+            create_conf(4 << 20, 0x7000_0107),
             block(0x0200, {0x18: H(1), 0x20: 0}),
             block(0x0200, {0x18: H(0), 0x20: 0}),
             block(0x0101, {0x18: H(1)}),

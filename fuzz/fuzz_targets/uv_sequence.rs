@@ -2,18 +2,22 @@
 //! the fuzzer reaches the UVC bodies (config/CPU lifetimes, page-state transitions, destroy,
 //! export, Destroy-Fast orphans) and not only the length and handle checks.
 //!
-//! Input: repeated `[len_hi, len_lo, block...]`. In each block, an 8-aligned u64 field at offset
+//! Input: repeated `[len_hi, len_lo, block...]`; the top bit of the length word set means "issued
+//! by the protected guest of the first configuration created" (the share calls are guest calls),
+//! otherwise the host issues the block. In each block, an 8-aligned u64 field at offset
 //! ≥ 0x10 of the form 0xFFFF_FFFF_FFFF_FFxx is replaced: xx < 0x80 → the (xx mod n)-th handle
 //! created so far (configs and CPUs), xx ≥ 0x80 → the host address of page (xx - 0x80) of the
 //! region. Properties: no panic; afterwards the O(1) secure-page counter equals a full recount of
-//! the region's page states. One UV (with its worker pool) lives for the whole run; each input gets
-//! a fresh region, and destroys the CPUs and configurations it created before releasing it.
+//! the region's page states; once the input's CPUs and configurations are destroyed and the region
+//! released, the UV keeps no configuration record (ids are reused, nothing leaks across inputs).
+//! One UV (with its worker pool) lives for the whole run; each input gets a fresh region.
 #![no_main]
 
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use pvfast_core::{dispatch, Ultravisor, UvOptions};
+use pvfast_core::dispatch::{self, Issuer};
+use pvfast_core::{Ultravisor, UvOptions};
 
 const REGION: u64 = 4 << 20;
 
@@ -37,7 +41,12 @@ fuzz_target!(|data: &[u8]| {
         if rest.len() < 2 {
             break;
         }
-        let n = (usize::from(u16::from_be_bytes([rest[0], rest[1]])) % 0x110).min(rest.len() - 2);
+        let word = u16::from_be_bytes([rest[0], rest[1]]);
+        let issuer = match (word & 0x8000 != 0, configs.first()) {
+            (true, Some(&h)) => Issuer::Guest(h),
+            _ => Issuer::Host,
+        };
+        let n = (usize::from(word & 0x7fff) % 0x130).min(rest.len() - 2);
         let mut block = rest[2..2 + n].to_vec();
         rest = &rest[2 + n..];
         let mut off = 0x10;
@@ -54,7 +63,7 @@ fuzz_target!(|data: &[u8]| {
             }
             off += 8;
         }
-        let (cc, out) = dispatch::call(uv, &block);
+        let (cc, out) = dispatch::call_as(uv, issuer, &block);
         if cc == 0 && out.len() >= 0x20 {
             let cmd = u16::from_be_bytes([out[2], out[3]]);
             if cmd == 0x0100 || cmd == 0x0120 {
@@ -77,4 +86,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = uv.destroy_config(h);
     }
     let _ = uv.release_region(&region);
+    // Nothing refers to this input's configurations any more: every record is retired.
+    let t = uv.table_sizes();
+    assert_eq!((t.configs, t.cpus), (0, 0), "configuration records leaked: {t:?}");
 });

@@ -283,10 +283,13 @@ class Ultravisor:
         max_cpus: int = 248,
         legacy_destroy_rc: bool = False,  # destroy-page on a NONSECURE page answers rc 0x107/rrc 0xd
         threads: int = 0,  # rayon threads for walks; 0 = number of CPUs
+        initialised: bool = True,  # False: every UVC but QUI/INIT_UV answers 0x0003 until INIT_UV
     ) -> Ultravisor: ...
     # ---- inspection (not UVCs; do not count) ----
     def info(self) -> dict[str, int | tuple[int, int, int, int]]:
-        """uv_info: inst_calls_list (4 u64 words, MSB-0 bits), uv_feature_indications,
+        """uv_info, the host's QUI answer: inst_calls_list (4 u64 words, MSB-0 bits; the guest-only
+        share calls, bits 8 and 9, are not indicated to a host), uv_base_stor_len (what INIT_UV
+        donates), uv_feature_indications,
         guest_base_stor_len, guest_virt_base_stor_len, guest_virt_var_stor_len, guest_cpu_stor_len,
         max_guest_cpu_id, max_num_sec_conf, max_sec_stor_addr, conf_dump_storage_state_len,
         conf_dump_finalize_len."""
@@ -297,7 +300,16 @@ class Ultravisor:
     def secure_pages(self, handle: int | None = None) -> int:
         """Pages that are SECURE, SHARED or ORPHANED and owned by handle (any owner if None).
         A dead (fast-destroyed) handle still counts its orphaned pages. O(1)."""
-    def donated_bytes(self) -> int: ...  # storage currently donated to the UV (configs + CPUs)
+    def donated_bytes(self) -> int:
+        """Storage currently donated to the UV through UVCs: configs and CPUs, plus INIT_UV's
+        base storage when this UV was built with initialised=False and initialised by a call
+        (a default UV's boot-time donation happened before it existed and is not counted)."""
+    def is_initialised(self) -> bool: ...  # INIT_UV done (not a UVC, does not count)
+    def table_sizes(self) -> dict[str, int]:
+        """The UV's configuration tables: configs (records kept: live ones and dead ones some
+        page still refers to), live, dead, id_slots (ids handed out at once, at most 2**27-1)
+        and free_ids among them, cpus, asces. A dead configuration is retired, and its id
+        reused, once no page names it (orphaned and exported pages do)."""
     def inject_failure(self, uvc: int, rc: int, rrc: int = 0, count: int = 1) -> None:
         """ValueError for an unknown UVC code, rc == 0x0001, or count < 1.
         Exception: an injected Create Config rc with the 0x8000 (NEED_DESTROY) flag does create
@@ -313,9 +325,11 @@ class Ultravisor:
     def create_config(
         self, region: Region, *, guest_len: int, asce: int, sca: int, base_stor_len: int, var_stor_len: int
     ) -> HandleResult:
-        """0x0100. handle is 0 on failure unless rc has 0x8000 set.
-        Refused: ASCE origin already used by a live config, too many configs, guest_len 0 or not
-        1 MiB aligned or above the region size, donations shorter than info() says."""
+        """0x0100. handle is 0 on failure unless rc has 0x8000 set. Refused (rcs in docs/UV.md):
+        asce without the private-space control 0x100 or with 0x20/0xe10 (0x0105), sca 0
+        (0x010c), too many configs (0x010f), guest_len 0 or not 1 MiB aligned or above the region
+        size (0x0103), donations shorter than info() says (0x0106/0x010a), ASCE origin already
+        used by a live config (0x0104)."""
     def destroy_config(self, handle: int) -> UvcResult:
         """0x0101: refused while the config has CPUs. Cleans (zeroes, NONSECURE) every remaining
         page of the config (GIL released, parallel), returns its donations, frees its ASCE."""
@@ -323,7 +337,8 @@ class Ultravisor:
         """0x0102: only if destroy_fast is installed (else rc INV_CMD). Refused while it has CPUs.
         Frees the config and donations at once; its pages become ORPHANED (O(1), no walk)."""
     def create_cpu(self, handle: int, *, num: int, stor_len: int) -> HandleResult:
-        """0x0120: handle = the new CPU's handle."""
+        """0x0120: handle = the new CPU's handle. num > max_guest_cpu_id 0x0103, num already
+        used 0x0104, stor_len short 0x010c."""
     def destroy_cpu(self, cpu_handle: int) -> UvcResult: ...  # 0x0121
     def convert_to_secure(self, handle: int, gaddr: int) -> UvcResult:
         """0x0200 import one page: NONSECURE -> SECURE(handle). Fresh/foreign content is zeroed;
@@ -336,8 +351,10 @@ class Ultravisor:
         NONSECURE page. Refused while the owner config has CPUs."""
     def pin_shared(self, paddr: int) -> UvcResult: ...  # 0x0341, only SHARED pages
     def unpin_shared(self, handle: int, gaddr: int) -> UvcResult: ...  # 0x0342
-    def set_shared_access(self, handle: int, gaddr: int) -> UvcResult: ...  # 0x1000
-    def remove_shared_access(self, handle: int, gaddr: int) -> UvcResult: ...  # 0x1001
+    def set_shared_access(self, handle: int, gaddr: int) -> UvcResult:
+        """0x1000, issued by the protected guest of config ``handle``: its SECURE page at gaddr
+        becomes SHARED. rc 0x0101 if gaddr is beyond the guest storage."""
+    def remove_shared_access(self, handle: int, gaddr: int) -> UvcResult: ...  # 0x1001, as set_shared_access
     def set_sec_parms(self, handle: int, header: bytes) -> UvcResult: ...  # 0x0300
     def unpack(self, handle: int, gaddr: int, tweak0: int, tweak1: int) -> UvcResult: ...  # 0x0301
     def verify(self, handle: int) -> UvcResult: ...  # 0x0302
@@ -349,10 +366,15 @@ class Ultravisor:
     def dump_cpu(self, cpu_handle: int) -> DumpResult: ...  # 0x0402
     def dump_complete(self, handle: int) -> DumpResult:
         """0x0403: conf_dump_finalize_len bytes."""
-    def call(self, uvcb: bytes) -> CallResult:
-        """Raw dispatcher: a UVCB as laid out in spec §1.4 (big-endian, 8-byte header
-        len/cmd/rc/rrc). Returns cc and the updated block. Wrong len -> rc 0x0005, unknown or
-        uninstalled cmd -> rc 0x0002. Never raises for any byte string."""
+    def call(self, uvcb: bytes, *, guest: int | None = None) -> CallResult:
+        """Raw dispatcher: a UVCB as the Linux kernel lays it out (arch/s390/include/asm/uv.h;
+        big-endian, 8-byte header len/cmd/rc/rrc). Returns cc and the updated block; answers as
+        kvm-unit-tests (s390x/uv-host.c, uv-guest.c) expects of real machines, rcs in docs/UV.md.
+        Issued by the host, or with ``guest=handle`` by that configuration's protected guest:
+        a guest has QUI (bits 0, 8, 9) and SET/REMOVE_SHARED_ACCESS (address @0x20) only, a host
+        every other call. Wrong len -> rc 0x0005 (QUI takes any len >= 0xa8: below 0x100 the
+        fields that fit and rc 0x0100), unknown or not offered cmd -> rc 0x0002. Never raises
+        for any byte string."""
     # ---- kernel-side range helpers (one call per range, GIL released) ----
     def destroy_walk(
         self, region: Region, start_page: int = 0, end_page: int | None = None, cancel: CancelToken | None = None

@@ -9,6 +9,11 @@ from typing import TYPE_CHECKING
 from .constants import ASCE_TYPE_BITS, CRST_TABLE_SIZE, AsceType, asce_type_for_limit
 from .errors import EINVAL, ENOMEM
 
+#: _ASCE_USER_BITS (arch/s390/include/asm/pgtable.h): space-switch, private-space and
+#: alteration-event controls. gmap_alloc ORs them into every gmap ASCE, and the UV refuses a
+#: Create Config ASCE without the private-space control (rc 0x0105).
+ASCE_USER_BITS = 0x40 | 0x100 | 0x80
+
 if TYPE_CHECKING:
     from . import _native
     from .host import Host
@@ -34,8 +39,9 @@ class Gmap:
 
     @property
     def asce(self) -> int:
-        # origin | designation type | table length (full length for the type)
-        return self.table | ASCE_TYPE_BITS[self.asce_type] | 0x3
+        # origin | designation type | user bits | table length (full length for the type), as
+        # gmap_alloc builds it; s390_replace_asce keeps every bit but the origin
+        return self.table | ASCE_TYPE_BITS[self.asce_type] | ASCE_USER_BITS | 0x3
 
     def unlist_old_asce(self) -> None:
         """s390_unlist_old_asce: gmap teardown will not free the current top table (idempotent)."""

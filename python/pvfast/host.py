@@ -380,6 +380,13 @@ class Host:
         with self._lock:
             self.processes.append(proc)
 
+    def remove_process(self, proc: Process) -> None:
+        """release_task: a process that has exited leaves the registry (``processes`` lists the
+        processes alive or still exiting; a dead one is kept only by whoever holds it)."""
+        with self._lock:
+            if proc in self.processes:
+                self.processes.remove(proc)
+
     def create_vm(self, memory_size: int, vcpus: int = 1) -> Vm:
         """A VM in a new process; the process exits when the VM is closed."""
         memory_size, vcpus, _ = check_vm_args(self, memory_size, vcpus, None)

@@ -28,7 +28,7 @@ TWEAK_BASE: Final = 0x7076_6661_7374_0000
 # rc of SET_SEC_CONF_PARAMS (KVM_PV_SET_SEC_PARMS) for a refused header, with cc 1.
 RC_HDR_TOO_SHORT: Final = 0x0101
 RC_HDR_BAD_MAGIC: Final = 0x0102
-RC_HDR_BAD_VERSION: Final = 0x0103
+RC_HDR_BAD_VERSION: Final = 0x0107  # 0x0103 is "header not readable" on real machines
 RC_HDR_BAD_LENGTH: Final = 0x0104
 RC_HDR_BAD_COMPONENT: Final = 0x0105
 RC_HDR_RESERVED: Final = 0x0106

@@ -285,7 +285,12 @@ class Ultravisor:
         return self.pages.get(key, (NONSECURE, 0))
 
     def installed_calls(self):
-        names = [n for n in UVC_INSTALLED_BITS if n != "DESTROY_SEC_CONF_FAST" or self.destroy_fast]
+        """The host's list: the guest-only share calls (bits 8, 9) are not indicated to a host
+        (kvm-unit-tests s390x/uv-host.c test_invalid)."""
+        guest_only = ("SET_SHARED_ACCESS", "REMOVE_SHARED_ACCESS")
+        names = [
+            n for n in UVC_INSTALLED_BITS if n not in guest_only and (n != "DESTROY_SEC_CONF_FAST" or self.destroy_fast)
+        ]
         return msb0_words(UVC_INSTALLED_BITS[n] for n in names)
 
     def feature_indications(self):

@@ -42,8 +42,8 @@ fn setup(threads: usize, bytes: u64) -> (Ultravisor, std::sync::Arc<Region>, u64
         .create_config(
             &region,
             bytes,
-            0x1000,
-            0,
+            0x1000 | 0x100, // origin | private-space control
+            0x8000,         // SCA
             info.guest_base_stor_len,
             info.var_stor_len(bytes),
         )

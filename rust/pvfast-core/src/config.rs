@@ -9,6 +9,7 @@ use aes_gcm::aead::{AeadInOut, KeyInit};
 use aes_gcm::Aes256Gcm;
 
 use crate::image::{SecHeader, Verifier};
+use crate::memory::ps::MAX_OWNER;
 use crate::PAGE_SIZE;
 
 pub(crate) const CFG_ALIVE: u8 = 0;
@@ -45,6 +46,10 @@ pub(crate) struct Config {
     pub(crate) cpus: AtomicU32,
     /// SECURE + SHARED pages owned (orphaned ones included after Destroy-Fast).
     pub(crate) secure_pages: AtomicI64,
+    /// EXPORTED pages whose state word names this configuration (orphan exports included).
+    pub(crate) exported_pages: AtomicI64,
+    /// Of those, the ones exported after the configuration was gone (ORPHAN_EXPORT).
+    pub(crate) orphan_exports: AtomicI64,
     pub(crate) dumping: AtomicBool,
     pub(crate) image: Mutex<ImageState>,
     cipher: Aes256Gcm,
@@ -71,6 +76,8 @@ impl Config {
             state: AtomicU8::new(CFG_ALIVE),
             cpus: AtomicU32::new(0),
             secure_pages: AtomicI64::new(0),
+            exported_pages: AtomicI64::new(0),
+            orphan_exports: AtomicI64::new(0),
             dumping: AtomicBool::new(false),
             image: Mutex::new(ImageState::default()),
             cipher: Aes256Gcm::new(&key.into()),
@@ -85,6 +92,12 @@ impl Config {
 
     pub(crate) fn set_state(&self, s: u8) {
         self.state.store(s, Ordering::SeqCst);
+    }
+
+    /// Page state words that name this configuration's id (secure, shared, orphaned, exported).
+    /// Once a dead configuration has none, nothing can attribute a page to it any more.
+    pub(crate) fn page_refs(&self) -> i64 {
+        self.secure_pages.load(Ordering::Acquire) + self.exported_pages.load(Ordering::Acquire)
     }
 
     /// Destroy-page must be refused: the owner is alive and still has secure CPUs.
@@ -148,25 +161,136 @@ pub(crate) struct Cpu {
 }
 
 /// Everything keyed by handle. One RwLock: creations and destructions are rare, lookups cheap.
+///
+/// A configuration is kept while it lives and, once dead, while some page state word still
+/// names its id (orphaned pages after Destroy-Fast, exported pages): those pages are attributed
+/// to it. Then it is retired: its record goes, and its id (27 bits in the page word) may be
+/// given to a new configuration. Because no word names a retired id, a reused id never makes
+/// an old page look owned by the new configuration. Handles are never reused.
 #[derive(Default)]
 pub(crate) struct Tables {
-    /// Every configuration ever created (dead ones too, for orphaned pages and their handles).
+    /// Live configurations, and dead ones pages still refer to.
     pub(crate) by_handle: HashMap<u64, Arc<Config>>,
-    /// Same configurations indexed by id - 1 (ids are dense and never reused).
-    pub(crate) by_id: Vec<Arc<Config>>,
+    /// The same configurations by id - 1; None = a free id.
+    by_id: Vec<Option<Arc<Config>>>,
+    /// Free ids below `by_id.len()`, reused last-freed first.
+    free_ids: Vec<u32>,
+    /// Dead configurations that may be retired once no page refers to them.
+    dead: Vec<u32>,
     pub(crate) cpus: HashMap<u64, Cpu>,
     pub(crate) asce_in_use: HashSet<u64>,
     pub(crate) live: usize,
 }
 
+/// Sizes of the configuration tables (`Ultravisor::table_sizes`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TableSizes {
+    /// Configuration records kept: live ones and dead ones pages still refer to.
+    pub configs: u64,
+    pub live: u64,
+    /// Dead configurations kept because pages still refer to them.
+    pub dead: u64,
+    /// Ids ever handed out at once (the id table's length) and, of those, free ones.
+    pub id_slots: u64,
+    pub free_ids: u64,
+    pub cpus: u64,
+    pub asces: u64,
+}
+
 impl Tables {
     #[inline]
     pub(crate) fn by_id(&self, id: u32) -> Option<&Arc<Config>> {
-        (id as usize).checked_sub(1).and_then(|i| self.by_id.get(i))
+        (id as usize)
+            .checked_sub(1)
+            .and_then(|i| self.by_id.get(i))
+            .and_then(Option::as_ref)
     }
 
     pub(crate) fn live(&self, handle: u64) -> Option<&Arc<Config>> {
         self.by_handle.get(&handle).filter(|c| c.is_alive())
+    }
+
+    /// No id can be handed out (2^27 - 1 configurations are kept).
+    pub(crate) fn ids_exhausted(&self) -> bool {
+        self.free_ids.is_empty() && self.by_id.len() >= MAX_OWNER as usize
+    }
+
+    /// The id the next [`Tables::insert`] takes (None if exhausted).
+    pub(crate) fn next_id(&self) -> Option<u32> {
+        match self.free_ids.last() {
+            Some(&id) => Some(id),
+            None if self.by_id.len() < MAX_OWNER as usize => Some(self.by_id.len() as u32 + 1),
+            None => None,
+        }
+    }
+
+    /// Enter a new configuration whose id came from [`Tables::next_id`].
+    pub(crate) fn insert(&mut self, cfg: Arc<Config>) {
+        let id = cfg.id;
+        if self.free_ids.last() == Some(&id) {
+            self.free_ids.pop();
+        } else {
+            debug_assert_eq!(id as usize, self.by_id.len() + 1);
+            self.by_id.push(None);
+        }
+        self.by_handle.insert(cfg.handle, Arc::clone(&cfg));
+        if let Some(slot) = self.by_id.get_mut(id as usize - 1) {
+            *slot = Some(cfg);
+        }
+    }
+
+    /// A dead configuration may now be retired (its own clean-up is done).
+    pub(crate) fn mark_dead(&mut self, id: u32) {
+        self.dead.push(id);
+    }
+
+    /// Dead configurations no page refers to any more are retired; their ids become free.
+    /// Returns how many. The caller holds the tables write lock, so no page transition is
+    /// half-accounted meanwhile (transitions count the new reference before dropping the old).
+    pub(crate) fn retire_unreferenced(&mut self) -> usize {
+        let mut n = 0;
+        let mut i = 0;
+        while i < self.dead.len() {
+            let id = self.dead[i];
+            if self.by_id(id).is_some_and(|c| c.page_refs() > 0) {
+                i += 1;
+                continue;
+            }
+            self.dead.swap_remove(i);
+            if let Some(cfg) = self.by_id.get_mut(id as usize - 1).and_then(Option::take) {
+                self.by_handle.remove(&cfg.handle);
+            }
+            self.free_ids.push(id);
+            n += 1;
+        }
+        n
+    }
+
+    /// Dead configurations whose only references are pages exported while they lived (which
+    /// read as non-secure already): candidates for `forget_exports`.
+    pub(crate) fn only_live_exports(&self) -> Vec<Arc<Config>> {
+        self.dead
+            .iter()
+            .filter_map(|&id| self.by_id(id))
+            .filter(|c| {
+                c.secure_pages.load(Ordering::Acquire) <= 0
+                    && c.orphan_exports.load(Ordering::Acquire) <= 0
+                    && c.exported_pages.load(Ordering::Acquire) > 0
+            })
+            .cloned()
+            .collect()
+    }
+
+    pub(crate) fn sizes(&self) -> TableSizes {
+        TableSizes {
+            configs: self.by_handle.len() as u64,
+            live: self.live as u64,
+            dead: self.dead.len() as u64,
+            id_slots: self.by_id.len() as u64,
+            free_ids: self.free_ids.len() as u64,
+            cpus: self.cpus.len() as u64,
+            asces: self.asce_in_use.len() as u64,
+        }
     }
 }
 

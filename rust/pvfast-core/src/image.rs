@@ -53,7 +53,9 @@ pub const MAX_COMPONENTS: usize = (MAX_HEADER_LEN - OFF_TABLE - TRAILER_LEN) / E
 /// SET_SEC_CONF_PARAMS rcs (cc 1), one per [`HeaderError`] variant.
 pub const RC_HDR_TOO_SHORT: u16 = 0x0101;
 pub const RC_HDR_BAD_MAGIC: u16 = 0x0102;
-pub const RC_HDR_BAD_VERSION: u16 = 0x0103;
+/// Not 0x0103: for SET_SEC_CONF_PARAMS that means "header not readable" on real machines
+/// (kvm-unit-tests s390x/uv-host.c test_set_se_header).
+pub const RC_HDR_BAD_VERSION: u16 = 0x0107;
 pub const RC_HDR_BAD_LENGTH: u16 = 0x0104;
 pub const RC_HDR_BAD_COMPONENT: u16 = 0x0105;
 pub const RC_HDR_RESERVED: u16 = 0x0106;

@@ -24,7 +24,7 @@ pub mod zero;
 pub use error::CoreError;
 pub use kernel::{AccessResult, ImportResult, TeardownResult, UnpackResult, UnpackStatus};
 pub use region::{PageState, Region, StateCounts};
-pub use ultravisor::{Ultravisor, UvInfo, UvOptions};
+pub use ultravisor::{TableSizes, Ultravisor, UvInfo, UvOptions};
 pub use uvc::{rc, Uvc, UvcStatus};
 pub use walk::{CancelToken, WalkResult};
 

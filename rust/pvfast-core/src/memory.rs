@@ -100,7 +100,7 @@ impl Drop for Mmap {
 /// bits 29-28 KIND      0 NONSECURE, 1 SECURE, 2 SHARED, 3 EXPORTED
 /// bit 27     PINNED    shared page pinned by the host (PIN_PAGE_SHARED); on an EXPORTED
 ///                      page: ORPHAN_EXPORT (exported after its owner was gone)
-/// bits 26-0  OWNER     configuration id (never reused; 0 = none)
+/// bits 26-0  OWNER     configuration id (0 = none; reused only once no word names it)
 /// ```
 /// ORPHANED is not stored: it is SECURE/SHARED whose owner was removed by Destroy-Fast.
 pub(crate) mod ps {

@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use crate::config::Config;
+use crate::config::{Config, Tables};
 use crate::memory::{mlock, ps, rlock, RegionMem};
 use crate::region::Region;
 use crate::state::Core;
@@ -52,27 +52,51 @@ impl<'a> PageCtx<'a> {
         unsafe { std::ptr::write_bytes(self.mem.page_ptr(idx), 0, PAGE_SIZE) };
     }
 
-    /// Summary + owner counters for a transition (page lock held).
+    /// Summary + owner counters for a transition (page lock held). The new reference is
+    /// counted before the old one is dropped, so a dead owner's references never read 0 while
+    /// a word names it (which would let its id be reused).
     pub(crate) fn account(&self, idx: u64, old: u32, new: u32) {
         self.mem.account_summary(idx, old, new);
-        let (was, is) = (ps::is_secure(old), ps::is_secure(new));
-        if was && is && ps::owner(old) == ps::owner(new) {
+        let (was, is) = (PageRef::of(old), PageRef::of(new));
+        if was == is {
             return;
         }
-        if was || is {
-            let tables = rlock(&self.core.tables);
-            if was {
-                if let Some(c) = tables.by_id(ps::owner(old)) {
-                    c.secure_pages.fetch_sub(1, Ordering::Relaxed);
+        let tables = rlock(&self.core.tables);
+        self.count(&tables, is, 1);
+        self.count(&tables, was, -1);
+    }
+
+    fn count(&self, tables: &Tables, r: PageRef, d: i64) {
+        match r {
+            PageRef::None => {}
+            PageRef::Secure(owner) => {
+                if let Some(c) = tables.by_id(owner) {
+                    c.secure_pages.fetch_add(d, Ordering::Relaxed);
                 }
-                self.core.secure_total.fetch_sub(1, Ordering::Relaxed);
+                self.core.secure_total.fetch_add(d, Ordering::Relaxed);
             }
-            if is {
-                if let Some(c) = tables.by_id(ps::owner(new)) {
-                    c.secure_pages.fetch_add(1, Ordering::Relaxed);
+            PageRef::Exported(owner, orphan) => {
+                if let Some(c) = tables.by_id(owner) {
+                    c.exported_pages.fetch_add(d, Ordering::Relaxed);
+                    if orphan {
+                        c.orphan_exports.fetch_add(d, Ordering::Relaxed);
+                    }
                 }
-                self.core.secure_total.fetch_add(1, Ordering::Relaxed);
             }
+        }
+    }
+
+    /// A page configuration `id` exported while it lived, now that `id` is dead: it reads as
+    /// NONSECURE already (nobody can import it back); make the word say so and drop its tag,
+    /// so that no page refers to `id` any more. Other pages are left alone.
+    pub(crate) fn forget_export(&self, idx: u64, id: u32) {
+        let m = self.meta(idx);
+        let old = self.mem.lock(m);
+        if ps::kind(old) == ps::EXPORTED && ps::owner(old) == id && old & ps::ORPHAN_EXPORT == 0 {
+            mlock(&self.region.exported).remove(&idx);
+            self.set(idx, m, old, ps::make(ps::NONSECURE, 0));
+        } else {
+            self.mem.unlock(m, old);
         }
     }
 
@@ -262,6 +286,26 @@ impl<'a> PageCtx<'a> {
         };
         self.set(idx, m, old, new);
         UvcStatus::OK
+    }
+}
+
+/// What a page state word refers to, for the owners' counters.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PageRef {
+    None,
+    /// SECURE or SHARED (orphaned when the owner is dead).
+    Secure(u32),
+    /// EXPORTED, and whether it is an orphan export.
+    Exported(u32, bool),
+}
+
+impl PageRef {
+    fn of(s: u32) -> PageRef {
+        match ps::kind(s) {
+            ps::SECURE | ps::SHARED => PageRef::Secure(ps::owner(s)),
+            ps::EXPORTED => PageRef::Exported(ps::owner(s), s & ps::ORPHAN_EXPORT != 0),
+            _ => PageRef::None,
+        }
     }
 }
 

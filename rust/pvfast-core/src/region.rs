@@ -144,6 +144,20 @@ impl Region {
                 }
             }
         }
+        // Exported pages stop referring to their owners too (every EXPORTED word has a tag).
+        for &idx in mlock(&self.exported).keys() {
+            let s = metas
+                .get(idx as usize)
+                .map_or(0, |m| m.load(Ordering::Acquire));
+            if ps::kind(s) == ps::EXPORTED {
+                if let Some(cfg) = tables.by_id(ps::owner(s)) {
+                    cfg.exported_pages.fetch_sub(1, Ordering::Relaxed);
+                    if s & ps::ORPHAN_EXPORT != 0 {
+                        cfg.orphan_exports.fetch_sub(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
         drop(tables);
         mlock(&self.exported).clear();
         drop(mem);
@@ -168,8 +182,10 @@ impl Region {
             });
         }
         self.with_mem(|mem| {
+            // Tables first: the owner id cannot be retired (and reused) between the two reads.
+            let tables = rlock(&self.core.tables);
             let s = mem.metas()[index as usize].load(Ordering::Acquire);
-            classify(s, &rlock(&self.core.tables))
+            classify(s, &tables)
         })
     }
 

@@ -1,7 +1,7 @@
 //! The state every part of the emulated UV shares (`Core`): options and the QUI answer, the
 //! configuration/CPU tables, UVC counters and injected failures, and the worker pools.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 
 use crate::config::{mix64, random_u64, Config, Tables};
@@ -30,6 +30,10 @@ pub struct UvOptions {
     pub threads: usize,
     /// Host key that SE headers are wrapped for.
     pub host_key: [u8; 32],
+    /// The UV starts initialised, as after the host kernel's boot-time INIT_UV (the default).
+    /// `false`: every UVC but QUI and INIT_UV answers 0x0003 until an INIT_UV donates
+    /// `uv_base_stor_len` bytes (kvm-unit-tests uv-host.c runs against such a UV).
+    pub initialised: bool,
 }
 
 impl Default for UvOptions {
@@ -44,14 +48,18 @@ impl Default for UvOptions {
             legacy_destroy_rc: false,
             threads: 0,
             host_key: image::HOST_KEY_DEFAULT,
+            initialised: true,
         }
     }
 }
 
-/// The QUI answer (`uv_info`).
+/// The QUI answer a host gets (`uv_info`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UvInfo {
+    /// The host's installed calls: the guest-only calls (bits 8 and 9) are not indicated.
     pub inst_calls_list: [u64; 4],
+    /// Storage INIT_UV takes (QUI @0x40); a 1 MiB multiple.
+    pub uv_base_stor_len: u64,
     pub uv_feature_indications: u64,
     pub guest_base_stor_len: u64,
     pub guest_virt_base_stor_len: u64,
@@ -84,6 +92,7 @@ impl UvInfo {
         for u in Uvc::ALL {
             let Some(bit) = u.bit() else { continue };
             let installed = match u {
+                _ if u.is_guest_call() => false,
                 Uvc::DestroySecConfFast => o.destroy_fast,
                 Uvc::DumpInit | Uvc::DumpConfStorState | Uvc::DumpCpu | Uvc::DumpComplete => o.dump,
                 _ => true,
@@ -101,6 +110,7 @@ impl UvInfo {
         }
         UvInfo {
             inst_calls_list: calls,
+            uv_base_stor_len: UV_BASE_STOR_LEN,
             uv_feature_indications: feat,
             guest_base_stor_len: 0x10_0000,
             guest_virt_base_stor_len: 0x4000,
@@ -122,12 +132,38 @@ impl UvInfo {
             .saturating_add(self.guest_virt_base_stor_len)
     }
 
+    /// Installed for a host (KVM). Destroy-page has no installed-calls bit and is always
+    /// available.
     pub fn is_installed(&self, uvc: Uvc) -> bool {
-        // Destroy-page has no installed-calls bit and is always available.
         uvc.bit()
             .is_none_or(|b| test_bit_inv(&self.inst_calls_list, b))
     }
+
+    /// The installed calls a protected guest sees: QUI and the two share calls (bits 0, 8, 9;
+    /// kvm-unit-tests uv-guest.c test_query / test_invalid).
+    pub fn guest_inst_calls_list(&self) -> [u64; 4] {
+        let mut calls = [0u64; 4];
+        for u in Uvc::ALL {
+            if let (true, Some(bit)) = (is_guest_visible(*u), u.bit()) {
+                set_bit_inv(&mut calls, bit);
+            }
+        }
+        calls
+    }
+
+    /// Installed for a protected guest.
+    pub fn is_guest_installed(&self, uvc: Uvc) -> bool {
+        is_guest_visible(uvc)
+    }
 }
+
+fn is_guest_visible(uvc: Uvc) -> bool {
+    uvc == Uvc::Qui || uvc.is_guest_call()
+}
+
+/// QUI uv_base_stor_len: what INIT_UV must donate. Emulator-chosen (machines report tens of
+/// MiB); only accounted, never allocated.
+pub const UV_BASE_STOR_LEN: u64 = 64 * MIB;
 
 /// State shared by the Ultravisor, its regions and the walks.
 pub(crate) struct Core {
@@ -138,6 +174,8 @@ pub(crate) struct Core {
     pub(crate) inject: Injections,
     pub(crate) secure_total: AtomicI64,
     pub(crate) donated: AtomicU64,
+    /// INIT_UV done (at construction unless `opts.initialised` is false).
+    initialised: AtomicBool,
     pub(crate) pool: rayon::ThreadPool,
     /// Workers for interruptible (PERFORM) walks. In the kernel PERFORM runs in its own thread
     /// while other ioctls go on; on one shared rayon pool a long walk would hold every worker and
@@ -146,6 +184,10 @@ pub(crate) struct Core {
     threads: usize,
     salt: u64,
     cpu_seq: AtomicU64,
+    config_seq: AtomicU64,
+    /// Bumped whenever a configuration is retired (its id may be reused): a cache of id ->
+    /// configuration (the walks keep one) is valid only while this is unchanged.
+    pub(crate) retire_epoch: AtomicU64,
 }
 
 /// What a UVC returns, and what it returns when an injected failure stops it before it runs.
@@ -192,6 +234,7 @@ impl Core {
         let pool = build_pool(threads, "pvfast-uv")?;
         let info = UvInfo::new(&opts);
         Ok(Core {
+            initialised: AtomicBool::new(opts.initialised),
             opts,
             info,
             tables: RwLock::new(Tables::default()),
@@ -204,6 +247,8 @@ impl Core {
             threads,
             salt: random_u64(),
             cpu_seq: AtomicU64::new(0),
+            config_seq: AtomicU64::new(1),
+            retire_epoch: AtomicU64::new(0),
         })
     }
 
@@ -214,10 +259,35 @@ impl Core {
     /// malformed block, injected failure), exactly once; at most one injected failure is
     /// consumed. A caller that gets `Some` must return it without changing any state (the one
     /// architected exception is Create Config's NEED_DESTROY flag, see `create_config`).
+    ///
+    /// Before INIT_UV every UVC but QUI and INIT_UV answers 0x0003 (kvm-unit-tests uv-host.c
+    /// test_uv_uninitialized); that answer also comes through here, after the injection.
     #[inline]
     pub(crate) fn begin(&self, uvc: Uvc) -> Option<UvcStatus> {
+        self.begin_header(uvc).or_else(|| {
+            (!matches!(uvc, Uvc::Qui | Uvc::InitUv) && !self.is_initialised())
+                .then_some(UvcStatus::err(crate::uvc::rc::INV_STATE))
+        })
+    }
+
+    /// [`Core::begin`] without the initialisation check: for a block refused by its header
+    /// (command not offered, wrong length), which the UV answers before looking at its state.
+    #[inline]
+    pub(crate) fn begin_header(&self, uvc: Uvc) -> Option<UvcStatus> {
         self.stats.add(uvc, 1);
         self.inject.take(uvc)
+    }
+
+    #[inline]
+    pub(crate) fn is_initialised(&self) -> bool {
+        self.initialised.load(Ordering::Acquire)
+    }
+
+    /// INIT_UV's state change: false if the UV was initialised already.
+    pub(crate) fn mark_initialised(&self) -> bool {
+        self.initialised
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
     }
 
     /// Run one UVC: [`Core::begin`], then `body` unless an injected failure is pending, in
@@ -255,9 +325,22 @@ impl Core {
         rlock(&self.tables).live(handle).cloned()
     }
 
-    /// Sequence number of the next secure CPU (tagged so it never meets a config id).
+    /// Sequence number of the next secure CPU (tagged so it never meets a config's).
     pub(crate) fn next_cpu_seq(&self) -> u64 {
         self.cpu_seq.fetch_add(1, Ordering::Relaxed) | (1 << 63)
+    }
+
+    /// Sequence number of the next configuration: never reused (unlike its id), so neither is
+    /// its handle.
+    pub(crate) fn next_config_seq(&self) -> u64 {
+        self.config_seq.fetch_add(1, Ordering::Relaxed) & !(1 << 63)
+    }
+
+    /// Retire the dead configurations no page refers to (tables write lock held).
+    pub(crate) fn retire(&self, t: &mut Tables) {
+        if t.retire_unreferenced() != 0 {
+            self.retire_epoch.fetch_add(1, Ordering::Release);
+        }
     }
 
     /// An opaque handle: non-zero, unused, and with both neighbours unused (so that

@@ -5,15 +5,16 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+pub use crate::config::TableSizes;
 use crate::config::{Config, Cpu, CFG_DESTROYED, CFG_FAST_DESTROYED};
 use crate::error::{invalid, CoreError};
 use crate::image;
-use crate::memory::{mlock, ps, rlock, wlock};
+use crate::memory::{mlock, rlock, wlock};
 use crate::pages::{OwnerOp, PageCtx};
 use crate::region::{classify, PageState, Region};
 use crate::state::Core;
 pub use crate::state::{set_bit_inv, test_bit_inv, UvInfo, UvOptions};
-use crate::uvc::{rc, Uvc, UvcStatus};
+use crate::uvc::{cpu_state, rc, Uvc, UvcStatus};
 use crate::walk;
 use crate::{MIB, PAGE_SIZE};
 
@@ -27,6 +28,37 @@ pub struct Ultravisor {
 
 /// First host address handed out; regions are spaced by a 1 MiB guard gap.
 const FIRST_BASE: u64 = 1 << 32;
+
+/// ASCE private-space control (Linux asm/pgtable.h `_ASCE_PRIVATE_SPACE`): required.
+pub const ASCE_PRIVATE_SPACE: u64 = 0x100;
+/// ASCE real-space control (bit 58, `_ASCE_REAL_SPACE`): refused, the UV needs DAT tables.
+pub const ASCE_REAL_SPACE: u64 = 0x20;
+/// ASCE bits between the origin and the controls that Linux never sets (bits 52-54, 59):
+/// refused as reserved.
+pub const ASCE_RESERVED: u64 = 0xe10;
+/// End of the absolute lowcore (two pages): donations may not overlap it.
+pub const LOWCORE_END: u64 = 0x2000;
+/// INIT_UV's storage must start at or above 2 GiB (kvm-unit-tests test_init).
+const INIT_STOR_MIN: u64 = 1 << 31;
+
+/// The fields of a raw CREATE_SEC_CONF block that the typed call has no parameter for.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RawCgc {
+    pub(crate) guest_origin: u64,
+    pub(crate) base_origin: u64,
+    pub(crate) var_origin: u64,
+}
+
+/// Everything CREATE_SEC_CONF checks. `region` None: a raw block whose origin names no region.
+pub(crate) struct ConfigRequest<'a> {
+    pub(crate) region: Option<&'a Arc<Region>>,
+    pub(crate) guest_len: u64,
+    pub(crate) asce: u64,
+    pub(crate) sca: u64,
+    pub(crate) base_stor_len: u64,
+    pub(crate) var_stor_len: u64,
+    pub(crate) raw: Option<RawCgc>,
+}
 
 impl Ultravisor {
     pub fn new(opts: UvOptions) -> Result<Ultravisor, CoreError> {
@@ -162,6 +194,8 @@ impl Ultravisor {
         self.check_region(region)?;
         wlock(&self.regions).remove(&region.base);
         region.release();
+        // Its pages are gone: dead configurations only they referred to can be retired.
+        self.sweep();
         Ok(())
     }
 
@@ -210,10 +244,24 @@ impl Ultravisor {
         gaddr: u64,
         f: impl FnOnce(&PageCtx<'_>, &Config, u64) -> UvcStatus,
     ) -> UvcStatus {
+        self.on_gaddr_or(handle, gaddr, rc::INV_ADDR, f)
+    }
+
+    /// [`Self::on_gaddr`], answering `beyond` for a gaddr at or above the guest storage length.
+    fn on_gaddr_or(
+        &self,
+        handle: u64,
+        gaddr: u64,
+        beyond: u16,
+        f: impl FnOnce(&PageCtx<'_>, &Config, u64) -> UvcStatus,
+    ) -> UvcStatus {
         let Some(cfg) = self.core.live_config(handle) else {
             return UvcStatus::err(rc::INV_GUEST_HANDLE);
         };
-        if !gaddr.is_multiple_of(PAGE_SIZE as u64) || gaddr >= cfg.guest_len {
+        if gaddr >= cfg.guest_len {
+            return UvcStatus::err(beyond);
+        }
+        if !gaddr.is_multiple_of(PAGE_SIZE as u64) {
             return UvcStatus::err(rc::INV_ADDR);
         }
         let Some(region) = self.region_of(&cfg) else {
@@ -245,9 +293,39 @@ impl Ultravisor {
         self.core.execute(Uvc::Qui, || UvcStatus::OK)
     }
 
-    /// INIT_UV 0x000f: the emulated UV is initialised at construction; this is a no-op.
-    pub fn init_uv(&self) -> UvcStatus {
-        self.core.execute(Uvc::InitUv, || UvcStatus::OK)
+    /// INIT_UV 0x000f: donate `stor_len` bytes at host address `stor_origin` to the UV.
+    /// Checks (kvm-unit-tests test_init): already initialised 0x0101 (a UV built with
+    /// `initialised: true`, the default, always answers this), stor_len != uv_base_stor_len
+    /// 0x0103, origin below 2 GiB 0x0108, origin not 1 MiB aligned 0x0104, origin + len wraps
+    /// 0x0105. Success counts the donation in `donated_bytes`.
+    pub fn init_uv(&self, stor_origin: u64, stor_len: u64) -> UvcStatus {
+        self.core.execute(Uvc::InitUv, || {
+            if self.core.is_initialised() {
+                return UvcStatus::err(rc::INIT_DOUBLE);
+            }
+            if stor_len != self.core.info.uv_base_stor_len {
+                return UvcStatus::err(rc::INIT_STOR_LEN);
+            }
+            if stor_origin < INIT_STOR_MIN {
+                return UvcStatus::err(rc::INIT_STOR_BELOW_2G);
+            }
+            if !stor_origin.is_multiple_of(MIB) {
+                return UvcStatus::err(rc::INIT_STOR_ORIGIN);
+            }
+            if stor_origin.checked_add(stor_len).is_none() {
+                return UvcStatus::err(rc::INIT_STOR_RANGE);
+            }
+            if !self.core.mark_initialised() {
+                return UvcStatus::err(rc::INIT_DOUBLE);
+            }
+            self.core.donated.fetch_add(stor_len, Ordering::Relaxed);
+            UvcStatus::OK
+        })
+    }
+
+    /// Whether INIT_UV has been done (always true unless built with `initialised: false`).
+    pub fn is_initialised(&self) -> bool {
+        self.core.is_initialised()
     }
 
     /// CREATE_SEC_CONF 0x0100 -> (status, handle).
@@ -261,55 +339,92 @@ impl Ultravisor {
         var_stor_len: u64,
     ) -> Result<(UvcStatus, u64), CoreError> {
         self.check_region(region)?;
-        let _ = sca; // the SCA origin is recorded by a real UV; nothing in the emulator reads it
-        let create =
-            || self.create_config_checked(region, guest_len, asce, base_stor_len, var_stor_len);
+        Ok(self.create_config_req(&ConfigRequest {
+            region: Some(region),
+            guest_len,
+            asce,
+            sca,
+            base_stor_len,
+            var_stor_len,
+            raw: None,
+        }))
+    }
+
+    /// CREATE_SEC_CONF from a typed call or a raw block.
+    pub(crate) fn create_config_req(&self, req: &ConfigRequest<'_>) -> (UvcStatus, u64) {
+        let create = || self.create_config_checked(req);
         // Not `execute`: the one injected failure that changes something. An injected rc with
         // the 0x8000 flag means "failed, but a handle exists and must be destroyed", so the
         // configuration is created for real and its handle handed out.
-        Ok(match self.core.begin(Uvc::CreateSecConf) {
+        match self.core.begin(Uvc::CreateSecConf) {
             None => create(),
             Some(f) if f.rc & rc::NEED_DESTROY != 0 => {
                 let (s, h) = create();
                 (f, if s.is_ok() { h } else { 0 })
             }
             Some(f) => (f, 0),
-        })
+        }
     }
 
-    fn create_config_checked(
-        &self,
-        region: &Arc<Region>,
-        guest_len: u64,
-        asce: u64,
-        base_stor_len: u64,
-        var_stor_len: u64,
-    ) -> (UvcStatus, u64) {
+    /// The checks, in this order: guest origin / end against max_guest_stor_addr (0x0101,
+    /// 0x0102), ASCE controls (0x0105), raw donation origins in the lowcore (0x0109, 0x010e),
+    /// SCA 0 (0x010c), too many configurations (0x010f), guest storage / region (0x0103),
+    /// donation lengths (0x0106, 0x010a), ASCE origin in use (0x0104).
+    fn create_config_checked(&self, req: &ConfigRequest<'_>) -> (UvcStatus, u64) {
         let info = &self.core.info;
+        let fail = |code| (UvcStatus::err(code), 0);
+        let guest_len = req.guest_len;
+        // The typed call has no guest origin: KVM's is always 0.
+        let mso = req.raw.map_or(0, |r| r.guest_origin);
+        let max = info.max_sec_stor_addr;
+        if mso > max {
+            return fail(rc::GUEST_ORIGIN_TOO_HIGH);
+        }
+        if guest_len != 0 && mso.checked_add(guest_len - 1).is_none_or(|last| last > max) {
+            return fail(rc::GUEST_END_TOO_HIGH);
+        }
+        if req.asce & ASCE_PRIVATE_SPACE == 0 || req.asce & (ASCE_REAL_SPACE | ASCE_RESERVED) != 0 {
+            return fail(rc::INV_ASCE);
+        }
+        if let Some(raw) = req.raw {
+            if raw.base_origin < LOWCORE_END {
+                return fail(rc::BASE_STOR_LOWCORE);
+            }
+            if raw.var_origin < LOWCORE_END {
+                return fail(rc::VAR_STOR_LOWCORE);
+            }
+        }
+        if req.sca == 0 {
+            return fail(rc::SCA_ZERO);
+        }
         // Lock order is region mapping before tables: look at the mapping first.
-        let released = region.is_released();
+        let released = req.region.is_none_or(|r| r.is_released());
         let mut t = wlock(&self.core.tables);
-        if t.live as u64 >= info.max_num_sec_conf
-            || t.by_id.len() as u64 >= u64::from(ps::MAX_OWNER)
-        {
-            return (UvcStatus::err(rc::TOO_MANY_CONFIGS), 0);
+        self.core.retire(&mut t);
+        if t.live as u64 >= info.max_num_sec_conf || t.ids_exhausted() {
+            return fail(rc::TOO_MANY_CONFIGS);
         }
-        if guest_len == 0 || !guest_len.is_multiple_of(MIB) || guest_len > region.size || released {
-            return (UvcStatus::err(rc::INV_GUEST_STOR), 0);
+        let Some(region) = req.region.filter(|_| !released) else {
+            return fail(rc::INV_GUEST_STOR);
+        };
+        if guest_len == 0 || !guest_len.is_multiple_of(MIB) || guest_len > region.size {
+            return fail(rc::INV_GUEST_STOR);
         }
-        if base_stor_len < info.guest_base_stor_len {
-            return (UvcStatus::err(rc::BASE_STOR_TOO_SHORT), 0);
+        if req.base_stor_len < info.guest_base_stor_len {
+            return fail(rc::BASE_STOR_TOO_SHORT);
         }
-        if var_stor_len < info.var_stor_len(guest_len) {
-            return (UvcStatus::err(rc::VAR_STOR_TOO_SHORT), 0);
+        if req.var_stor_len < info.var_stor_len(guest_len) {
+            return fail(rc::VAR_STOR_TOO_SHORT);
         }
-        let origin = asce & !0xfff;
+        let origin = req.asce & !0xfff;
         if t.asce_in_use.contains(&origin) {
-            return (UvcStatus::err(rc::ASCE_IN_USE), 0);
+            return fail(rc::ASCE_IN_USE);
         }
-        let id = t.by_id.len() as u32 + 1;
-        let handle = self.core.fresh_handle(&t, u64::from(id));
-        let donated = base_stor_len.saturating_add(var_stor_len);
+        let Some(id) = t.next_id() else {
+            return fail(rc::TOO_MANY_CONFIGS);
+        };
+        let handle = self.core.fresh_handle(&t, self.core.next_config_seq());
+        let donated = req.base_stor_len.saturating_add(req.var_stor_len);
         let cfg = Arc::new(Config::new(
             id,
             handle,
@@ -318,8 +433,7 @@ impl Ultravisor {
             origin,
             donated,
         ));
-        t.by_id.push(Arc::clone(&cfg));
-        t.by_handle.insert(handle, cfg);
+        t.insert(cfg);
         t.asce_in_use.insert(origin);
         t.live += 1;
         self.core.donated.fetch_add(donated, Ordering::Relaxed);
@@ -348,14 +462,19 @@ impl Ultravisor {
         Ok(cfg)
     }
 
-    /// DESTROY_SEC_CONF 0x0101: refused while the config has CPUs; cleans all its pages.
+    /// DESTROY_SEC_CONF 0x0101: refused while the config has CPUs; cleans all its pages, so
+    /// no page refers to it afterwards and its record is retired at once.
     pub fn destroy_config(&self, handle: u64) -> UvcStatus {
         self.core.execute(Uvc::DestroySecConf, || {
             match self.destroy_config_common(handle, Uvc::DestroySecConf) {
                 Ok(cfg) => {
                     if let Some(region) = self.region_of(&cfg) {
                         walk::clean_config(&self.core, &region, cfg.id);
+                        self.forget_exports(&region, cfg.id);
                     }
+                    // Only now: while its own clean-up walk runs, the id must stay its own.
+                    wlock(&self.core.tables).mark_dead(cfg.id);
+                    self.sweep();
                     UvcStatus::OK
                 }
                 Err(s) => s,
@@ -363,21 +482,81 @@ impl Ultravisor {
         })
     }
 
-    /// DESTROY_SEC_CONF_FAST 0x0102: O(1); the config's pages become ORPHANED.
+    /// DESTROY_SEC_CONF_FAST 0x0102: O(1); the config's pages become ORPHANED. The record
+    /// stays while orphaned (or orphan-exported) pages refer to it.
     pub fn destroy_config_fast(&self, handle: u64) -> UvcStatus {
         self.core.execute(Uvc::DestroySecConfFast, || {
             if !self.core.opts.destroy_fast {
                 return UvcStatus::err(rc::INV_CMD);
             }
             match self.destroy_config_common(handle, Uvc::DestroySecConfFast) {
-                Ok(_) => UvcStatus::OK,
+                Ok(cfg) => {
+                    let mut t = wlock(&self.core.tables);
+                    t.mark_dead(cfg.id);
+                    self.core.retire(&mut t);
+                    UvcStatus::OK
+                }
                 Err(s) => s,
             }
         })
     }
 
-    /// CREATE_SEC_CPU 0x0120 -> (status, cpu handle).
+    /// Pages dead configuration `id` exported while it lived read as non-secure; rewrite them
+    /// so (`PageCtx::forget_export`), dropping their references to `id`. O(exported pages of
+    /// the region).
+    fn forget_exports(&self, region: &Region, id: u32) {
+        let pages: Vec<u64> = mlock(&region.exported)
+            .iter()
+            .filter(|(_, tag)| tag.owner == id)
+            .map(|(idx, _)| *idx)
+            .collect();
+        if pages.is_empty() {
+            return;
+        }
+        let _ = region.with_mem(|mem| {
+            let ctx = PageCtx {
+                core: &self.core,
+                region,
+                mem,
+            };
+            for idx in pages {
+                ctx.forget_export(idx, id);
+            }
+        });
+    }
+
+    /// Retire every dead configuration no page refers to, first forgetting the exports of
+    /// those only such pages still name. Runs after a destroy and a region release.
+    fn sweep(&self) {
+        let candidates = rlock(&self.core.tables).only_live_exports();
+        for cfg in candidates {
+            if let Some(region) = self.region_of(&cfg) {
+                self.forget_exports(&region, cfg.id);
+            }
+        }
+        self.core.retire(&mut wlock(&self.core.tables));
+    }
+
+    /// Sizes of the configuration tables (inspection; not a UVC).
+    pub fn table_sizes(&self) -> TableSizes {
+        rlock(&self.core.tables).sizes()
+    }
+
+    /// CREATE_SEC_CPU 0x0120 -> (status, cpu handle). Checks, in order: handle 0x0020,
+    /// num > max_guest_cpu_id 0x0103, stor_len short 0x010c, num already defined 0x0104.
     pub fn create_cpu(&self, handle: u64, num: u64, stor_len: u64) -> (UvcStatus, u64) {
+        self.create_cpu_at(handle, num, stor_len, None)
+    }
+
+    /// CREATE_SEC_CPU; `stor_origin` is the raw block's donation origin (checked against the
+    /// lowcore after the cpu number: 0x0106).
+    pub(crate) fn create_cpu_at(
+        &self,
+        handle: u64,
+        num: u64,
+        stor_len: u64,
+        stor_origin: Option<u64>,
+    ) -> (UvcStatus, u64) {
         self.core.execute(Uvc::CreateSecCpu, || {
             let mut t = wlock(&self.core.tables);
             let Some(cfg) = t.live(handle).cloned() else {
@@ -385,6 +564,9 @@ impl Ultravisor {
             };
             if num > self.core.info.max_guest_cpu_id {
                 return (UvcStatus::err(rc::INV_CPU_NUM), 0);
+            }
+            if stor_origin.is_some_and(|o| o < LOWCORE_END) {
+                return (UvcStatus::err(rc::CPU_STOR_LOWCORE), 0);
             }
             if stor_len < self.core.info.guest_cpu_stor_len {
                 return (UvcStatus::err(rc::CPU_STOR_TOO_SHORT), 0);
@@ -424,13 +606,35 @@ impl Ultravisor {
         })
     }
 
-    /// A UVC addressed to a CPU handle that only checks it (resets, set-state).
+    /// The CPU resets (CPU_RESET, CPU_RESET_INITIAL, CPU_RESET_CLEAR): check the CPU handle.
+    /// The emulator keeps no CPU register state, so a reset has nothing else to do. Any other
+    /// `uvc` is not a CPU reset: counted, and answered 0x0002.
     pub fn cpu_uvc(&self, uvc: Uvc, cpu_handle: u64) -> UvcStatus {
         self.core.execute(uvc, || {
-            if rlock(&self.core.tables).cpus.contains_key(&cpu_handle) {
+            if !matches!(
+                uvc,
+                Uvc::CpuReset | Uvc::CpuResetInitial | Uvc::CpuResetClear
+            ) {
+                UvcStatus::err(rc::INV_CMD)
+            } else if rlock(&self.core.tables).cpus.contains_key(&cpu_handle) {
                 UvcStatus::OK
             } else {
                 UvcStatus::err(rc::INV_CPU_HANDLE)
+            }
+        })
+    }
+
+    /// CPU_SET_STATE 0x0330: CPU handle 0x0021, then the state (1 operating, 2 stopped,
+    /// 3 check-stop, 5 operating-load; any other value 0x0101). The emulator does not run
+    /// CPUs, so the state is checked, not kept.
+    pub fn cpu_set_state(&self, cpu_handle: u64, state: u8) -> UvcStatus {
+        self.core.execute(Uvc::CpuSetState, || {
+            if !rlock(&self.core.tables).cpus.contains_key(&cpu_handle) {
+                UvcStatus::err(rc::INV_CPU_HANDLE)
+            } else if !cpu_state::is_valid(state) {
+                UvcStatus::err(rc::INV_CPU_STATE)
+            } else {
+                UvcStatus::OK
             }
         })
     }
@@ -472,19 +676,22 @@ impl Ultravisor {
         })
     }
 
-    /// SET_SHARED_ACCESS 0x1000 (guest side).
+    /// SET_SHARED_ACCESS 0x1000, issued by the protected guest `handle` (a host does not have
+    /// this call: the raw dispatcher answers a host 0x0002). gaddr beyond the guest storage
+    /// 0x0101 (kvm-unit-tests uv-guest.c test_sharing).
     pub fn set_shared_access(&self, handle: u64, gaddr: u64) -> UvcStatus {
         self.core.execute(Uvc::SetSharedAccess, || {
-            self.on_gaddr(handle, gaddr, |p, cfg, idx| {
+            self.on_gaddr_or(handle, gaddr, rc::SHARE_INV_ADDR, |p, cfg, idx| {
                 p.owner_op(idx, cfg, OwnerOp::Share)
             })
         })
     }
 
-    /// REMOVE_SHARED_ACCESS 0x1001 (guest side).
+    /// REMOVE_SHARED_ACCESS 0x1001, issued by the protected guest `handle`; as
+    /// [`Self::set_shared_access`].
     pub fn remove_shared_access(&self, handle: u64, gaddr: u64) -> UvcStatus {
         self.core.execute(Uvc::RemoveSharedAccess, || {
-            self.on_gaddr(handle, gaddr, |p, cfg, idx| {
+            self.on_gaddr_or(handle, gaddr, rc::SHARE_INV_ADDR, |p, cfg, idx| {
                 p.owner_op(idx, cfg, OwnerOp::Unshare)
             })
         })
@@ -492,15 +699,31 @@ impl Ultravisor {
 
     /// SET_SEC_CONF_PARAMS 0x0300: parse and authenticate the SE header.
     pub fn set_sec_parms(&self, handle: u64, header: &[u8]) -> UvcStatus {
+        self.set_sec_parms_with(handle, || Ok::<&[u8], UvcStatus>(header))
+    }
+
+    /// SET_SEC_CONF_PARAMS with the header fetched by `read` once the handle is checked
+    /// (kvm-unit-tests test_set_se_header: handle 0x0020 comes before the header access
+    /// 0x0103), then: header already set 0x0003, header content (image rcs). `read` runs with
+    /// no lock held: it may take region locks.
+    pub(crate) fn set_sec_parms_with<H: AsRef<[u8]>>(
+        &self,
+        handle: u64,
+        read: impl FnOnce() -> Result<H, UvcStatus>,
+    ) -> UvcStatus {
         self.core.execute(Uvc::SetSecConfParams, || {
             let Some(cfg) = self.core.live_config(handle) else {
                 return UvcStatus::err(rc::INV_GUEST_HANDLE);
+            };
+            let header = match read() {
+                Ok(h) => h,
+                Err(s) => return s,
             };
             let mut image = mlock(&cfg.image);
             if image.header.is_some() {
                 return UvcStatus::err(rc::CONFIG_STATE);
             }
-            match image::parse_header(header, &self.core.opts.host_key) {
+            match image::parse_header(header.as_ref(), &self.core.opts.host_key) {
                 Ok(hdr) => {
                     image.header = Some(Box::new(hdr));
                     image.verifier = Some(image::Verifier::new());

@@ -7,9 +7,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 pub const CC_OK: u8 = 0;
 pub const CC_ERROR: u8 = 1;
 
-/// Return codes. The first block is architected (spec §1.2 / kvm-unit-tests); the rest are chosen
-/// by this emulator and listed with their conditions in docs/UV.md.
+/// Return codes. rc values above 0x00ff are per UVC: the same number means different things for
+/// different UVCs. Each constant says where its value comes from (docs/UV.md has the full table
+/// with sources): "kvm-unit-tests" = asserted by s390x/uv-host.c or uv-guest.c, which run on real
+/// machines; "Linux" = named in arch/s390/include/asm/uv.h or relied on by the kernel;
+/// "emulator-chosen" = no public source gives a code for the condition, so pvfast picked one
+/// that kvm-unit-tests does not assign for that UVC.
 pub mod rc {
+    // ---- architected, every UVC (kvm-unit-tests lib/s390x/asm/uv.h, Linux asm/uv.h) ----
     pub const EXECUTED: u16 = 0x0001;
     pub const INV_CMD: u16 = 0x0002;
     pub const INV_STATE: u16 = 0x0003;
@@ -18,49 +23,120 @@ pub mod rc {
     pub const INV_GUEST_HANDLE: u16 = 0x0020;
     pub const INV_CPU_HANDLE: u16 = 0x0021;
     pub const NEED_DESTROY: u16 = 0x8000;
-    /// Destroy-Fast refused because AP queues are bound (spec; produced only by injection here).
+
+    // ---- QUI ----
+    /// The block is long enough (>= 0xa8) but shorter than the UV's query data: the fields that
+    /// fit are stored (Linux UVC_RC_MORE_DATA; kvm-unit-tests test_query "insf length").
+    pub const MORE_DATA: u16 = 0x0100;
+
+    // ---- INIT_UV (kvm-unit-tests test_init) ----
+    /// The UV is already initialised ("double init").
+    pub const INIT_DOUBLE: u16 = 0x0101;
+    /// stor_len is not the QUI uv_base_stor_len ("storage invalid length").
+    pub const INIT_STOR_LEN: u16 = 0x0103;
+    /// stor_origin invalid ("storage origin invalid"; here: not 1 MiB aligned).
+    pub const INIT_STOR_ORIGIN: u16 = 0x0104;
+    /// stor_origin + stor_len invalid ("storage + length invalid"; here: wraps around).
+    pub const INIT_STOR_RANGE: u16 = 0x0105;
+    /// stor_origin below 2 GiB ("storage below 2GB").
+    pub const INIT_STOR_BELOW_2G: u16 = 0x0108;
+
+    // ---- CREATE_SEC_CONF (kvm-unit-tests test_config_create unless marked) ----
+    /// guest_stor_origin (MSO) above max_guest_stor_addr.
+    pub const GUEST_ORIGIN_TOO_HIGH: u16 = 0x0101;
+    /// guest_stor_origin + guest_stor_len above max_guest_stor_addr.
+    pub const GUEST_END_TOO_HIGH: u16 = 0x0102;
+    /// Emulator-chosen: guest_len 0, not 1 MiB aligned, larger than the region, or region
+    /// released; raw: guest_stor_origin names no region.
+    pub const INV_GUEST_STOR: u16 = 0x0103;
+    /// Emulator-chosen: the ASCE origin is used by a live configuration (kvm-unit-tests "reuse
+    /// ASCE" asserts only rc >= 0x0104; 0x0104 is otherwise unassigned there).
+    pub const ASCE_IN_USE: u16 = 0x0104;
+    /// guest_asce: private-space control (0x100) missing, or real-space control (0x20, bit 58)
+    /// or a bit Linux never sets (0xe10) present.
+    pub const INV_ASCE: u16 = 0x0105;
+    /// Emulator-chosen (typed call only): base storage shorter than guest_base_stor_len.
+    pub const BASE_STOR_TOO_SHORT: u16 = 0x0106;
+    /// conf_base_stor_origin overlaps the absolute lowcore (0..0x2000).
+    pub const BASE_STOR_LOWCORE: u16 = 0x0109;
+    /// Emulator-chosen (typed call only): variable storage shorter than the QUI formula.
+    pub const VAR_STOR_TOO_SHORT: u16 = 0x010a;
+    /// guest_sca is 0.
+    pub const SCA_ZERO: u16 = 0x010c;
+    /// conf_virt_stor_origin overlaps the absolute lowcore (kvm-unit-tests, older uv-host.c:
+    /// "variable storage area contains lowcore").
+    pub const VAR_STOR_LOWCORE: u16 = 0x010e;
+    /// Emulator-chosen: max_num_sec_conf live configurations, or every configuration id is in
+    /// use (beyond every code kvm-unit-tests names for Create Config, 0x0101..0x010e).
+    pub const TOO_MANY_CONFIGS: u16 = 0x010f;
+
+    // ---- DESTROY_SEC_CONF, DESTROY_SEC_CONF_FAST ----
+    /// Emulator-chosen: the configuration still has secure CPUs (kvm-unit-tests assigns no
+    /// code of these UVCs above 0x0020).
+    pub const CONFIG_HAS_CPUS: u16 = 0x0102;
+    /// Destroy-Fast refused because AP queues are bound (Linux; produced only by injection).
     pub const APQN_BOUND: u16 = 0x0104;
-    /// Older firmware's answer to destroy-page on a non-secure page (with rrc 0x000d).
+
+    // ---- CREATE_SEC_CPU (kvm-unit-tests test_cpu_create) ----
+    /// cpu number above max_guest_cpu_id ("invalid cpu #").
+    pub const INV_CPU_NUM: u16 = 0x0103;
+    /// cpu number already defined in this configuration ("already defined").
+    pub const CPU_NUM_IN_USE: u16 = 0x0104;
+    /// stor_origin overlaps the absolute lowcore ("cpu stor in lowcore").
+    pub const CPU_STOR_LOWCORE: u16 = 0x0106;
+    /// Emulator-chosen (typed call only): donated CPU storage shorter than guest_cpu_stor_len.
+    pub const CPU_STOR_TOO_SHORT: u16 = 0x010c;
+
+    // ---- CPU_SET_STATE ----
+    /// Emulator-chosen: the state byte is not 1, 2, 3 or 5 (no public source gives a code).
+    pub const INV_CPU_STATE: u16 = 0x0101;
+
+    // ---- SET_SEC_CONF_PARAMS (kvm-unit-tests test_set_se_header) ----
+    /// The SE header is (partly) not readable ("se hdr access exception").
+    pub const HDR_ACCESS: u16 = 0x0103;
+
+    // ---- SET_SHARED_ACCESS / REMOVE_SHARED_ACCESS (kvm-unit-tests uv-guest.c test_sharing) ----
+    /// The address is beyond the guest's storage ("invalid memory").
+    pub const SHARE_INV_ADDR: u16 = 0x0101;
+
+    // ---- page UVCs ----
+    /// Older firmware's answer to destroy-page on a non-secure page (with rrc 0x000d; Linux).
     pub const LEGACY_NOT_SECURE: u16 = 0x0107;
     pub const LEGACY_NOT_SECURE_RRC: u16 = 0x000d;
-    /// Import/unpack: page not mapped (the kernel faults it in and retries).
+    /// Import/unpack: page not mapped (the kernel faults it in and retries; Linux).
     pub const PAGE_NOT_ACCESSIBLE: u16 = 0x010a;
-
-    // ---- emulator-chosen (docs/UV.md) ----
-    /// Create Config: max_num_sec_conf configurations exist (or config ids exhausted).
-    pub const TOO_MANY_CONFIGS: u16 = 0x0101;
-    /// Create Config: guest_len 0, not 1 MiB aligned, larger than the region, or region released;
-    /// guest_stor_origin not 0.
-    pub const INV_GUEST_STOR: u16 = 0x0103;
-    /// Create Config: the ASCE origin is used by a live configuration (kvm-unit-tests: rc >= 0x104).
-    pub const ASCE_IN_USE: u16 = 0x0105;
-    /// Create Config: base storage shorter than guest_base_stor_len.
-    pub const BASE_STOR_TOO_SHORT: u16 = 0x0106;
-    /// Create Config: variable storage shorter than the formula of spec §2.3.
-    pub const VAR_STOR_TOO_SHORT: u16 = 0x0108;
-    /// Destroy Config / Destroy-Fast: the configuration still has secure CPUs.
-    pub const CONFIG_HAS_CPUS: u16 = 0x0102;
-    /// Create CPU: cpu number above max_guest_cpu_id.
-    pub const INV_CPU_NUM: u16 = 0x0109;
-    /// Create CPU: cpu number already in use in this configuration.
-    pub const CPU_NUM_IN_USE: u16 = 0x010b;
-    /// Create CPU: donated CPU storage shorter than guest_cpu_stor_len.
-    pub const CPU_STOR_TOO_SHORT: u16 = 0x010c;
-    /// Page UVCs: address outside the guest storage / outside any region, or not page aligned.
+    /// Emulator-chosen: address outside the guest storage / outside any region, or not page
+    /// aligned.
     pub const INV_ADDR: u16 = 0x0110;
-    /// Destroy page: the owning configuration still has secure CPUs.
+    /// Emulator-chosen: destroy page while the owning configuration still has secure CPUs.
     pub const OWNER_HAS_CPUS: u16 = 0x0111;
-    /// Import / unpack / share / unpin: the page is owned by another (or a dead) configuration.
+    /// Emulator-chosen: import / unpack / share / unpin of a page owned by another (or a dead)
+    /// configuration.
     pub const OTHER_OWNER: u16 = 0x0112;
-    /// Import of an exported page: integrity check (AES-GCM tag) failed; nothing changed.
+    /// Emulator-chosen: import of an exported page failed its integrity check (AES-GCM tag).
     pub const INTEGRITY: u16 = 0x0113;
+
+    // ---- configuration-level state ----
     /// Unpack / verify / set-sec-parms / dump: configuration not in the right state
     /// (no header, header already set, already verified, not dumping, dumping twice).
     pub const CONFIG_STATE: u16 = INV_STATE;
-    /// Cpu-level dump or state UVC on a CPU whose configuration is not dumping.
+    /// Emulator-chosen: cpu-level dump UVC on a CPU whose configuration is not dumping.
     pub const NOT_DUMPING: u16 = 0x010d;
-    /// Dump storage state: gaddr not 1 MiB aligned or beyond the guest storage.
+    /// Emulator-chosen: dump storage state gaddr not 1 MiB aligned or beyond the guest storage.
     pub const INV_DUMP_ADDR: u16 = 0x010e;
+}
+
+/// CPU_SET_STATE state values (the byte at 0x27 of `struct uv_cb_cpu_set_state`, Linux asm/uv.h).
+pub mod cpu_state {
+    pub const OPERATING: u8 = 1;
+    pub const STOPPED: u8 = 2;
+    pub const CHECK_STOP: u8 = 3;
+    pub const OPERATING_LOAD: u8 = 5;
+
+    /// The states the UV accepts.
+    pub const fn is_valid(state: u8) -> bool {
+        matches!(state, OPERATING | STOPPED | CHECK_STOP | OPERATING_LOAD)
+    }
 }
 
 /// Result of one UVC: condition code and the two return codes copied back to the caller.
@@ -125,6 +201,12 @@ macro_rules! uvcs {
 
             pub fn from_code(code: u16) -> Option<Uvc> {
                 match code { $( $code => Some(Uvc::$variant), )* _ => None }
+            }
+
+            /// A call only a protected guest issues (SET/REMOVE_SHARED_ACCESS): a host UV does
+            /// not indicate it and answers 0x0002 (kvm-unit-tests uv-host.c test_invalid).
+            pub const fn is_guest_call(self) -> bool {
+                matches!(self, Uvc::SetSharedAccess | Uvc::RemoveSharedAccess)
             }
 
             /// Dense index 0..ALL.len() for the counter tables.

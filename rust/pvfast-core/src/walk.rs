@@ -54,8 +54,10 @@ pub struct WalkResult {
 }
 
 /// Per-owner secure-page deltas of one batch, flushed to the configs at the end of the batch.
+/// The cached id -> config lookup is redone when a configuration was retired meanwhile (its id
+/// may now name another one).
 struct OwnerTally {
-    cache: Option<(u32, Option<Arc<Config>>)>,
+    cache: Option<(u32, u64, Option<Arc<Config>>)>,
     counts: Vec<(u32, i64)>,
 }
 
@@ -69,10 +71,15 @@ impl OwnerTally {
 
     #[inline]
     fn config(&mut self, core: &Core, owner: u32) -> Option<&Arc<Config>> {
-        if self.cache.as_ref().is_none_or(|(id, _)| *id != owner) {
-            self.cache = Some((owner, core.config_by_id(owner)));
+        let epoch = core.retire_epoch.load(Ordering::Acquire);
+        if self
+            .cache
+            .as_ref()
+            .is_none_or(|(id, e, _)| *id != owner || *e != epoch)
+        {
+            self.cache = Some((owner, epoch, core.config_by_id(owner)));
         }
-        self.cache.as_ref().and_then(|(_, c)| c.as_ref())
+        self.cache.as_ref().and_then(|(_, _, c)| c.as_ref())
     }
 
     #[inline]
@@ -673,4 +680,44 @@ pub(crate) fn mm_teardown(
         });
         (destroyed.into_inner(), exported.into_inner())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::CFG_FAST_DESTROYED;
+    use crate::memory::wlock;
+    use crate::state::UvOptions;
+
+    #[test]
+    fn the_owner_cache_forgets_a_retired_id() {
+        let core = Core::new(UvOptions {
+            threads: 1,
+            ..Default::default()
+        })
+        .expect("a one-thread pool");
+        let config = |handle| Arc::new(Config::new(1, handle, 0, 1 << 20, 0, 0));
+        let old = config(0x100);
+        {
+            let mut t = wlock(&core.tables);
+            t.insert(Arc::clone(&old));
+            old.set_state(CFG_FAST_DESTROYED);
+            t.mark_dead(1);
+        }
+        let mut tally = OwnerTally::new();
+        assert!(tally.config(&core, 1).is_some_and(|c| Arc::ptr_eq(c, &old)));
+        // No page names id 1 any more: it is retired and a new configuration gets it.
+        {
+            let mut t = wlock(&core.tables);
+            core.retire(&mut t);
+            assert_eq!(t.next_id(), Some(1));
+            t.insert(config(0x200));
+        }
+        let now = tally.config(&core, 1).map(|c| c.handle);
+        assert_eq!(
+            now,
+            Some(0x200),
+            "a walk must not keep using the retired configuration"
+        );
+    }
 }

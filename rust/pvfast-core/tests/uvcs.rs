@@ -25,6 +25,14 @@ fn query_and_info() {
         assert!(test_bit_inv(&i.inst_calls_list, bit));
     }
     assert_eq!(i.uv_feature_indications, 0xc000_0000_0000_0000);
+    // The host view: the guest-only share calls are not indicated (the Linux boot code takes
+    // bits 8 and 9 both set for "running as a protected guest").
+    assert!(!test_bit_inv(&i.inst_calls_list, 8));
+    assert!(!test_bit_inv(&i.inst_calls_list, 9));
+    let g = i.guest_inst_calls_list();
+    assert_eq!(g, [(1 << 63) | (1 << 55) | (1 << 54), 0, 0, 0]);
+    assert!(i.uv_base_stor_len > 0 && i.uv_base_stor_len.is_multiple_of(MIB));
+    assert!(uv.is_initialised());
     assert_eq!(i.max_guest_cpu_id, 247);
     assert_eq!(i.max_num_sec_conf, 4096);
 
@@ -47,7 +55,10 @@ fn create_config_errors() {
     let info = uv.info();
     let base = info.guest_base_stor_len;
     let var = info.var_stor_len(64 * MIB);
-    let mk = |len, asce, b, v| uv.create_config(&region, len, asce, 0, b, v).unwrap();
+    let mk = |len, asce, b, v| {
+        uv.create_config(&region, len, asce | ASCE_P, SCA, b, v)
+            .unwrap()
+    };
     assert_eq!(mk(0, 0x1000, base, var), (err(rc::INV_GUEST_STOR), 0));
     assert_eq!(
         mk(MIB + PAGE, 0x1000, base, var),
@@ -72,9 +83,22 @@ fn create_config_errors() {
     assert_eq!(mk(64 * MIB, 0x1003, base, var), (err(rc::ASCE_IN_USE), 0));
     assert_eq!(uv.donated_bytes(), base + var);
     assert_eq!(stat(&uv, Uvc::CreateSecConf), 7);
+    // ASCE controls and SCA (kvm-unit-tests test_config_create has the raw versions).
+    let raw = |asce, sca| {
+        uv.create_config(&region, 64 * MIB, asce, sca, base, var)
+            .unwrap()
+    };
+    assert_eq!(raw(0x2000, SCA), (err(rc::INV_ASCE), 0), "no private bit");
+    assert_eq!(raw(0x2000 | ASCE_P | 0x20, SCA), (err(rc::INV_ASCE), 0));
+    assert_eq!(raw(0x2000 | ASCE_P | 0x10, SCA), (err(rc::INV_ASCE), 0));
+    assert_eq!(raw(0x2000 | ASCE_P | 0x800, SCA), (err(rc::INV_ASCE), 0));
+    assert_eq!(raw(0x2000 | ASCE_P, 0), (err(rc::SCA_ZERO), 0));
+    // Linux's gmap ASCE: user bits 0x1c0, region-3 type 0x4, table length 3.
+    assert_eq!(raw(0x2000 | 0x1c0 | 0x4 | 0x3, SCA).0, ok());
+    assert_eq!(stat(&uv, Uvc::CreateSecConf), 13);
     // Destroy frees the ASCE and the donation.
     assert_eq!(uv.destroy_config(h), ok());
-    assert_eq!(uv.donated_bytes(), 0);
+    assert_eq!(uv.donated_bytes(), base + var);
     assert_eq!(mk(64 * MIB, 0x1000, base, var).0, ok());
 
     let small = uv_with(UvOptions {
@@ -92,7 +116,7 @@ fn create_config_errors() {
     let other = uv_with(UvOptions::default());
     let foreign = other.create_region(4 * MIB).unwrap();
     assert!(matches!(
-        uv.create_config(&foreign, 4 * MIB, 0x9000, 0, base, var),
+        uv.create_config(&foreign, 4 * MIB, 0x9000 | ASCE_P, SCA, base, var),
         Err(CoreError::ForeignRegion(_))
     ));
 }
@@ -147,15 +171,30 @@ fn cpus_and_config_destroy_order() {
     assert_eq!(uv.destroy_config(vm.handle), err(rc::INV_GUEST_HANDLE));
     assert_eq!(uv.donated_bytes(), 0);
     assert!(uv.config_handles().is_empty());
-    for u in [
-        Uvc::CpuReset,
-        Uvc::CpuResetInitial,
-        Uvc::CpuResetClear,
-        Uvc::CpuSetState,
-    ] {
+    for u in [Uvc::CpuReset, Uvc::CpuResetInitial, Uvc::CpuResetClear] {
         assert_eq!(uv.cpu_uvc(u, c1), err(rc::INV_CPU_HANDLE));
         assert_eq!(stat(uv, u), 1);
     }
+    assert_eq!(uv.cpu_uvc(Uvc::CpuSetState, c1), err(rc::INV_CMD));
+    assert_eq!(uv.cpu_set_state(c1, 1), err(rc::INV_CPU_HANDLE));
+    assert_eq!(stat(uv, Uvc::CpuSetState), 2);
+}
+
+#[test]
+fn cpu_set_state_checks_the_state_value() {
+    let vm = vm(4 * MIB, 0);
+    let c = cpu(&vm.uv, vm.handle, 0);
+    for s in [1, 2, 3, 5] {
+        assert_eq!(vm.uv.cpu_set_state(c, s), ok(), "state {s}");
+    }
+    for s in [0, 4, 6, 0xff] {
+        assert_eq!(
+            vm.uv.cpu_set_state(c, s),
+            err(rc::INV_CPU_STATE),
+            "state {s}"
+        );
+    }
+    assert_eq!(vm.uv.cpu_uvc(Uvc::CpuReset, c), ok());
 }
 
 #[test]
@@ -616,4 +655,100 @@ fn exported_pages_of_a_dead_config_read_as_nonsecure() {
     let (_, h2) = create(uv, r, 4 * MIB, 0x80_000);
     assert_eq!(uv.convert_to_secure(h2, 0), ok());
     assert_eq!(state(r, 0), ("secure", h2));
+}
+
+#[test]
+fn destroyed_configurations_are_retired_and_their_ids_reused() {
+    let uv = uv();
+    let r = uv.create_region(4 * MIB).unwrap();
+    r.touch(0, MIB).unwrap();
+    let mut handles = std::collections::HashSet::new();
+    for i in 0..10_000u64 {
+        let (st, h) = create(&uv, &r, 4 * MIB, 0x10_000);
+        assert_eq!(st, ok());
+        assert!(handles.insert(h), "handle {h:#x} reused (cycle {i})");
+        assert_eq!(uv.convert_to_secure(h, (i % 8) * PAGE), ok());
+        assert_eq!(uv.convert_from_secure(r.base() + (i % 8) * PAGE), ok());
+        let c = cpu(&uv, h, 0);
+        assert_eq!(uv.destroy_cpu(c), ok());
+        assert_eq!(uv.destroy_config(h), ok());
+        let t = uv.table_sizes();
+        assert_eq!(
+            (t.configs, t.live, t.dead, t.cpus),
+            (0, 0, 0, 0),
+            "cycle {i}"
+        );
+        assert_eq!(t.id_slots, 1, "the one id is reused (cycle {i})");
+    }
+    // The exports of destroyed configurations read as plain non-secure memory.
+    for p in 0..8 {
+        assert_eq!(state(&r, p), ("nonsecure", 0));
+    }
+}
+
+#[test]
+fn a_reused_id_never_adopts_an_old_page() {
+    let uv = uv();
+    let r = uv.create_region(4 * MIB).unwrap();
+    r.touch(0, MIB).unwrap();
+    // A: page 0 orphaned by Destroy-Fast, page 1 exported while A lived.
+    let (_, a) = create(&uv, &r, 4 * MIB, 0x10_000);
+    for p in 0..2 {
+        assert_eq!(uv.convert_to_secure(a, p * PAGE), ok());
+    }
+    r.write(PAGE, b"A's secret", a).unwrap();
+    assert_eq!(uv.convert_from_secure(r.base() + PAGE), ok());
+    assert_eq!(uv.destroy_config_fast(a), ok());
+    assert_eq!(state(&r, 0), ("orphaned", a));
+    // While the orphan exists, A is kept: new configurations get other ids.
+    let (_, b) = create(&uv, &r, 4 * MIB, 0x20_000);
+    assert_eq!(uv.table_sizes().id_slots, 2);
+    assert_eq!(uv.convert_to_secure(b, 0), err(rc::OTHER_OWNER));
+    assert_eq!(uv.secure_pages(Some(a)), 1);
+    // The orphan goes; a sweep (any destroy or region release) forgets A's export and A.
+    assert_eq!(uv.destroy_page(r.base()), ok());
+    assert_eq!(uv.destroy_config(b), ok());
+    let t = uv.table_sizes();
+    assert_eq!((t.configs, t.free_ids), (0, 2));
+    assert_eq!(uv.secure_pages(Some(a)), 0);
+    // C and D take the two freed ids, so one of them has A's: A's exported page is neither's
+    // to decrypt, it is fresh memory (zeroed on import), and A's handle means nothing.
+    let (_, c) = create(&uv, &r, 4 * MIB, 0x30_000);
+    let (_, d) = create(&uv, &r, 4 * MIB, 0x40_000);
+    assert_eq!(uv.table_sizes().id_slots, 2, "both ids reused");
+    assert_eq!(state(&r, 1), ("nonsecure", 0));
+    for (h, page) in [(c, 1), (d, 2)] {
+        assert_eq!(uv.convert_to_secure(h, page * PAGE), ok());
+        assert_eq!(r.read(page * PAGE, 10, h).unwrap(), vec![0u8; 10]);
+    }
+    assert_eq!(state(&r, 0), ("nonsecure", 0));
+    assert_eq!(uv.destroy_config(a), err(rc::INV_GUEST_HANDLE));
+    assert!(c != a && d != a && c != b && d != b);
+}
+
+#[test]
+fn an_orphan_export_keeps_its_configuration_until_the_region_goes() {
+    let uv = uv();
+    let r = uv.create_region(4 * MIB).unwrap();
+    r.touch(0, MIB).unwrap();
+    let (_, a) = create(&uv, &r, 4 * MIB, 0x10_000);
+    assert_eq!(uv.convert_to_secure(a, 0), ok());
+    assert_eq!(uv.destroy_config_fast(a), ok());
+    assert_eq!(uv.convert_from_secure(r.base()), ok()); // the orphan is exported
+    for _ in 0..100 {
+        let (_, h) = create(&uv, &r, 4 * MIB, 0x20_000);
+        assert_eq!(uv.destroy_config(h), ok());
+        assert_eq!(
+            state(&r, 0),
+            ("exported", a),
+            "still attributed to the dead handle"
+        );
+    }
+    assert_eq!(uv.table_sizes().dead, 1);
+    // Destroy-page leaves an exported page alone; the region going releases everything.
+    assert_eq!(uv.destroy_page(r.base()), ok());
+    assert_eq!(uv.table_sizes().configs, 1);
+    uv.release_region(&r).unwrap();
+    let t = uv.table_sizes();
+    assert_eq!((t.configs, t.dead), (0, 0));
 }

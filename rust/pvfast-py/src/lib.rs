@@ -101,6 +101,14 @@ fn a_end_page(obj: &Bound<'_, PyAny>) -> PyResult<Option<u64>> {
     }
 }
 
+fn a_opt_guest(obj: &Bound<'_, PyAny>) -> PyResult<Option<u64>> {
+    if obj.is_none() {
+        Ok(None)
+    } else {
+        u64_of("guest", obj).map(Some)
+    }
+}
+
 fn a_opt_handle(obj: &Bound<'_, PyAny>) -> PyResult<Option<u64>> {
     if obj.is_none() {
         Ok(None)
@@ -264,7 +272,8 @@ fn token(c: &Option<PyRef<'_, CancelToken>>) -> Option<core_::CancelToken> {
 impl Ultravisor {
     #[new]
     #[pyo3(signature = (*, destroy_fast = true, feature_misc = true, feature_aiv = true, dump = true,
-        max_guests = 4096, max_cpus = 248, legacy_destroy_rc = false, threads = 0))]
+        max_guests = 4096, max_cpus = 248, legacy_destroy_rc = false, threads = 0,
+        initialised = true))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         destroy_fast: bool,
@@ -275,6 +284,7 @@ impl Ultravisor {
         #[pyo3(from_py_with = a_max_cpus)] max_cpus: u64,
         legacy_destroy_rc: bool,
         #[pyo3(from_py_with = a_threads)] threads: u64,
+        initialised: bool,
     ) -> PyResult<Self> {
         if max_cpus == 0 || max_cpus > 65536 {
             return Err(PyValueError::new_err(format!(
@@ -290,6 +300,7 @@ impl Ultravisor {
             max_cpus: narrow("max_cpus", max_cpus, "65536")?,
             legacy_destroy_rc,
             threads: narrow("threads", threads.min(1024), "1024")?,
+            initialised,
             ..Default::default()
         };
         Ok(Ultravisor {
@@ -303,6 +314,7 @@ impl Ultravisor {
         let d = PyDict::new(py);
         let w = i.inst_calls_list;
         d.set_item("inst_calls_list", (w[0], w[1], w[2], w[3]))?;
+        d.set_item("uv_base_stor_len", i.uv_base_stor_len)?;
         d.set_item("uv_feature_indications", i.uv_feature_indications)?;
         d.set_item("guest_base_stor_len", i.guest_base_stor_len)?;
         d.set_item("guest_virt_base_stor_len", i.guest_virt_base_stor_len)?;
@@ -343,6 +355,19 @@ impl Ultravisor {
 
     fn donated_bytes(&self) -> u64 {
         self.inner.donated_bytes()
+    }
+
+    fn table_sizes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.inner.table_sizes();
+        let d = PyDict::new(py);
+        d.set_item("configs", s.configs)?;
+        d.set_item("live", s.live)?;
+        d.set_item("dead", s.dead)?;
+        d.set_item("id_slots", s.id_slots)?;
+        d.set_item("free_ids", s.free_ids)?;
+        d.set_item("cpus", s.cpus)?;
+        d.set_item("asces", s.asces)?;
+        Ok(d)
     }
 
     #[pyo3(signature = (uvc, rc, rrc = 0, count = 1))]
@@ -542,9 +567,23 @@ impl Ultravisor {
         self.inner.dump_complete(handle).into()
     }
 
-    fn call(&self, py: Python<'_>, uvcb: Vec<u8>) -> CallResult {
-        py.detach(|| core_::dispatch::call(&self.inner, &uvcb))
+    #[pyo3(signature = (uvcb, *, guest = None))]
+    fn call(
+        &self,
+        py: Python<'_>,
+        uvcb: Vec<u8>,
+        #[pyo3(from_py_with = a_opt_guest)] guest: Option<u64>,
+    ) -> CallResult {
+        let issuer = guest.map_or(
+            core_::dispatch::Issuer::Host,
+            core_::dispatch::Issuer::Guest,
+        );
+        py.detach(|| core_::dispatch::call_as(&self.inner, issuer, &uvcb))
             .into()
+    }
+
+    fn is_initialised(&self) -> bool {
+        self.inner.is_initialised()
     }
 
     // ---- kernel-side range helpers

@@ -7,6 +7,10 @@ use pvfast_core::{rc, Region, Ultravisor, UvOptions, UvcStatus, PAGE_SIZE};
 
 pub const MIB: u64 = 1 << 20;
 pub const PAGE: u64 = PAGE_SIZE as u64;
+/// ASCE private-space control: the UV refuses a Create Config ASCE without it.
+pub const ASCE_P: u64 = 0x100;
+/// A guest SCA origin (the UV refuses 0).
+pub const SCA: u64 = 0x8000;
 
 pub struct Vm {
     pub uv: Ultravisor,
@@ -22,7 +26,8 @@ pub fn uv() -> Ultravisor {
     uv_with(UvOptions::default())
 }
 
-/// Create a config on `region` with the exact donation sizes QUI asks for.
+/// Create a config on `region` with the exact donation sizes QUI asks for; `asce` gets the
+/// private-space control added.
 pub fn create(
     uv: &Ultravisor,
     region: &Arc<Region>,
@@ -33,8 +38,8 @@ pub fn create(
     uv.create_config(
         region,
         guest_len,
-        asce,
-        0,
+        asce | ASCE_P,
+        SCA,
         info.guest_base_stor_len,
         info.var_stor_len(guest_len),
     )

@@ -1,0 +1,83 @@
+"""Long runs do not grow (issue 13 item 5): a regression test per leak, and a quick run of the soak
+benchmark (benches/soak.py; the full run is 10**6 ENABLE/DISABLE cycles and 10**5 VMs)."""
+
+from __future__ import annotations
+
+import gc
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+
+import pvfast
+from pvfast import PvCmd
+
+from .conftest import MiB, enable
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_enable_disable_keeps_no_configuration_record(host: pvfast.Host) -> None:
+    """Every Create Config used to stay in the UV's tables (and took a new, never reused id)."""
+    vm = host.create_vm(16 * MiB)
+    handles = set()
+    for i in range(300):
+        enable(vm)
+        handles.add(vm.pv_state().handle)
+        if i % 3 == 0:
+            vm.guest_write(0, b"x")
+            vm.host_read(0, 1)  # exported while the configuration lives
+        vm.pv_command(PvCmd.DISABLE)
+        sizes = host.uv.native.table_sizes()
+        assert (sizes["configs"], sizes["dead"], sizes["cpus"]) == (0, 0, 0)
+    assert sizes["id_slots"] == 1, "the configuration id is reused"
+    assert len(handles) == 300, "handles are never reused"
+
+
+def test_fast_destroyed_configurations_go_with_their_pages() -> None:
+    """A Destroy-Fast configuration is kept while its orphaned pages exist, not longer."""
+    host = pvfast.Host(destroy_fast=True)
+    for _ in range(50):
+        vm = host.create_vm(16 * MiB)
+        enable(vm)
+        vm.guest_write(0, b"x" * (4 * 4096))
+        vm.close()
+    sizes = host.uv.native.table_sizes()
+    assert (sizes["configs"], sizes["dead"], sizes["live"]) == (0, 0, 0)
+    assert sizes["id_slots"] <= 2
+    assert host.uv.secure_pages() == 0
+
+
+def test_dead_processes_leave_the_registry(host: pvfast.Host) -> None:
+    """host.processes used to keep every process that ever existed (and, through it, its address
+    space and VMs): ~4.4 MiB per 1,000 created-and-closed VMs with the UV records."""
+    refs = []
+    for _ in range(20):
+        vm = host.create_vm(16 * MiB)
+        enable(vm)
+        refs.append((weakref.ref(vm), weakref.ref(vm.process), weakref.ref(vm.process.mm)))
+        vm.close()
+        del vm
+    helper_owner = host.spawn_process()
+    helper = helper_owner.clone_vm()
+    helper.exit()
+    assert host.processes == [helper_owner]
+    helper_owner.exit()
+    assert host.processes == []
+    del helper, helper_owner
+    gc.collect()
+    alive = [r for group in refs for r in group if r() is not None]
+    assert not alive, f"{len(alive)} objects of closed VMs are still referenced"
+
+
+def test_soak_quick() -> None:
+    """benches/soak.py --quick runs and reports every table, the registry and RSS flat."""
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "benches" / "soak.py"), "--quick", "--rss-slack", "8"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.count(": flat") == 2, res.stdout
