@@ -55,7 +55,8 @@ class UvInfo(TypedDict):
     bit (bit 23: Destroy-Fast, bits 24-27: the dump calls); ``uv_feature_indications``: feature bits,
     same numbering (bit 0: MISC, bit 1: AIV); ``guest_base_stor_len``, ``guest_virt_base_stor_len``,
     ``guest_virt_var_stor_len`` (per MiB of guest memory) and ``guest_cpu_stor_len``: the storage a
-    configuration and a secure CPU take from the host, in bytes; ``max_guest_cpu_id``,
+    configuration and a secure CPU take from the host, in bytes; ``uv_base_stor_len``: what Init UV
+    took from the host for the UV itself; ``max_guest_cpu_id``,
     ``max_num_sec_conf``, ``max_sec_stor_addr``: the limits; ``conf_dump_storage_state_len`` (per MiB)
     and ``conf_dump_finalize_len``: the sizes of the dump data.
     """
@@ -66,6 +67,7 @@ class UvInfo(TypedDict):
     guest_virt_base_stor_len: int
     guest_virt_var_stor_len: int
     guest_cpu_stor_len: int
+    uv_base_stor_len: int
     max_guest_cpu_id: int
     max_num_sec_conf: int
     max_sec_stor_addr: int
@@ -90,6 +92,7 @@ def _uv_info(native: _native.Ultravisor) -> UvInfo:
         uv_feature_indications=num("uv_feature_indications"),
         guest_base_stor_len=num("guest_base_stor_len"),
         guest_virt_base_stor_len=num("guest_virt_base_stor_len"),
+        uv_base_stor_len=num("uv_base_stor_len"),
         guest_virt_var_stor_len=num("guest_virt_var_stor_len"),
         guest_cpu_stor_len=num("guest_cpu_stor_len"),
         max_guest_cpu_id=num("max_guest_cpu_id"),
@@ -380,7 +383,7 @@ class Host:
         with self._lock:
             self.processes.append(proc)
 
-    def remove_process(self, proc: Process) -> None:
+    def _remove_process(self, proc: Process) -> None:
         """release_task: a process that has exited leaves the registry (``processes`` lists the
         processes alive or still exiting; a dead one is kept only by whoever holds it)."""
         with self._lock:

@@ -414,7 +414,7 @@ class Process:
                 file.release_pending = False
                 file._release()
             self.alive = False
-            self.host.remove_process(self)
+            self.host._remove_process(self)
             self.exit_seconds = time.perf_counter() - start
         finally:
             self._exited.set()
