@@ -89,7 +89,10 @@ def test_typed_dict_keys_are_documented(cls):
 @pytest.mark.parametrize(
     ("cls", "names"),
     [
-        (pvfast.Host, ["kalloc", "kalloc_nofail", "kfree", "leak", "ledger", "alloc_pid", "add_process", "remove_process"]),
+        (
+            pvfast.Host,
+            ["kalloc", "kalloc_nofail", "kfree", "leak", "ledger", "alloc_pid", "add_process", "remove_process"],
+        ),
         (
             pvfast.AddressSpace,
             [
