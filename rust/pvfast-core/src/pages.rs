@@ -30,26 +30,39 @@ impl<'a> PageCtx<'a> {
         self.region.base + idx * PAGE_SIZE as u64
     }
 
-    /// The page's bytes. Only call with the page lock held.
+    /// The page's bytes, to change in place (a state-only region records that the page now
+    /// holds data). Only call with the page lock held.
     #[allow(clippy::mut_from_ref)]
     fn page_mut(&self, idx: u64) -> &mut [u8] {
+        self.mem.mark_data(idx);
         // SAFETY: idx is a valid page index of this mapping (callers validated it) and the caller
         // holds the page's lock bit, which is the exclusive right to its bytes.
         unsafe { std::slice::from_raw_parts_mut(self.mem.page_ptr(idx), PAGE_SIZE) }
     }
 
-    /// Zero a locked page (streaming stores + fence).
+    /// Zero a locked page (streaming stores + fence; in a state-only region only a page that
+    /// holds data is written). Counted as one page cleared by the UV either way.
     fn zero(&self, idx: u64) {
-        // SAFETY: page lock held; the page is inside the mapping and 4 KiB aligned.
-        unsafe { zero_page_nt(self.mem.page_ptr(idx)) };
-        store_fence();
+        if self.mem.state_only() {
+            self.mem.clear_data_page(idx);
+        } else {
+            // SAFETY: page lock held; the page is inside the mapping and 4 KiB aligned.
+            unsafe { zero_page_nt(self.mem.page_ptr(idx)) };
+            store_fence();
+        }
+        self.core.charge(|a| a.charge_zeroed(1));
     }
 
     /// Zero a locked page that is about to be used (import): plain stores, so the page stays
     /// in cache for the guest and no fence (write-combining drain) is needed.
     fn zero_for_use(&self, idx: u64) {
-        // SAFETY: page lock held; the page is inside the mapping.
-        unsafe { std::ptr::write_bytes(self.mem.page_ptr(idx), 0, PAGE_SIZE) };
+        if self.mem.state_only() {
+            self.mem.clear_data_page(idx);
+        } else {
+            // SAFETY: page lock held; the page is inside the mapping.
+            unsafe { std::ptr::write_bytes(self.mem.page_ptr(idx), 0, PAGE_SIZE) };
+        }
+        self.core.charge(|a| a.charge_zeroed(1));
     }
 
     /// Summary + owner counters for a transition (page lock held).
