@@ -19,6 +19,9 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "python" / "pvfast"
 LAYERS: list[set[str]] = [
     {"_native"},  # the Rust Ultravisor (the compiled extension; its stub is _native.pyi)
     {"constants", "errors", "_util", "_version"},
+    {"costs"},  # the cost model (TOML, defaults, the fit)
+    {"accounting"},  # per-thread/process/VM accounts and the binding mm.fdget uses
+    {"clock"},  # the modelled clock: waits, joins, the kernel mutex
     {"host"},  # module params, UltravisorView, kernel memory ledger, process registry, atexit hook
     {"gmap"},  # arch/s390/mm/gmap.c
     {"mm"},  # mm_struct with mmu-notifier callbacks, processes, files (fdget/fput)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 from . import _native
 from ._util import check_bool, check_int
+from .accounting import Accounting
 from .constants import (
     BIT_UV_FEAT_AIV,
     BIT_UV_FEAT_MISC,
@@ -33,6 +34,7 @@ from .constants import (
     Uvc,
     test_bit_inv,
 )
+from .costs import CostModel
 
 if TYPE_CHECKING:
     from .kvm import Vm
@@ -41,6 +43,10 @@ if TYPE_CHECKING:
 _SYSFS_ASYNC_DESTROY = "/sys/module/kvm/parameters/async_destroy"
 
 log = logging.getLogger("pvfast.host")
+
+#: ``Host(guest_memory=...)``: "real" (every touched page is host memory) or "state" (a page
+#: costs only its state word until it holds data; see docs/PERFORMANCE.md).
+GUEST_MEMORY_MODES = ("real", "state")
 
 
 class LeakEntry(TypedDict):
@@ -143,6 +149,8 @@ class Host:
         dump: bool = True,
         use_gisa: bool = True,
         walk_threads: int = 0,
+        guest_memory: str = "real",
+        costs: CostModel | None = None,
     ) -> None:
         if isinstance(async_destroy, bool):
             async_destroy = int(async_destroy)
@@ -157,6 +165,14 @@ class Host:
         ):
             check_bool(name, value)
         check_int("walk_threads", walk_threads, bits=16)
+        if not isinstance(guest_memory, str):
+            raise TypeError(f"guest_memory: expected str, got {type(guest_memory).__name__}")
+        if guest_memory not in GUEST_MEMORY_MODES:
+            raise ValueError(f"guest_memory: expected one of {', '.join(GUEST_MEMORY_MODES)}, got {guest_memory!r}")
+        if costs is None:
+            costs = CostModel.default()
+        elif not isinstance(costs, CostModel):
+            raise TypeError(f"costs: expected CostModel or None, got {type(costs).__name__}")
         native = _native.Ultravisor(
             destroy_fast=bool(destroy_fast),
             feature_misc=bool(feature_misc),
@@ -166,6 +182,9 @@ class Host:
         )
         object.__setattr__(self, "_frozen", False)
         self.uv = UltravisorView(native)
+        self.guest_memory = guest_memory  # how guest memory is backed: "real" pages or "state" words only
+        self.costs = costs  # the cost model of the modelled clock
+        self.accounting = Accounting(native, costs)  # where the UV work lands, per thread/process/VM
         self._params: Mapping[str, int] = MappingProxyType({"async_destroy": int(async_destroy)})
         self.async_destroy = int(async_destroy)
         self.prot_virt = bool(prot_virt)

@@ -23,6 +23,9 @@ from typing import TYPE_CHECKING
 
 from . import _native
 from ._util import check_int
+from .accounting import bind as _bind_account
+from .accounting import current as _accounting_context
+from .clock import join_process
 from .constants import SZ_1M
 from .host import register_copy_process
 
@@ -100,7 +103,7 @@ class AddressSpace:
     # -- mappings --
     def mmap(self, size: int) -> _native.Region:
         """An anonymous mapping of ``size`` bytes (guest memory of one VM), torn down with the mm."""
-        region = self.uv.create_region(size)
+        region = self.uv.create_region(size, guest_memory=self.host.guest_memory)
         with self._lock:
             self.regions.append(region)
         return region
@@ -232,7 +235,10 @@ class Process:
     # fdget/fdput run on every call into the kernel: explicit acquire/release is about half the
     # cost of ``with`` on CPython 3.11, and the try/finally costs nothing when nothing raises.
     def fdget(self, file: File) -> None:
-        """A call on ``file`` starts: it holds a reference and counts as work in flight."""
+        """A call on ``file`` starts: it holds a reference and counts as work in flight, and the
+        calling thread's UV work counts for this process (and ``file``) from here on."""
+        if _accounting_context() is not file:
+            _bind_account(self, file)
         lock = self._lock
         lock.acquire()
         try:
@@ -278,6 +284,7 @@ class Process:
                 raise ValueError(f"process {self.pid} ({self.name}) has exited")
             self._inflight += 1
         try:
+            _bind_account(self, file)
             file.release()
         finally:
             self._leave()
@@ -391,14 +398,20 @@ class Process:
             return
         start = time.perf_counter()
         try:
+            _bind_account(self, None)
             self.fatal_signal.set()  # the killing signal, or exit_group's SIGKILL to the other threads
             self._wait_idle()
+            join_process(self)  # modelled clock: the exit waits for every thread of the process
+            parent = self.helper_of
+            if parent is not None and not parent.alive:
+                join_process(parent)  # a CLONE_VM helper exits once its parent is gone
             self.mm.mmput()  # exit_mm before exit_files
             with self._lock:
                 files, self._fds = self._fds, []
             for file in files:  # close_files: nothing is in flight any more, so each fput releases
                 file.closed = True
                 file.release_pending = False
+                _bind_account(self, file)
                 file.release()
             self.alive = False
             self.exit_seconds = time.perf_counter() - start

@@ -11,6 +11,7 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
+from . import clock
 from .constants import SZ_2G, Cap, PvCmd
 from .errors import PvError
 
@@ -32,8 +33,10 @@ class AsyncCleanupThread(threading.Thread):
         self.result: PvResult | None = None
         self.error: PvError | None = None
         self.entered = threading.Event()
+        self.clock_start = clock.now_ps()  # modelled clock: the thread starts where its creator is
 
     def run(self) -> None:
+        clock.inherit(self.clock_start)
         if self.hold is not None:
             self.hold.wait()  # "thread created, ioctl not yet entered": the double-reboot window
         self.entered.set()
@@ -103,7 +106,7 @@ def protect(vm: Vm, image: Image, *, load: bool = True) -> None:
     except PvError:
         thread = unprotect(vm, exit_on_error=False)
         if thread is not None:
-            thread.join()
+            clock.join(thread)
         raise
 
 

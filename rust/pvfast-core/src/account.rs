@@ -310,6 +310,15 @@ pub fn current_clock_ps() -> Option<u64> {
         .flatten()
 }
 
+/// A wait of the calling thread: its bound thread account's clock moves to at least `ps`.
+/// Returns the clock afterwards, or None if no thread account is bound.
+pub fn advance_current_to(ps: u64) -> Option<u64> {
+    BOUND
+        .try_with(|b| b.borrow().thread.as_ref().map(|t| t.advance_to(ps)))
+        .ok()
+        .flatten()
+}
+
 // ---------------------------------------------------------------- CPU time
 
 /// Thread CPU time of the calling thread, in ns.
@@ -428,7 +437,10 @@ pub struct ModelMutex {
 #[derive(Default)]
 struct MutexState {
     locked: bool,
-    holder: Option<Arc<Account>>,
+    /// Threads blocked in `lock` (release wakes one only if there is one).
+    waiters: u32,
+    /// Id of the holder's thread account (0: none bound) and its clock when it took the lock.
+    holder: u64,
     since_ps: u64,
     /// The last non-empty hold: (holder account id, from, to).
     last: Option<(u64, u64, u64)>,
@@ -443,6 +455,15 @@ impl Default for ModelMutex {
     }
 }
 
+/// Run `f` on the calling thread's bound thread account, if any.
+#[inline]
+fn with_thread_account<R>(f: impl FnOnce(&Account) -> R) -> Option<R> {
+    BOUND
+        .try_with(|b| b.borrow().thread.as_deref().map(f))
+        .ok()
+        .flatten()
+}
+
 impl ModelMutex {
     pub fn new() -> Self {
         Self::default()
@@ -454,17 +475,19 @@ impl ModelMutex {
 
     fn take(s: &mut MutexState) {
         s.locked = true;
-        let me = BOUND.try_with(|b| b.borrow().thread.clone()).ok().flatten();
-        if let Some(me) = &me {
-            if let Some((id, from, to)) = s.last {
+        let last = s.last;
+        let (holder, since) = with_thread_account(|me| {
+            if let Some((id, from, to)) = last {
                 let t = me.clock_ps();
                 if id != me.id && from <= t && t < to {
                     me.advance_to(to);
                 }
             }
-            s.since_ps = me.clock_ps();
-        }
-        s.holder = me;
+            (me.id, me.clock_ps())
+        })
+        .unwrap_or((0, 0));
+        s.holder = holder;
+        s.since_ps = since;
     }
 
     /// Acquire without waiting; false if it is held.
@@ -482,19 +505,23 @@ impl ModelMutex {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut s = self.guard();
         while s.locked {
-            s = match deadline {
-                None => self.cv.wait(s).unwrap_or_else(|e| e.into_inner()),
+            s.waiters += 1;
+            let (g, timed_out) = match deadline {
+                None => (self.cv.wait(s).unwrap_or_else(|e| e.into_inner()), false),
                 Some(d) => {
-                    let now = Instant::now();
-                    if now >= d {
-                        return false;
-                    }
-                    self.cv
-                        .wait_timeout(s, d - now)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0
+                    let left = d.saturating_duration_since(Instant::now());
+                    let (g, r) = self
+                        .cv
+                        .wait_timeout(s, left)
+                        .unwrap_or_else(|e| e.into_inner());
+                    (g, r.timed_out())
                 }
             };
+            s = g;
+            s.waiters -= 1;
+            if timed_out && s.locked {
+                return false;
+            }
         }
         Self::take(&mut s);
         true
@@ -506,15 +533,24 @@ impl ModelMutex {
         if !s.locked {
             return false;
         }
-        if let Some(h) = s.holder.take() {
-            let to = h.clock_ps();
-            if to > s.since_ps {
-                s.last = Some((h.id, s.since_ps, to));
+        if s.holder != 0 {
+            let holder = s.holder;
+            // The holder's clock now (releases come from the holding thread).
+            if let Some(to) =
+                with_thread_account(|me| (me.id == holder).then(|| me.clock_ps())).flatten()
+            {
+                if to > s.since_ps {
+                    s.last = Some((holder, s.since_ps, to));
+                }
             }
         }
         s.locked = false;
+        s.holder = 0;
+        let wake = s.waiters != 0;
         drop(s);
-        self.cv.notify_one();
+        if wake {
+            self.cv.notify_one();
+        }
         true
     }
 
