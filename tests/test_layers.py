@@ -28,7 +28,7 @@ LAYERS: list[set[str]] = [
     {"fault"},  # arch/s390/kernel/uv.c + arch/s390/mm/fault.c
     {"pv"},  # arch/s390/kvm/pv.c
     {"kvm"},  # arch/s390/kvm/kvm-s390.c
-    {"vmm", "image", "trace", "experiments", "cli"},
+    {"vmm", "image", "trace", "timeline", "experiments", "cli"},  # timeline: memory held over time
     {"__init__", "__main__"},
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
