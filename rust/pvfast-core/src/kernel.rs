@@ -148,31 +148,14 @@ fn import_run(
         region,
         mem,
     };
-    let metas = mem.metas();
-    let mut imports = 0;
-    let mut idx = lo;
-    while idx < hi {
-        let s = metas[idx as usize].load(Ordering::Acquire);
-        if ps::is_secure(s) && ps::owner(s) == cfg.id {
-            idx += 1;
-            continue;
-        }
-        if ps::kind(s) != ps::NONSECURE {
-            break;
-        }
-        imports += 1;
-        let st = ctx.import(idx, cfg);
-        if !st.is_ok() {
-            r.failed_pages += 1;
-            if r.first_failure_rc == 0 {
-                r.first_failure_rc = st.rc;
-            }
-        }
-        idx += 1;
-    }
+    let (next, imports, failed, first_rc) = ctx.import_fresh_run(lo, hi, cfg);
     uv.core.count_batch(Uvc::ConvToSecStor, imports);
     r.imports += imports;
-    idx
+    r.failed_pages += failed;
+    if r.first_failure_rc == 0 {
+        r.first_failure_rc = first_rc;
+    }
+    next
 }
 
 /// One page of `import_range` the way the fault handlers resolve it, UVC by UVC.
