@@ -403,21 +403,40 @@ pub(crate) fn with_bound_in(binding: &Binding, owner: u64, f: &dyn Fn(&Account))
     hit
 }
 
-/// Run `f` as a worker task of `binding`'s owner: bind it on this thread, time the task's
-/// thread CPU time (if this is a pool worker; on the caller's own thread the caller's scope
-/// times it) and return (`f`'s result, CPU ns if timed). Restores the previous binding.
-pub(crate) fn in_task<R>(binding: &Binding, f: impl FnOnce() -> R) -> (R, Option<u64>) {
-    if !enabled() || rayon::current_thread_index().is_none() {
-        return (f(), None);
+/// A stretch of worker tasks run for `binding` on one pool worker: while it lives the worker
+/// has `binding` bound, and its thread CPU time is measured from `enter` to `leave` (one clock
+/// read at each end however many tasks run inside, so short tasks cost nothing extra). On the
+/// caller's own thread (a walk small enough to run inline) it does nothing: the caller's timed
+/// scope covers it.
+pub(crate) struct WorkerStretch {
+    prev: Option<Binding>,
+    depth: u32,
+    start: u64,
+}
+
+impl WorkerStretch {
+    pub(crate) fn enter(binding: &Binding) -> Option<WorkerStretch> {
+        if !enabled() || rayon::current_thread_index().is_none() {
+            return None;
+        }
+        let prev = bind(binding.clone());
+        let depth = DEPTH.try_with(|d| d.replace(1)).unwrap_or(0);
+        Some(WorkerStretch {
+            prev: Some(prev),
+            depth,
+            start: thread_cpu_ns(),
+        })
     }
-    let prev = bind(binding.clone());
-    let depth = DEPTH.try_with(|d| d.replace(1)).unwrap_or(0);
-    let start = thread_cpu_ns();
-    let r = f();
-    let ns = thread_cpu_ns().saturating_sub(start);
-    let _ = DEPTH.try_with(|d| d.set(depth));
-    bind(prev);
-    (r, Some(ns))
+
+    /// End the stretch: restore the worker's binding; returns the CPU ns it took.
+    pub(crate) fn leave(mut self) -> u64 {
+        let ns = thread_cpu_ns().saturating_sub(self.start);
+        let _ = DEPTH.try_with(|d| d.set(self.depth));
+        if let Some(prev) = self.prev.take() {
+            bind(prev);
+        }
+        ns
+    }
 }
 
 // ---------------------------------------------------------------- the kernel mutex

@@ -272,18 +272,16 @@ impl Core {
         }
     }
 
-    /// Run one worker task of a walk that `binding` issued: the task's UV work and thread
-    /// CPU time count for the issuing thread's accounts.
+    /// Begin a stretch of worker tasks of a walk that `binding` issued (rayon's
+    /// `for_each_init` makes one per split of the work): the tasks' UV work and thread CPU
+    /// time count for the issuing thread's accounts.
     #[inline]
-    pub(crate) fn task<R>(&self, binding: &Binding, f: impl FnOnce() -> R) -> R {
-        let (r, ns) = account::in_task(binding, f);
-        if let Some(ns) = ns {
-            let charge = |a: &Account| a.charge_cpu(ns, true);
-            if !account::with_bound_in(binding, self.id, &charge) {
-                charge(&rlock(&self.unattributed));
-            }
+    pub(crate) fn tasks<'a>(&'a self, binding: &'a Binding) -> TaskStretch<'a> {
+        TaskStretch {
+            core: self,
+            binding,
+            stretch: account::WorkerStretch::enter(binding),
         }
-        r
     }
 
     /// The prologue of every single UVC: count one execution of `uvc`, then take the injected
@@ -368,6 +366,26 @@ impl Drop for TimedScope<'_> {
     fn drop(&mut self) {
         if let Some(ns) = account::scope_leave(self.timer) {
             self.core.charge(|a| a.charge_cpu(ns, false));
+        }
+    }
+}
+
+/// A stretch of worker tasks (`Core::tasks`): charges its CPU time to the issuing thread's
+/// accounts when it ends.
+pub(crate) struct TaskStretch<'a> {
+    core: &'a Core,
+    binding: &'a Binding,
+    stretch: Option<account::WorkerStretch>,
+}
+
+impl Drop for TaskStretch<'_> {
+    fn drop(&mut self) {
+        if let Some(stretch) = self.stretch.take() {
+            let ns = stretch.leave();
+            let charge = |a: &Account| a.charge_cpu(ns, true);
+            if !account::with_bound_in(self.binding, self.core.id, &charge) {
+                charge(&self.core.unattributed());
+            }
         }
     }
 }

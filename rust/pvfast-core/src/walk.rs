@@ -529,14 +529,17 @@ pub(crate) fn destroy_range(
             resume: AtomicU64::new(end),
         };
         let body = || {
-            task_ranges(start, end).for_each(|(lo, hi)| {
-                if w.cancelled() && w.interrupted.load(Ordering::Relaxed) {
-                    // Another worker already stopped; do not start new work.
-                    w.stop_at(lo);
-                    return;
-                }
-                core.task(&binding, || w.walk_range(lo, hi));
-            });
+            task_ranges(start, end).for_each_init(
+                || core.tasks(&binding),
+                |_, (lo, hi)| {
+                    if w.cancelled() && w.interrupted.load(Ordering::Relaxed) {
+                        // Another worker already stopped; do not start new work.
+                        w.stop_at(lo);
+                        return;
+                    }
+                    w.walk_range(lo, hi);
+                },
+            );
         };
         match pool {
             Some(pool) => pool.install(body),
@@ -567,8 +570,9 @@ fn for_chunks(
     let sums = mem.summaries();
     let binding = account::current();
     core.pool.install(|| {
-        task_ranges(0, pages).for_each(|(lo, hi)| {
-            core.task(&binding, || {
+        task_ranges(0, pages).for_each_init(
+            || core.tasks(&binding),
+            |_, (lo, hi)| {
                 let mut c = lo / CHUNK_PAGES;
                 while c * CHUNK_PAGES < hi {
                     if want(sums[c as usize].load(Ordering::Acquire)) {
@@ -576,8 +580,8 @@ fn for_chunks(
                     }
                     c += 1;
                 }
-            })
-        })
+            },
+        )
     });
 }
 
@@ -677,7 +681,8 @@ pub(crate) fn for_secure_pages(
             run(lo, hi);
         } else {
             core.pool.install(|| {
-                task_ranges(lo, hi).for_each(|(tlo, thi)| core.task(&binding, || run(tlo, thi)))
+                task_ranges(lo, hi)
+                    .for_each_init(|| core.tasks(&binding), |_, (tlo, thi)| run(tlo, thi))
             });
         }
         (a.into_inner(), b.into_inner())
