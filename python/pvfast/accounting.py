@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 _context: ContextVar[object] = ContextVar("pvfast_accounting_context", default=None)
 current = _context.get
 
-# A new emulated thread of this Python thread starts its clock here (clock.inherit sets it).
+# Per Python thread: where its next new emulated thread starts its clock (``ps``, clock.inherit
+# sets it) and the Accounting it last bound (``accounting``).
 _inherited = threading.local()
 
 _EMPTY: Mapping[str, int] = MappingProxyType({})
@@ -318,7 +319,6 @@ class Accounting:
         self._all: list[EmulatedThread] = []
         self._vms: weakref.WeakKeyDictionary[File, tuple[str, int, _native.Account]] = weakref.WeakKeyDictionary()
         self._vm_list: list[tuple[str, int, _native.Account]] = []
-        _registry.add(self)
 
     # -- binding (the slow path of mm.fdget; also close(2) and process exit) --
     def bind(self, process: Process, file: File | None) -> None:
@@ -341,16 +341,18 @@ class Accounting:
                 vm_account = entry[2]
         _native.bind_accounts(et.account, vm_account)
         _context.set(file if file is not None else process)
+        _inherited.accounting = self
 
     def _start_ps(self, process: Process, me: threading.Thread) -> int:
         """Where a new emulated thread's clock starts: where ``clock.inherit`` said, else after
-        everything its Python thread already did for other processes (program order) and no
-        earlier than the process's other threads are now."""
+        everything its Python thread already did on this host for other processes (program
+        order) and no earlier than the process's other threads are now. Each host is a machine of
+        its own: its clocks start at 0."""
         inherited: int | None = getattr(_inherited, "ps", None)
-        if inherited is not None:
+        if inherited is not None and getattr(_inherited, "accounting", self) is self:
             _inherited.ps = None
             return inherited
-        mine = [et.clock_ps for et in _all_emulated() if et.thread() is me]
+        mine = [et.clock_ps for et in self._all if et.thread() is me]
         theirs = [et.clock_ps for et in self._all if et.process() is process]
         return max([0, *mine, *theirs])
 
@@ -402,12 +404,9 @@ class Accounting:
             acct.reset()
 
 
-_registry: weakref.WeakSet[Accounting] = weakref.WeakSet()
-
-
-def _all_emulated() -> Iterator[EmulatedThread]:
-    for acct in list(_registry):
-        yield from list(acct._all)
+def current_accounting() -> Accounting | None:
+    """The Accounting (host) the calling thread last entered the emulated kernel of."""
+    return getattr(_inherited, "accounting", None)
 
 
 def bind(process: Process, file: File | None) -> None:
@@ -418,6 +417,7 @@ def bind(process: Process, file: File | None) -> None:
 
 
 def thread_clock_ps(thread: threading.Thread) -> int | None:
-    """The latest modelled clock of ``thread``'s emulated threads on any host (None: none)."""
-    clocks = [c for acct in list(_registry) if (c := acct.thread_clock_ps(thread)) is not None]
-    return max(clocks) if clocks else None
+    """The latest modelled clock of ``thread``'s emulated threads on the host the calling thread
+    works on (None: none there, or the caller works on none)."""
+    acct = current_accounting()
+    return acct.thread_clock_ps(thread) if acct is not None else None

@@ -166,7 +166,8 @@ class CostModel:
     def from_mapping(cls, data: Mapping[str, Any], *, base: CostModel | None = None, name: str = "") -> CostModel:
         """A table from parsed TOML: top-level ``pte_ns``/``zero_page_ns``/``fault_page_ns`` and
         ``name``, and a ``[uvc.NAME]`` table per UVC with ``fixed_ns``/``per_page_ns``. What the
-        mapping leaves out comes from ``base`` (the defaults if None). Unknown keys are errors."""
+        mapping leaves out comes from ``base`` (the defaults if None). Unknown keys are errors.
+        The table's ``name`` is the mapping's ``name``, else ``name``, else ``base``'s."""
         model = base if base is not None else cls.default()
         values: dict[str, float] = {}
         label = name
@@ -174,7 +175,7 @@ class CostModel:
             if key == "name":
                 if not isinstance(value, str):
                     raise TypeError(f"name: expected a string, got {type(value).__name__}")
-                label = label or value
+                label = value
             elif key in GLOBAL_PARAMETERS:
                 values[key] = _check_cost(key, value)
             elif key == "uvc":
