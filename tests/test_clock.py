@@ -260,3 +260,12 @@ def test_calibrate_command_writes_a_cost_file_that_reproduces_the_measurement(tm
     )
     assert code == 0
     assert json.loads(out.getvalue())["model"]["unprotect_seconds"] == pytest.approx(0.5, rel=1e-9)
+
+
+def test_the_performance_doc_lists_every_default_cost():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "PERFORMANCE.md").read_text(encoding="utf-8")
+    model = CostModel.default()
+    for param in model.parameters():
+        value = model.get(param)
+        shown = f"{value:,.0f}" if value == int(value) else str(value)
+        assert f"| `{param}` | {shown} |" in doc, param

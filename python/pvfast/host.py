@@ -136,7 +136,14 @@ class UltravisorView:
 
 
 class Host:
-    """One booted machine: a kvm module loaded with ``async_destroy`` and a UV with its features."""
+    """One booted machine: a kvm module loaded with ``async_destroy`` and a UV with its features.
+
+    ``walk_threads``: the UV's worker threads for walks (0: one per CPU). ``guest_memory``:
+    ``"real"`` (every page a guest touches is host memory) or ``"state"`` (a touched page costs
+    only its 4-byte state until it holds data; for guests of many TiB). ``costs``: the
+    ``CostModel`` of the modelled clock (None: the documented defaults). ``host.accounting`` says
+    where the UV work landed, per emulated thread, process and VM.
+    """
 
     def __init__(
         self,
