@@ -269,3 +269,26 @@ def test_the_performance_doc_lists_every_default_cost():
         value = model.get(param)
         shown = f"{value:,.0f}" if value == int(value) else str(value)
         assert f"| `{param}` | {shown} |" in doc, param
+
+
+def test_kernel_mutex_behaves_like_threading_lock():
+    import _thread
+
+    m = clock.KernelMutex()
+    assert m.acquire()
+    assert m.locked()
+    assert not m.acquire(False)
+    assert not m.acquire(timeout=0.05)
+    with pytest.raises(ValueError, match="non-blocking"):
+        m.acquire(False, 1.0)
+    timer = threading.Timer(0.1, _thread.interrupt_main)
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        m.acquire()  # a blocked wait ends with the signal handler's exception
+    timer.join()
+    m.release()
+    with pytest.raises(RuntimeError, match="release unlocked lock"):
+        m.release()
+    with m:
+        assert m.locked()
+    assert not m.locked()

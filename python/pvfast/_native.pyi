@@ -307,7 +307,8 @@ def set_accounting_enabled(on: bool) -> None:
 class KernelMutex:
     """A mutex whose waits take part in the modelled clock (the emulated kvm->lock): a thread
     acquiring it at a modelled time inside another thread's last non-empty hold moves to the end
-    of that hold. The methods of threading.Lock; waiting releases the GIL."""
+    of that hold. The methods of threading.Lock; waiting releases the GIL, and a signal handler's
+    exception (KeyboardInterrupt) ends the wait as it ends threading.Lock.acquire."""
 
     def __init__(self) -> None: ...
     def acquire(self, blocking: bool = True, timeout: float = ...) -> bool: ...  # timeout -1: for ever

@@ -2,7 +2,7 @@
 //! per-thread binding, and `KernelMutex` (a mutex that takes part in the modelled clock).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pvfast_core as core_;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
@@ -90,10 +90,38 @@ fn set_accounting_enabled(on: bool) {
 
 /// A mutex (the emulated kvm->lock) whose waits take part in the modelled clock: a thread
 /// acquiring it at a modelled time inside another thread's last non-empty hold moves to the
-/// end of that hold. The usual lock methods; waiting releases the GIL.
+/// end of that hold. The usual lock methods; waiting releases the GIL and ends with the
+/// exception of a Python signal handler (Ctrl-C), as threading.Lock's does.
 #[pyclass(frozen, module = "pvfast._native")]
 pub struct KernelMutex {
     inner: core_::ModelMutex,
+}
+
+/// How long a blocked acquire waits (GIL released) between checks for Python signals, so a
+/// Ctrl-C reaches a thread blocked on the mutex as it reaches one blocked on threading.Lock.
+const SIGNAL_CHECK: Duration = Duration::from_millis(20);
+
+impl KernelMutex {
+    /// Wait for the mutex (None: for ever), GIL released, running Python's signal handlers every
+    /// SIGNAL_CHECK (their exception ends the wait). False on timeout.
+    fn wait(&self, py: Python<'_>, timeout: Option<Duration>) -> PyResult<bool> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            let step = match deadline {
+                None => SIGNAL_CHECK,
+                Some(d) => d
+                    .saturating_duration_since(Instant::now())
+                    .min(SIGNAL_CHECK),
+            };
+            if py.detach(|| self.inner.lock(Some(step))) {
+                return Ok(true);
+            }
+            py.check_signals()?;
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(false);
+            }
+        }
+    }
 }
 
 #[pymethods]
@@ -130,7 +158,7 @@ impl KernelMutex {
                 PyValueError::new_err(format!("timeout: {timeout} is out of range"))
             })?)
         };
-        Ok(py.detach(|| self.inner.lock(wait)))
+        self.wait(py, wait)
     }
 
     fn release(&self) -> PyResult<()> {
@@ -145,8 +173,11 @@ impl KernelMutex {
         self.inner.is_locked()
     }
 
-    fn __enter__(&self, py: Python<'_>) -> bool {
-        self.inner.try_lock() || py.detach(|| self.inner.lock(None))
+    fn __enter__(&self, py: Python<'_>) -> PyResult<bool> {
+        if self.inner.try_lock() {
+            return Ok(true);
+        }
+        self.wait(py, None)
     }
 
     #[pyo3(signature = (*_args))]
