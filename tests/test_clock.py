@@ -292,3 +292,15 @@ def test_kernel_mutex_behaves_like_threading_lock():
     with m:
         assert m.locked()
     assert not m.locked()
+
+
+@pytest.mark.parametrize("phase", list(experiments.PHASES))
+def test_every_calibration_phase_measures_its_work(phase):
+    usage = experiments.phase_usage(phase, 16 * MiB)
+    counts = usage.cost_counts()
+    assert experiments.DEFAULT_FIT[phase] in counts  # the default fit parameter prices some of it
+    if phase != "helper-exit":
+        assert usage.uvc_total > 0
+    else:
+        assert usage.ptes >= 16 * MiB // 4096  # the helper's unmap
+    assert Measurement.parse(f"{phase}:16M=2ms") == Measurement(phase, 16 * MiB, 0.002)

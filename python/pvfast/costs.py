@@ -15,6 +15,7 @@ for each, where it comes from, and docs/PERFORMANCE.md lists them. Replace them 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
@@ -276,7 +277,7 @@ class CostModel:
 
         lines = [
             "# pvfast cost model: modelled hardware time per unit of work, in nanoseconds.",
-            f'name = "{self.name}"',
+            f"name = {json.dumps(self.name)}",  # a JSON string is a valid TOML basic string
         ]
         lines += [f"{note(p)}{p} = {num(getattr(self, p))}" for p in GLOBAL_PARAMETERS]
         for n, c in self.uvcs.items():
