@@ -612,7 +612,7 @@ def compare(
                     "vcpus": vcpus,
                     "progress": progress,
                     "tracer": tracer,
-                    "timeline": False,
+                    "timeline": tracer is not None,  # the sampler feeds the trace's counters
                 }
                 syncs.append(reboot(mem, size, mode="sync", **kw))
                 asyncs.append(reboot(mem, size, mode="auto", **kw))
