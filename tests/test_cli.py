@@ -103,13 +103,21 @@ def test_python_dash_m():
     [
         (["reboot", "--secure", "12Q"], "invalid size '12Q'"),
         (["reboot", "--memory=-1G"], "invalid size '-1G'"),
-        (["reboot", "--memory", "3G", "--secure", "2G"], "--memory must be at least 4G"),
+        (["reboot", "--memory", "3G", "--secure", "4G"], "--secure 4G does not fit in --memory 3G"),
         (["reboot", "--memory", "3G", "--secure", "1000"], "not a multiple of 4K"),
         (["reboot", "--memory", "3000K", "--secure", "4K"], "not a multiple of 1M"),
-        (["shutdown", "--memory", "2G", "--secure", "64M"], "--memory must be at least"),
+        (["shutdown", "--memory", "2G", "--secure", "3G"], "does not fit in --memory 2G"),
         (["compare", "--secure", "1G,x"], "invalid size 'x'"),
         (["compare", "--secure", ","], "invalid size list"),
-        (["compare", "--secure", "2G", "--memory", "3G"], "--memory must be at least 4G"),
+        (["compare", "--secure", "4G", "--memory", "3G"], "--secure 4G does not fit in --memory 3G"),
+        (["reboot", "--guest-memory", "virtual"], "invalid choice: 'virtual'"),
+        (["reboot", "--clock", "cpu"], "invalid choice: 'cpu'"),
+        (["reboot", "--walk-threads", "-1"], "invalid thread count -1"),
+        (["reboot", "--costs", "/nonexistent/costs.toml"], "cannot read cost file"),
+        (["calibrate"], "the following arguments are required: --measure"),
+        (["calibrate", "--measure", "disable:8G"], "invalid measurement 'disable:8G'"),
+        (["calibrate", "--measure", "boot:8G=1"], "'boot' is not one of"),
+        (["calibrate", "--measure", "disable:8G=1", "--fit", "uvc.QUI.per_page_ns"], "no per-page work in QUI"),
         (["reboot", "--sync", "--async"], "not allowed with argument"),
         (["info", "--async-destroy", "2"], "expected 0 or 1"),
         (["reboot", "--vcpus", "0"], "invalid vCPU count"),
@@ -287,3 +295,73 @@ def test_shutdown_and_compare_trace(tmp_path: Path):
         code, _, err = run(*argv, "--trace", str(path))
         assert code == 0, err
         assert any(ev["ph"] == "X" for ev in _trace_events(path))
+
+
+# ------------------------------------------------------------------ accounting, modelled clock, state memory
+
+
+def test_reboot_model_clock_table_and_plot(tmp_path: Path):
+    plot = tmp_path / "memory.png"
+    code, out, err = run("reboot", *SMALL, "--clock", "model", "--plot", str(plot))
+    assert code == 0, err
+    assert "clock                   modelled (cost model: default), wall time beside" in out
+    assert "where the work landed" in out
+    assert "qemu/async_cleanup" in out
+    assert "old guest's memory clean" in out
+    assert "the old guest's memory over time" in out
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_reboot_json_has_model_accounting_and_memory():
+    r = run_json("reboot", *SMALL, "--guest-memory", "state", "--walk-threads", "1")
+    assert r["host"]["guest_memory"] == "state"
+    assert r["host"]["walk_threads"] == 1
+    assert r["model"]["cleanup_seconds"] > r["model"]["running_seconds"] > 0
+    threads = {t["thread"] for t in r["accounting"]["teardown"]}
+    assert threads == {"MainThread", "async_cleanup"}
+    events = [e["event"] for e in r["memory_timeline"]["events"]]
+    assert events == ["start", "unprotect returned", "guest running again", "old guest's memory clean"]
+    assert r["memory_timeline"]["events"][-1]["secure_bytes"] == 0
+    assert r["peak_rss_bytes"] > 0
+
+
+def test_shutdown_with_helper_shows_the_memory_window(tmp_path: Path):
+    plot = tmp_path / "shutdown.png"
+    r = run_json("shutdown", *SMALL, "--helper", "--plot", str(plot))
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    assert [t["process"] for t in r["vmm_exit"]["accounting"]] == ["qemu"]
+    helper = r["helper_exit"]["accounting"]
+    assert [t["process"] for t in helper] == [r["helper_exit"]["process"]]
+    assert helper[0]["ptes"] >= SMALL_PAGES  # the helper unmaps the dead guest's memory
+    vmm_gone, helper_gone = r["memory_timeline"]["events"][1:]
+    assert vmm_gone["event"] == "VMM exited"
+    assert vmm_gone["allocated_bytes"] >= SMALL_PAGES * 4096  # still allocated ...
+    assert vmm_gone["held_by"] == [r["helper_exit"]["process"]]  # ... held by the helper alone
+    assert vmm_gone["helpers_only"]
+    assert helper_gone["allocated_bytes"] == 0
+    assert r["model"]["held_after_vmm_exit_seconds"] == r["model"]["helper_exit_seconds"] > 0
+    code, out, _ = run("shutdown", *SMALL, "--helper", "--clock", "model")
+    assert code == 0
+    assert "held only by the helper" in out
+
+
+def test_compare_model_clock(tmp_path: Path):
+    plot = tmp_path / "cmp.png"
+    doc = run_json("compare", "--secure", "32M,64M", "--clock", "model", "--plot", str(plot))
+    for row in doc["rows"]:
+        assert row["model_sync_running_seconds"] > row["model_async_running_seconds"] > 0
+    assert set(doc["model_seconds_per_gib"]) == {"sync_running", "async_running", "async_cleanup"}
+    code, out, _ = run("compare", "--secure", "32M", "--clock", "model", "--no-plot")
+    assert code == 0
+    assert "times on the modelled clock" in out
+
+
+def test_model_clock_trace(tmp_path: Path):
+    path = tmp_path / "trace.json"
+    r = run_json("reboot", *SMALL, "--clock", "model", "--trace", str(path))
+    doc = json.loads(path.read_text())
+    assert doc["otherData"]["clock"] == "model"
+    perform = next(ev for ev in doc["traceEvents"] if ev["name"] == "KVM_PV_ASYNC_CLEANUP_PERFORM")
+    cleanup = next(t for t in r["accounting"]["teardown"] if t["thread"] == "async_cleanup")
+    assert perform["dur"] == pytest.approx(cleanup["model_seconds"] * 1e6, rel=1e-6)
+    assert any(ev["ph"] == "C" and ev["name"] == "guest memory (MiB)" for ev in doc["traceEvents"])

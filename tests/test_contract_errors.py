@@ -199,7 +199,7 @@ class _Proxy:
     def __init__(self, native: Any) -> None:
         self._native = native
 
-    def create_region(self, size: int) -> Any:
+    def create_region(self, size: int, **_options: Any) -> Any:
         raise OSError(errno.ENOMEM, "Cannot allocate memory (os error 12)")
 
     def __getattr__(self, name: str) -> Any:

@@ -19,13 +19,16 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "python" / "pvfast"
 LAYERS: list[set[str]] = [
     {"_native"},  # the Rust Ultravisor (the compiled extension; its stub is _native.pyi)
     {"constants", "errors", "_util", "_version"},
+    {"costs"},  # the cost model (TOML, defaults, the fit)
+    {"accounting"},  # per-thread/process/VM accounts and the binding mm._fdget uses
+    {"clock"},  # the modelled clock: waits, joins, the kernel mutex
     {"host"},  # module params, UltravisorView, kernel memory ledger, process registry, atexit hook
     {"gmap"},  # arch/s390/mm/gmap.c
     {"mm"},  # mm_struct with mmu-notifier callbacks, processes, files (fdget/fput)
     {"fault"},  # arch/s390/kernel/uv.c + arch/s390/mm/fault.c
     {"pv"},  # arch/s390/kvm/pv.c
     {"kvm"},  # arch/s390/kvm/kvm-s390.c
-    {"vmm", "image", "trace", "experiments", "cli"},
+    {"vmm", "image", "trace", "timeline", "experiments", "cli"},  # timeline: memory held over time
     {"testing"},  # the pytest plugin (fixtures, the QEMU-shaped VMM, host checks); imports pytest
     {"__init__", "__main__"},
 ]

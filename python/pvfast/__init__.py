@@ -1,14 +1,16 @@
 """pvfast: an emulated s390 Ultravisor and KVM protected-VM interface, with asynchronous destroy.
 
 Start with ``pvfast.Host()``; see README.md and docs/ARCHITECTURE.md. This module only gathers the
-public names; the layers below it import one way: constants/errors -> host -> gmap -> mm -> fault
--> pv -> kvm -> vmm/image/trace/experiments/cli (tests/test_layers.py checks it).
+public names; the layers below it import one way: constants/errors -> costs -> accounting ->
+clock -> host -> gmap -> mm -> fault -> pv -> kvm -> vmm/image/trace/timeline/experiments/cli
+(tests/test_layers.py checks it).
 """
 
 from __future__ import annotations
 
 from . import _native, image, vmm
 from ._version import __version__
+from .accounting import AccountingSnapshot, ThreadUsage, Usage
 from .constants import (
     KVM_CAP_S390_PROTECTED,
     KVM_CAP_S390_PROTECTED_ASYNC_DISABLE,
@@ -35,6 +37,7 @@ from .constants import (
     PvInfoId,
     Uvc,
 )
+from .costs import CostModel
 from .errors import ClosedFdError, PvError, UvcError
 from .host import Host, KernelWarning, LeakEntry, UltravisorView, UvInfo
 from .kvm import PvResult, PvState, Vm
@@ -61,10 +64,12 @@ __all__ = [
     "KVM_S390_PV_COMMAND",
     "KVM_S390_PV_CPU_COMMAND",
     "PAGE_SIZE",
+    "AccountingSnapshot",
     "AddressSpace",
     "AsceType",
     "Cap",
     "ClosedFdError",
+    "CostModel",
     "Host",
     "KernelWarning",
     "LeakEntry",
@@ -75,7 +80,9 @@ __all__ = [
     "PvInfoId",
     "PvResult",
     "PvState",
+    "ThreadUsage",
     "UltravisorView",
+    "Usage",
     "UvInfo",
     "Uvc",
     "UvcError",

@@ -23,6 +23,7 @@ from typing import Final, Self, final
 
 __all__ = [
     "BATCH_PAGES",
+    "UVC_NAMES",
     "HOST_KEY_DEFAULT",
     "IMAGE_MAX_COMPONENTS",
     "IMAGE_MAX_HEADER_LEN",
@@ -37,11 +38,14 @@ __all__ = [
     "RC_NEED_DESTROY",
     "RC_PAGE_NOT_ACCESSIBLE",
     "AccessResult",
+    "Account",
+    "AccountSnapshot",
     "CallResult",
     "CancelToken",
     "DumpResult",
     "HandleResult",
     "ImportResult",
+    "KernelMutex",
     "PageInfo",
     "Region",
     "SealedImage",
@@ -51,11 +55,15 @@ __all__ = [
     "UnpackResult",
     "UvcResult",
     "WalkResult",
+    "advance_clock_to",
+    "bind_accounts",
     "build_profile",
+    "current_clock_ps",
     "image_decrypt_page",
     "image_parse",
     "image_seal",
     "image_verify",
+    "set_accounting_enabled",
 ]
 
 build_profile: Final[str]  # "release" or "debug"
@@ -218,6 +226,98 @@ class SealedImage:
     def components(self) -> list[bytes]: ...
 
 @final
+class AccountSnapshot:
+    """Account.snapshot(): the counters of one account. ``uvcs`` and ``uv_pages`` are indexed like
+    ``UVC_NAMES``; CPU times in ns, modelled times in ps."""
+
+    def __new__(
+        cls,
+        uvcs: list[int],
+        uv_pages: list[int],
+        ptes: int,
+        zeroed: int,
+        faulted: int,
+        walks: int,
+        tasks: int,
+        cpu_ns: int,
+        worker_cpu_ns: int,
+        work_ps: int,
+        clock_ps: int,
+    ) -> Self: ...
+    @property
+    def uvcs(self) -> list[int]: ...  # UVC executions
+    @property
+    def uv_pages(self) -> list[int]: ...  # pages the UV processed inside each UVC (Destroy Config, Unshare All)
+    @property
+    def ptes(self) -> int: ...  # present PTEs visited by kernel walks (destroy ranges, unmaps)
+    @property
+    def zeroed(self) -> int: ...  # 4 KiB pages the UV cleared
+    @property
+    def faulted(self) -> int: ...  # pages faulted in (first touch)
+    @property
+    def walks(self) -> int: ...  # kernel walks started
+    @property
+    def tasks(self) -> int: ...  # worker tasks run on the UV's pools for this account
+    @property
+    def cpu_ns(self) -> int: ...  # thread CPU time, caller and workers
+    @property
+    def worker_cpu_ns(self) -> int: ...  # the workers' part of cpu_ns
+    @property
+    def work_ps(self) -> int: ...  # modelled cost of the work counted (cost table of the account)
+    @property
+    def clock_ps(self) -> int: ...  # the modelled clock (work plus waits; not reset)
+
+# ---- accounting and the modelled clock ----
+# UVC work is charged to the accounts the calling thread has bound (bind_accounts): its emulated
+# thread's and the VM's. Walks carry the binding into their worker tasks. CPU time: thread CPU
+# time of each walk or range call and of each worker task; O(1) UVCs are timed by elapsed time
+# (they never sleep, and the CPU clock costs more than they do). Work with no account of the UV
+# bound goes to Ultravisor.unattributed().
+
+UVC_NAMES: Final[tuple[str, ...]]  # UVC names in the order of AccountSnapshot.uvcs and of set_costs
+
+@final
+class Account:
+    """The UV work of one emulated thread or VM: counters, CPU time and the modelled clock."""
+
+    @property
+    def id(self) -> int: ...  # unique in this process
+    @property
+    def clock_ps(self) -> int: ...
+    def advance_to(self, ps: int) -> int:
+        """A wait: move the clock to at least ps; returns the clock afterwards."""
+    def snapshot(self) -> AccountSnapshot: ...
+    def reset(self) -> None:
+        """Zero the usage counters (the clock stays)."""
+
+def bind_accounts(thread: Account | None, vm: Account | None = None) -> None:
+    """Charge the calling thread's UV work from now on to ``thread`` and ``vm``; None unbinds."""
+
+def current_clock_ps() -> int | None:
+    """The clock (ps) of the calling thread's bound thread account; None if none is bound."""
+
+def advance_clock_to(ps: int) -> int | None:
+    """A wait of the calling thread: its bound thread account's clock moves to at least ps.
+    Returns the clock afterwards; None if none is bound."""
+
+def set_accounting_enabled(on: bool) -> None:
+    """Benchmarks only: switch per-account counting and CPU timing off or on (process-wide)."""
+
+@final
+class KernelMutex:
+    """A mutex whose waits take part in the modelled clock (the emulated kvm->lock): a thread
+    acquiring it at a modelled time inside another thread's last non-empty hold moves to the end
+    of that hold. The methods of threading.Lock; waiting releases the GIL, and a signal handler's
+    exception (KeyboardInterrupt) ends the wait as it ends threading.Lock.acquire."""
+
+    def __init__(self) -> None: ...
+    def acquire(self, blocking: bool = True, timeout: float = ...) -> bool: ...  # timeout -1: for ever
+    def release(self) -> None: ...  # RuntimeError if not locked
+    def locked(self) -> bool: ...
+    def __enter__(self) -> bool: ...
+    def __exit__(self, *_args: object) -> None: ...
+
+@final
 class CancelToken:
     """A fatal-signal flag shared between threads. Walks check it once per batch."""
 
@@ -242,6 +342,12 @@ class Region:
     @property
     def id(self) -> int: ...
     def present_pages(self) -> int: ...  # pages touched so far ("present PTEs")
+    @property
+    def guest_memory(self) -> str:
+        """ "real" or "state" (see Ultravisor.create_region)."""
+    def data_pages(self) -> int:
+        """Pages whose bytes may be non-zero: a state-only region's pages that hold data (the only
+        ones backed by host memory); every present page of a real region."""
     def page_state(self, index: int) -> PageInfo:
         """state "nonsecure" | "secure" | "shared" | "exported" | "orphaned", owner handle or 0.
 
@@ -315,8 +421,23 @@ class Ultravisor:
         Exception: an injected Create Config rc with the 0x8000 (NEED_DESTROY) flag does create
         the configuration and returns its handle, as the architecture defines that flag."""
     def clear_failures(self) -> None: ...
-    def create_region(self, size: int) -> Region:
-        """ValueError unless size is a positive multiple of PAGE_SIZE. OSError if mmap fails."""
+    def create_region(self, size: int, *, guest_memory: str = "real") -> Region:
+        """ValueError unless size is a positive multiple of PAGE_SIZE. OSError if mmap fails.
+
+        guest_memory "state": a touched page costs only its state word; host memory backs only the
+        pages that hold data (written, unpacked, or exported as ciphertext), a page without data
+        reads as zeroes and clearing it writes nothing. Page states, UVCs and counts are those of a
+        "real" region. ValueError for another value."""
+    # ---- accounting ----
+    def new_account(self, start_ps: int = 0) -> Account:
+        """A new account of this UV, charged with the current cost table, its clock at start_ps."""
+    def unattributed(self) -> Account:
+        """The account of this UV's work that no bound account claimed."""
+    def set_costs(
+        self, *, uvc_fixed: list[int], uvc_per_page: list[int], pte: int, zero_page: int, fault_page: int
+    ) -> None:
+        """The cost table (integer ps per unit; the lists indexed like UVC_NAMES) for accounts made
+        from now on. ValueError for lists of the wrong length."""
     def release_region(self, region: Region) -> None:
         """Unmap and unregister (the mm is gone). Pages still secure at that point are reported
         by the return of mm_teardown, not here; afterwards every access raises ValueError."""

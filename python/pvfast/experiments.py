@@ -1,26 +1,35 @@
-"""Measurements the ``pvfast`` command and the benchmarks share: reboot, shutdown, sync/async compare.
+"""Measurements the ``pvfast`` command and the benchmarks share: reboot, shutdown, sync/async
+compare, and the calibration of the cost model.
 
 Every function builds its own emulated host, runs one scenario the way QEMU drives the kernel
-(``pvfast.vmm``), tears everything down and returns a plain, JSON-serialisable dict. Times are
-``time.perf_counter`` seconds. ``progress(label, done, total, unit)`` and ``tracer`` are optional;
-without them nothing extra runs on the measured path.
+(``pvfast.vmm``), tears everything down and returns a plain, JSON-serialisable dict. Wall times
+are ``time.perf_counter`` seconds; modelled times (the ``model`` sections) come from the modelled
+clock (pvfast.clock) under the host's cost model and are the same on every machine and run. The
+``accounting`` sections say where each phase's UVCs, CPU time and modelled time landed (which
+process and thread), the ``memory`` sections how much of the old guest's memory was still
+allocated or secure over time, and in which process. ``progress(label, done, total, unit)`` and
+``tracer`` are optional; without them nothing extra runs on the measured path.
 """
 
 from __future__ import annotations
 
 import functools
 import re
+import resource
 import statistics
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import _native, vmm
+from . import _native, clock, vmm
 from . import image as _image
+from .accounting import AccountingSnapshot, ThreadUsage, Usage
 from .constants import PAGE_SIZE, SZ_2G, Cap, PvCmd
-from .host import Host
+from .costs import CostModel, Fit, Observation, fit
+from .host import GUEST_MEMORY_MODES, Host
+from .timeline import MemoryTimeline
 
 if TYPE_CHECKING:
     from .kvm import Vm
@@ -71,16 +80,23 @@ def auto_memory(secure: int) -> int:
     return HIGH + -(-secure // MiB) * MiB + GiB
 
 
+def dirty_start(memory: int, secure: int) -> int:
+    """Where the guest's ``secure`` dirtied bytes start: at 2 GiB when they fit above it, else as
+    high as they fit (a guest that is secure all through starts at 0)."""
+    return HIGH if secure + HIGH <= memory else memory - secure
+
+
 def check_sizes(memory: int, secure: int) -> None:
-    """The guest dirties [2 GiB, 2 GiB + secure): that must fit in ``memory`` (a multiple of 1 MiB)."""
+    """The guest dirties ``secure`` bytes above 2 GiB, and what does not fit above 2 GiB below it:
+    they must fit in ``memory`` (a multiple of 1 MiB)."""
     if memory % MiB:
         raise ValueError(f"--memory {format_size(memory)} is not a multiple of 1M")
     if secure % PAGE_SIZE:
         raise ValueError(f"--secure {format_size(secure)} is not a multiple of 4K")
-    if secure + HIGH > memory:
+    if secure > memory:
         raise ValueError(
-            f"--secure {format_size(secure)} does not fit: the guest dirties memory above 2G, "
-            f"so --memory must be at least {format_size(secure + HIGH)} (got {format_size(memory)})"
+            f"--secure {format_size(secure)} does not fit in --memory {format_size(memory)}: "
+            f"the guest can make at most all of its memory secure"
         )
 
 
@@ -89,17 +105,46 @@ def check_sizes(memory: int, secure: int) -> None:
 
 @dataclass(frozen=True)
 class HostOptions:
-    """The load-time settings of the emulated host the command line can change."""
+    """The load-time settings of the emulated host the command line can change, how its guest
+    memory is backed, its walk threads and the cost model of its modelled clock (None: the
+    defaults)."""
 
     async_destroy: int = 1
     destroy_fast: bool = True
     feature_misc: bool = True
+    guest_memory: str = "real"
+    walk_threads: int = 0
+    costs: CostModel | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.guest_memory not in GUEST_MEMORY_MODES:
+            raise ValueError(
+                f"guest_memory: expected one of {', '.join(GUEST_MEMORY_MODES)}, got {self.guest_memory!r}"
+            )
 
     def build(self) -> Host:
-        return Host(async_destroy=self.async_destroy, destroy_fast=self.destroy_fast, feature_misc=self.feature_misc)
+        return Host(
+            async_destroy=self.async_destroy,
+            destroy_fast=self.destroy_fast,
+            feature_misc=self.feature_misc,
+            guest_memory=self.guest_memory,
+            walk_threads=self.walk_threads,
+            costs=self.costs,
+        )
+
+    @property
+    def cost_model(self) -> CostModel:
+        return self.costs if self.costs is not None else CostModel.default()
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {
+            "async_destroy": self.async_destroy,
+            "destroy_fast": self.destroy_fast,
+            "feature_misc": self.feature_misc,
+            "guest_memory": self.guest_memory,
+            "walk_threads": self.walk_threads,
+            "costs": self.cost_model.name,
+        }
 
 
 def host_info(options: HostOptions = HostOptions()) -> dict[str, Any]:
@@ -193,13 +238,34 @@ def boot_guest(
     progress: Progress | None = None,
     tracer: Tracer | None = None,
 ) -> Vm:
-    """A protected guest of ``memory`` bytes in ``proc`` that has made ``secure`` bytes above 2 GiB secure."""
+    """A protected guest of ``memory`` bytes in ``proc`` that has made ``secure`` bytes secure
+    (above 2 GiB, and below it what does not fit above: ``dirty_start``)."""
     vm = traced_vm(proc.create_vm(memory, vcpus=vcpus), tracer)
     with _span(tracer, "boot (protect)"):
         vmm.protect(vm, boot_image())
     with _span(tracer, "guest dirties secure memory", bytes=secure):
-        dirty(vm, secure, progress=progress)
+        dirty(vm, secure, progress=progress, start=dirty_start(memory, secure))
     return vm
+
+
+# ------------------------------------------------------------------------------------- accounting
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (ru_maxrss)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _threads(delta: AccountingSnapshot) -> list[dict[str, Any]]:
+    return [t.as_dict() for t in delta.busy().threads]
+
+
+def _only(delta: AccountingSnapshot, keep: Callable[[ThreadUsage], bool]) -> AccountingSnapshot:
+    return AccountingSnapshot(tuple(t for t in delta.threads if keep(t)), (), Usage())
+
+
+def _main_key(proc: Process) -> tuple[int, str]:
+    return (proc.pid, threading.current_thread().name)
 
 
 def _counters(tracer: Tracer | None, host: Host, base: Mapping[str, int]) -> None:
@@ -209,6 +275,8 @@ def _counters(tracer: Tracer | None, host: Host, base: Mapping[str, int]) -> Non
 
 
 # ------------------------------------------------------------------------------------- reboot
+
+SAMPLE_SECONDS = 0.01  # memory timeline: one sample per this many wall seconds
 
 
 def reboot(
@@ -220,6 +288,7 @@ def reboot(
     vcpus: int = DEFAULT_VCPUS,
     progress: Progress | None = None,
     tracer: Tracer | None = None,
+    timeline: bool = True,
 ) -> dict[str, Any]:
     """Reboot a protected guest as QEMU does and time it.
 
@@ -228,7 +297,10 @@ def reboot(
     would not have gone asynchronous. Times are from the start of the unprotect:
     ``unprotect_seconds`` (the reset path can go on), ``running_seconds`` (the new protected guest
     runs: image loaded, ENABLE..VERIFY done; ``load_seconds`` + ``protect_seconds`` after the
-    unprotect), ``cleanup_seconds`` (the old guest's memory is clean).
+    unprotect), ``cleanup_seconds`` (the old guest's memory is clean). ``model`` has the same on
+    the modelled clock; ``accounting`` the work of the teardown (main thread's unprotect and the
+    async_cleanup thread) and of the new guest's boot, per thread; ``memory`` the old guest's
+    memory over time (``timeline=False`` skips the sampler).
     """
     if mode not in ("auto", "sync", "async"):
         raise ValueError(f"mode: expected 'auto', 'sync' or 'async', got {mode!r}")
@@ -237,7 +309,7 @@ def reboot(
     proc = host.spawn_process("qemu")
     try:
         with _span(tracer, f"reboot {mode} {format_size(secure)}", memory=memory, secure=secure):
-            return _reboot(host, proc, memory, secure, mode, options, vcpus, progress, tracer)
+            return _reboot(host, proc, memory, secure, mode, options, vcpus, progress, tracer, timeline)
     finally:
         with _span(tracer, "process exit (not measured)"):
             proc.exit()
@@ -253,6 +325,7 @@ def _reboot(
     vcpus: int,
     progress: Progress | None,
     tracer: Tracer | None,
+    sample: bool,
 ) -> dict[str, Any]:
     t_boot = time.perf_counter()
     vm = boot_guest(proc, memory, secure, vcpus=vcpus, progress=progress, tracer=tracer)
@@ -261,11 +334,16 @@ def _reboot(
     pages_before = host.uv.secure_pages(old_handle)
     stats0 = host.uv.stats()
     _counters(tracer, host, stats0)
+    timeline = MemoryTimeline(host, proc.mm, [old_handle], interval=SAMPLE_SECONDS, tracer=tracer) if sample else None
 
     thread = None
     # The async_cleanup thread waits for this until the unprotect's own UVCs are counted, so its
     # PERFORM never lands in stats_unprotect (it starts a few µs later than it would in QEMU).
     counted = threading.Event()
+    acc0 = host.accounting.snapshot()
+    m0 = clock.now_ps()
+    if timeline is not None:
+        timeline.start()
     t0 = time.perf_counter()
     with _span(tracer, "unprotect"):
         if mode == "sync":
@@ -273,40 +351,59 @@ def _reboot(
         else:
             thread = vmm.unprotect(vm, hold=counted)
     t1 = time.perf_counter()
+    m1 = clock.now_ps()
     stats_unprotect = host.uv.stats()
+    acc1 = host.accounting.snapshot()
+    if timeline is not None:
+        timeline.mark("unprotect returned")
     counted.set()
     # vmm.protect(vm, image) split in its two parts, so each gets its own time
     with _span(tracer, "IPL loads the image (host_write)"):
         for comp in boot_image().components:
             vm.host_write(comp.addr, comp.data)
     t_loaded = time.perf_counter()
+    m_loaded = clock.now_ps()
     with _span(tracer, "protect: ENABLE..VERIFY"):
         vmm.protect(vm, boot_image(), load=False)
     t2 = time.perf_counter()
+    m2 = clock.now_ps()
+    acc2 = host.accounting.snapshot()
+    if timeline is not None:
+        timeline.mark("guest running again")
     _counters(tracer, host, stats0)
 
     perform: dict[str, Any] | None = None
     if thread is not None:
         with _span(tracer, "wait for async_cleanup"):
-            while thread.is_alive():
-                thread.join(POLL_SECONDS)
+            while not clock.join(thread, POLL_SECONDS):
                 left = host.uv.secure_pages(old_handle)
                 if progress is not None:
                     progress("async_cleanup tears down the old guest", pages_before - left, pages_before, "pages")
                 _counters(tracer, host, stats0)
         t3 = time.perf_counter()
+        m3 = host.accounting.thread_clock_ps(thread) or m1
         if thread.error is not None:
             perform = {"error": str(thread.error)}
         elif thread.result is not None:
             perform = {"rc": thread.result.rc, "rrc": thread.result.rrc}
     else:
         t3 = t1
+        m3 = m1
         if progress is not None:
             progress("KVM_PV_DISABLE tore the old guest down", pages_before, pages_before, "pages")
     stats1 = host.uv.stats()
+    acc3 = host.accounting.snapshot()
+    if timeline is not None:
+        timeline.mark("old guest's memory clean")
+        timeline.stop()
     _counters(tracer, host, stats0)
 
     went_async = thread is not None
+    main = _main_key(proc)
+    # The teardown: everything in the unprotect (only the main thread runs then; async_cleanup
+    # waits for `counted`), and everything the other threads did until the end.
+    teardown = (acc1 - acc0).busy().threads + _only(acc3 - acc0, lambda t: t.key != main).busy().threads
+    boot_new = _only(acc2 - acc1, lambda t: t.key == main).busy().threads
     result: dict[str, Any] = {
         "experiment": "reboot",
         "host": options.as_dict(),
@@ -322,12 +419,25 @@ def _reboot(
         "running_seconds": t2 - t0,
         "cleanup_seconds": t3 - t0,
         "background_seconds": (t3 - t1) if went_async else 0.0,
+        "model": {
+            "costs": options.cost_model.name,
+            "unprotect_seconds": (m1 - m0) / 1e12,
+            "load_seconds": (m_loaded - m1) / 1e12,
+            "protect_seconds": (m2 - m_loaded) / 1e12,
+            "running_seconds": (m2 - m0) / 1e12,
+            "cleanup_seconds": (m3 - m0) / 1e12,
+            "background_seconds": (m3 - m1) / 1e12 if went_async else 0.0,
+        },
         "old_handle": old_handle,
         "secure_pages_before": pages_before,
         "secure_pages_left": host.uv.secure_pages(old_handle),
         "secure_pages_now": host.uv.secure_pages(),
         "uvcs_unprotect": uvc_delta(stats_unprotect, stats0),
         "uvcs": uvc_delta(stats1, stats0),
+        "accounting": {
+            "teardown": [t.as_dict() for t in teardown],
+            "boot_new_guest": [t.as_dict() for t in boot_new],
+        },
         "perform": perform,
         "pv_state": {
             "protected": vm.pv_state().protected,
@@ -335,7 +445,10 @@ def _reboot(
             "need_cleanup": vm.pv_state().need_cleanup,
             "leaked": vm.pv_state().leaked,
         },
+        "peak_rss_bytes": peak_rss_bytes(),
     }
+    if timeline is not None:
+        result["memory_timeline"] = timeline.as_dict()
     if mode == "async" and not went_async:
         result["error"] = (
             "the reboot was synchronous: QEMU goes asynchronous only with capability 224 "
@@ -356,9 +469,14 @@ def shutdown(
     vcpus: int = DEFAULT_VCPUS,
     progress: Progress | None = None,
     tracer: Tracer | None = None,
+    timeline: bool = True,
 ) -> dict[str, Any]:
     """QEMU exits with a protected guest running, with or without the ``-run-with async-teardown=on``
-    CLONE_VM helper; reports how long the VMM's own exit took and what the helper's exit paid."""
+    CLONE_VM helper; reports how long the VMM's own exit took and what the helper's exit paid,
+    where the work landed (``accounting`` per phase), the same on the modelled clock (``model``;
+    the helper exits once the VMM is gone, as QEMU's helper waits for its parent's death), and
+    the dead guest's memory over time (``memory_timeline``): with the helper, it stays allocated
+    after the VMM has exited, held by the helper, until the helper's exit unmaps it."""
     check_sizes(memory, secure)
     host = options.build()
     proc = host.spawn_process("qemu")
@@ -371,13 +489,22 @@ def shutdown(
         pages_before = host.uv.secure_pages()
         stats0 = host.uv.stats()
         _counters(tracer, host, stats0)
+        sampler = MemoryTimeline(host, proc.mm, [handle], interval=SAMPLE_SECONDS, tracer=tracer) if timeline else None
 
+        acc0 = host.accounting.snapshot()
+        m0 = clock.now_ps()
+        if sampler is not None:
+            sampler.start()
         t0 = time.perf_counter()
         with _span(tracer, f"exit {proc.name} (pid {proc.pid})"):
             proc.exit()
         vmm_wall = time.perf_counter() - t0
+        m1 = clock.now_ps()
+        acc1 = host.accounting.snapshot()
         stats1 = host.uv.stats()
         pages_after_vmm = host.uv.secure_pages()
+        if sampler is not None:
+            sampler.mark("VMM exited")
         _counters(tracer, host, stats0)
         if progress is not None:
             progress("VMM exited", pages_before - pages_after_vmm, pages_before, "pages")
@@ -387,16 +514,23 @@ def shutdown(
                 "process": proc.name,
                 "seconds": proc.exit_seconds,
                 "wall_seconds": vmm_wall,
+                "model_seconds": (m1 - m0) / 1e12,
                 "uvcs": uvc_delta(stats1, stats0),
                 "secure_pages_after": pages_after_vmm,
+                "accounting": _threads(acc1 - acc0),
             }
         }
+        m2 = m1
         if helper_proc is not None:
             t1 = time.perf_counter()
             with _span(tracer, f"exit {helper_proc.name} (pid {helper_proc.pid})"):
                 helper_proc.exit()
             helper_wall = time.perf_counter() - t1
+            m2 = clock.now_ps()
+            acc2 = host.accounting.snapshot()
             stats2 = host.uv.stats()
+            if sampler is not None:
+                sampler.mark("helper exited")
             _counters(tracer, host, stats0)
             if progress is not None:
                 progress("helper exited", pages_before - host.uv.secure_pages(), pages_before, "pages")
@@ -404,11 +538,15 @@ def shutdown(
                 "process": helper_proc.name,
                 "seconds": helper_proc.exit_seconds,
                 "wall_seconds": helper_wall,
+                "model_seconds": (m2 - m1) / 1e12,
                 "uvcs": uvc_delta(stats2, stats1),
                 "secure_pages_after": host.uv.secure_pages(),
+                "accounting": _threads(acc2 - acc1),
             }
+        if sampler is not None:
+            sampler.stop()
     total = sum(phase["seconds"] for phase in phases.values())
-    return {
+    result: dict[str, Any] = {
         "experiment": "shutdown",
         "host": options.as_dict(),
         "memory": memory,
@@ -423,8 +561,21 @@ def shutdown(
         "leaked": len(host.leaked()),
         "total_seconds": total,
         "vmm_share": (phases["vmm_exit"]["seconds"] / total) if total else 1.0,
+        "model": {
+            "costs": options.cost_model.name,
+            "vmm_exit_seconds": (m1 - m0) / 1e12,
+            "helper_exit_seconds": (m2 - m1) / 1e12,
+            "total_seconds": (m2 - m0) / 1e12,
+            # The dead guest's memory is still allocated, held by the helper alone, this long
+            # after the VMM is gone: the window in which a new guest can run the host short.
+            "held_after_vmm_exit_seconds": (m2 - m1) / 1e12,
+        },
         **phases,
+        "peak_rss_bytes": peak_rss_bytes(),
     }
+    if sampler is not None:
+        result["memory_timeline"] = sampler.as_dict()
+    return result
 
 
 # ------------------------------------------------------------------------------------- compare
@@ -443,7 +594,8 @@ def compare(
 ) -> dict[str, Any]:
     """Sync (DISABLE) against async (PREPARE + PERFORM) reboot for each secure size, one fresh host
     per run. ``memory`` None: ``auto_memory(size)`` per guest. With ``repeat`` > 1 each reboot runs
-    that many times (sync and async alternating) and the row reports medians."""
+    that many times (sync and async alternating) and the row reports medians. ``model_*`` columns
+    are the same times on the modelled clock."""
     sizes = list(sizes)
     if repeat < 1:
         raise ValueError(f"repeat: must be at least 1, got {repeat}")
@@ -455,11 +607,19 @@ def compare(
         syncs, asyncs = [], []
         with _span(tracer, f"compare {format_size(size)}"):
             for _ in range(repeat):
-                kw: dict[str, Any] = {"options": options, "vcpus": vcpus, "progress": progress, "tracer": tracer}
+                kw: dict[str, Any] = {
+                    "options": options,
+                    "vcpus": vcpus,
+                    "progress": progress,
+                    "tracer": tracer,
+                    "timeline": tracer is not None,  # the sampler feeds the trace's counters
+                }
                 syncs.append(reboot(mem, size, mode="sync", **kw))
                 asyncs.append(reboot(mem, size, mode="auto", **kw))
         sync_running = statistics.median(r["running_seconds"] for r in syncs)
         async_running = statistics.median(r["running_seconds"] for r in asyncs)
+        model_sync = statistics.median(r["model"]["running_seconds"] for r in syncs)
+        model_async = statistics.median(r["model"]["running_seconds"] for r in asyncs)
         row = {
             "secure": size,
             "memory": mem,
@@ -467,8 +627,12 @@ def compare(
             "sync_running_seconds": sync_running,
             "async_running_seconds": async_running,
             "async_cleanup_seconds": statistics.median(r["cleanup_seconds"] for r in asyncs),
+            "model_sync_running_seconds": model_sync,
+            "model_async_running_seconds": model_async,
+            "model_async_cleanup_seconds": statistics.median(r["model"]["cleanup_seconds"] for r in asyncs),
             "async_mode": "async" if all(r["mode"] == "async" for r in asyncs) else "sync",
             "ratio": sync_running / async_running if async_running else None,
+            "model_ratio": model_sync / model_async if model_async else None,
             "sync": _median_run(syncs, "running_seconds"),
             "async": _median_run(asyncs, "running_seconds"),
         }
@@ -514,13 +678,167 @@ def _growth(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "sync_running": slope("sync_running_seconds"),
             "async_running": slope("async_running_seconds"),
             "async_cleanup": slope("async_cleanup_seconds"),
-        }
+        },
+        "model_seconds_per_gib": {
+            "sync_running": slope("model_sync_running_seconds"),
+            "async_running": slope("model_async_running_seconds"),
+            "async_cleanup": slope("model_async_cleanup_seconds"),
+        },
     }
 
 
-def plot_compare(result: Mapping[str, Any], path: str) -> None:
+# ------------------------------------------------------------------------------------- calibrate
+
+#: The phases a measurement can be of, for ``calibrate``.
+PHASES: Mapping[str, str] = {
+    "disable": "KVM_PV_DISABLE of a synchronous reboot (the VMM's main thread)",
+    "prepare": "KVM_PV_ASYNC_CLEANUP_PREPARE of an asynchronous reboot (the main thread)",
+    "perform": "KVM_PV_ASYNC_CLEANUP_PERFORM of an asynchronous reboot (the async_cleanup thread)",
+    "exit": "the VMM's exit without the CLONE_VM helper (mm teardown and VM destruction)",
+    "helper-exit": "the CLONE_VM helper's exit after the VMM's (the unmap of the dead guest's memory)",
+}
+
+#: What ``calibrate`` fits for a phase when not told: the cost that dominates that phase.
+DEFAULT_FIT: Mapping[str, str] = {
+    "disable": "uvc.DESTROY_SEC_CONF.per_page_ns",
+    "prepare": "uvc.DESTROY_SEC_CONF_FAST.fixed_ns",
+    "perform": "uvc.DESTR_SEC_STOR.fixed_ns",
+    "exit": "uvc.DESTR_SEC_STOR.fixed_ns",
+    "helper-exit": "pte_ns",
+}
+
+_MEASURE_RE = re.compile(r"^\s*([a-z-]+)\s*:\s*([^=@]+?)\s*(?:@\s*([^=]+?)\s*)?=\s*([0-9.eE+-]+)\s*(ms|s|us|µs)?\s*$")
+_UNIT = {None: 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6}
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """A time a user measured: ``phase`` (see ``PHASES``) of a guest with ``secure`` bytes of
+    secure memory (``memory`` None: ``auto_memory(secure)``) took ``seconds``."""
+
+    phase: str
+    secure: int
+    seconds: float
+    memory: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.phase not in PHASES:
+            raise ValueError(f"phase: {self.phase!r} is not one of {', '.join(PHASES)}")
+        check_sizes(self.memory if self.memory is not None else auto_memory(self.secure), self.secure)
+        if not self.seconds > 0:
+            raise ValueError(f"seconds: {self.seconds} is not a positive time")
+
+    @classmethod
+    def parse(cls, text: str) -> Measurement:
+        """``PHASE:SECURE[@MEMORY]=TIME``, e.g. ``disable:8G=3.2`` or ``perform:4G@64G=850ms``
+        (TIME in s unless it ends in ms or us)."""
+        match = _MEASURE_RE.match(text)
+        if not match:
+            raise ValueError(
+                f"invalid measurement {text!r}: expected PHASE:SECURE[@MEMORY]=SECONDS, e.g. disable:8G=3.2"
+            )
+        phase, secure, memory, number, unit = match.groups()
+        try:
+            seconds = float(number) * _UNIT[unit]
+        except ValueError:
+            raise ValueError(f"invalid measurement {text!r}: {number!r} is not a number") from None
+        return cls(phase, parse_size(secure), seconds, parse_size(memory) if memory else None)
+
+    @property
+    def label(self) -> str:
+        where = format_size(self.secure) + (f"@{format_size(self.memory)}" if self.memory else "")
+        return f"{self.phase}:{where}"
+
+
+def phase_usage(
+    phase: str,
+    secure: int,
+    *,
+    memory: int | None = None,
+    options: HostOptions = HostOptions(guest_memory="state"),
+    vcpus: int = DEFAULT_VCPUS,
+) -> Usage:
+    """The work (counts of every kind) that ``phase`` of a guest with ``secure`` bytes of secure
+    memory does, by the thread that does it. Counts do not depend on the cost model or on how
+    memory is backed, so the default runs in state-only memory (any size, little RAM)."""
+    if phase not in PHASES:
+        raise ValueError(f"phase: {phase!r} is not one of {', '.join(PHASES)}")
+    mem = memory if memory is not None else auto_memory(secure)
+    check_sizes(mem, secure)
+    host = options.build()
+    proc = host.spawn_process("qemu")
+    helper = proc.clone_vm() if phase == "helper-exit" else None
+    try:
+        vm = boot_guest(proc, mem, secure, vcpus=vcpus)
+        who: Process = proc
+        if phase == "perform":
+            vm.pv_command(PvCmd.ASYNC_CLEANUP_PREPARE)
+        elif phase == "helper-exit":
+            proc.exit()
+            assert helper is not None
+            who = helper
+        before = host.accounting.snapshot()
+        if phase == "disable":
+            vm.pv_command(PvCmd.DISABLE)
+        elif phase == "prepare":
+            vm.pv_command(PvCmd.ASYNC_CLEANUP_PREPARE)
+        elif phase == "perform":
+            vm.pv_command(PvCmd.ASYNC_CLEANUP_PERFORM)  # same work on whichever thread issues it
+        else:
+            who.exit()
+        delta = host.accounting.snapshot() - before
+        return delta.thread(threading.current_thread().name, who.pid).usage
+    finally:
+        for p in (proc, helper):
+            if p is not None and p.alive:
+                p.exit()
+
+
+def calibrate(
+    measurements: Iterable[Measurement],
+    *,
+    params: Iterable[str] | None = None,
+    base: CostModel | None = None,
+    options: HostOptions = HostOptions(guest_memory="state"),
+) -> tuple[Fit, dict[str, Any]]:
+    """Fit cost parameters so the modelled times of the measured phases match the measurements.
+    ``params`` None: each phase's ``DEFAULT_FIT`` parameter. Returns the fit and a report (per
+    measurement: measured seconds, modelled before and after)."""
+    measured = list(measurements)
+    if not measured:
+        raise ValueError("measurements: give at least one measured phase")
+    model = base if base is not None else CostModel.default()
+    names = list(params) if params is not None else list(dict.fromkeys(DEFAULT_FIT[m.phase] for m in measured))
+    observations = []
+    for m in measured:
+        usage = phase_usage(m.phase, m.secure, memory=m.memory, options=options)
+        observations.append(Observation(usage.cost_counts(), m.seconds, m.label))
+    result = fit(observations, names, base=model)
+    report = {
+        "experiment": "calibrate",
+        "base": model.name,
+        "fitted": dict(result.values),
+        "defaults": {p: model.get(p) for p in names},
+        "measurements": [
+            {
+                "measurement": obs.label,
+                "phase": m.phase,
+                "secure": m.secure,
+                "measured_seconds": m.seconds,
+                "model_seconds_before": model.price(obs.counts),
+                "model_seconds_after": result.model.price(obs.counts),
+                "work": dict(obs.counts),
+            }
+            for m, obs in zip(measured, observations, strict=True)
+        ],
+        "costs": result.model.as_dict(),
+    }
+    return result, report
+
+
+def plot_compare(result: Mapping[str, Any], path: str, *, clock_kind: str = "wall") -> None:
     """Two panels against secure memory: linear axes (sync grows linearly, async stays at the
-    bottom) and log time (the flat async curve readable in milliseconds)."""
+    bottom) and log time (the flat async curve readable in milliseconds); wall or modelled time."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -529,6 +847,7 @@ def plot_compare(result: Mapping[str, Any], path: str) -> None:
 
     rows = result["rows"]
     xs = [row["secure"] / GiB for row in rows]
+    prefix = "model_" if clock_kind == "model" else ""
     curves = [
         ("sync_running_seconds", "o-", "tab:red", "sync reboot (KVM_PV_DISABLE): guest running again"),
         (
@@ -542,7 +861,7 @@ def plot_compare(result: Mapping[str, Any], path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), dpi=110)
     for ax, log in zip(axes, (False, True), strict=True):
         for key, style, color, label in curves:
-            ax.plot(xs, [row[key] for row in rows], style, color=color, label=label)
+            ax.plot(xs, [row[prefix + key] for row in rows], style, color=color, label=label)
         if log:
             ax.set_yscale("log")
             ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
@@ -558,11 +877,13 @@ def plot_compare(result: Mapping[str, Any], path: str) -> None:
         ax.set_xlim(0, max(xs) * 1.05)
         ax.set_xlabel("secure guest memory above 2 GiB, dirtied before the reboot")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("time from the start of the reboot")
+    axes[0].set_ylabel(("modelled " if clock_kind == "model" else "") + "time from the start of the reboot")
     host = result.get("host", {})
     flags = [f"async_destroy={host.get('async_destroy', 1)}"]
     flags.append("Destroy-Fast" if host.get("destroy_fast", True) else "no Destroy-Fast")
     flags.append("MISC" if host.get("feature_misc", True) else "no MISC")
+    if clock_kind == "model":
+        flags.append(f"modelled clock, costs: {host.get('costs', 'default')}")
     repeat = result.get("repeat", 1)
     fig.suptitle(
         f"pvfast compare: protected-guest reboot, sync vs async ({', '.join(flags)}"

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, TypedDict
 
 from . import _native
 from ._util import check_bool, check_int
+from .accounting import Accounting
 from .constants import (
     BIT_UV_FEAT_AIV,
     BIT_UV_FEAT_MISC,
@@ -37,6 +38,7 @@ from .constants import (
     Uvc,
     test_bit_inv,
 )
+from .costs import CostModel
 
 if TYPE_CHECKING:
     from .kvm import Vm
@@ -45,6 +47,10 @@ if TYPE_CHECKING:
 _SYSFS_ASYNC_DESTROY = "/sys/module/kvm/parameters/async_destroy"
 
 log = logging.getLogger("pvfast.host")
+
+#: ``Host(guest_memory=...)``: "real" (every touched page is host memory) or "state" (a page
+#: costs only its state word until it holds data; see docs/PERFORMANCE.md).
+GUEST_MEMORY_MODES = ("real", "state")
 
 
 class UvInfo(TypedDict):
@@ -245,10 +251,14 @@ class Host:
     ``async_destroy``, whether the host booted with PV support (``prot_virt``), the UV's
     Destroy-Fast call, MISC and AIV features and dump calls, KVM's ``use_gisa``, and
     ``walk_threads`` (worker threads of the native page walks; 0: one per CPU).
+    ``guest_memory``: ``"real"`` (every page a guest touches is host memory) or ``"state"`` (a
+    touched page costs only its 4-byte state until it holds data; for guests of many TiB).
+    ``costs``: the ``CostModel`` of the modelled clock (None: the documented defaults).
 
     Attributes: ``uv`` (UltravisorView), ``uv_info`` (UvInfo, as QUI reported it at boot),
-    ``processes`` (every process spawned on this host), ``async_destroy``, ``prot_virt``,
-    ``use_gisa``, ``destroy_fast_available``, ``feature_misc``, ``feature_aiv``, ``dump_available``.
+    ``processes`` (the live processes of this host), ``async_destroy``, ``prot_virt``,
+    ``use_gisa``, ``destroy_fast_available``, ``feature_misc``, ``feature_aiv``, ``dump_available``,
+    ``accounting`` (where the UV work landed, per emulated thread, process and VM).
     """
 
     def __init__(
@@ -262,6 +272,8 @@ class Host:
         dump: bool = True,
         use_gisa: bool = True,
         walk_threads: int = 0,
+        guest_memory: str = "real",
+        costs: CostModel | None = None,
     ) -> None:
         if isinstance(async_destroy, bool):
             async_destroy = int(async_destroy)
@@ -273,6 +285,14 @@ class Host:
         dump = check_bool("dump", dump)
         use_gisa = check_bool("use_gisa", use_gisa)
         walk_threads = check_int("walk_threads", walk_threads, bits=16)
+        if not isinstance(guest_memory, str):
+            raise TypeError(f"guest_memory: expected str, got {type(guest_memory).__name__}")
+        if guest_memory not in GUEST_MEMORY_MODES:
+            raise ValueError(f"guest_memory: expected one of {', '.join(GUEST_MEMORY_MODES)}, got {guest_memory!r}")
+        if costs is None:
+            costs = CostModel.default()
+        elif not isinstance(costs, CostModel):
+            raise TypeError(f"costs: expected CostModel or None, got {type(costs).__name__}")
         native = _native.Ultravisor(
             destroy_fast=bool(destroy_fast),
             feature_misc=bool(feature_misc),
@@ -282,6 +302,9 @@ class Host:
         )
         object.__setattr__(self, "_frozen", False)
         self.uv = UltravisorView(native)
+        self.guest_memory = guest_memory  # how guest memory is backed: "real" pages or "state" words only
+        self.costs = costs  # the cost model of the modelled clock
+        self.accounting = Accounting(native, costs)  # where the UV work lands, per thread/process/VM
         self._params: Mapping[str, int] = MappingProxyType({"async_destroy": int(async_destroy)})
         self.async_destroy = int(async_destroy)
         self.prot_virt = bool(prot_virt)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 
 from . import pv as _pv
 from ._util import check_bytes, check_int
+from .clock import KernelMutex
 from .constants import (
     HPAGE_SIZE,
     KVM_CAP_S390_PROTECTED,
@@ -243,7 +244,7 @@ class Vm(File):
         self.region = self.mm._mmap(memory_size)
         self.gmap = Gmap(self.host, self.mm, self.region, memory_limit)
         self.sca = self.host._kalloc_nofail("sca", PAGE_SIZE)
-        self.lock = threading.Lock()  # kvm->lock
+        self.lock = KernelMutex()  # kvm->lock (its waits move the modelled clock)
         self.pv = PvVmState()
         self.vcpu_list: list[Vcpu] = []
         self.service_irq_masked = False

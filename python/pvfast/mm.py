@@ -24,6 +24,9 @@ from typing import TYPE_CHECKING
 
 from . import _native
 from ._util import check_int
+from .accounting import bind as _bind_account
+from .accounting import current as _accounting_context
+from .clock import join_process
 from .errors import ENOMEM, ClosedFdError
 from .host import check_vm_args, register_copy_process
 
@@ -108,7 +111,7 @@ class AddressSpace:
     def _mmap(self, size: int) -> _native.Region:
         """An anonymous mapping of ``size`` bytes (guest memory of one VM), torn down with the mm."""
         try:
-            region = self.uv.create_region(size)
+            region = self.uv.create_region(size, guest_memory=self.host.guest_memory)
         except OSError as err:  # the machine cannot reserve that much address space
             code = err.errno or ENOMEM
             why = f"memory_size: cannot reserve {size:#x} bytes of guest memory: {os.strerror(code)}"
@@ -248,8 +251,11 @@ class Process:
     # fdget/fdput run on every call into the kernel: explicit acquire/release is about half the
     # cost of ``with`` on CPython 3.11, and the try/finally costs nothing when nothing raises.
     def _fdget(self, file: File) -> None:
-        """A call on ``file`` starts: it holds a reference and counts as work in flight. A closed
+        """A call on ``file`` starts: it holds a reference and counts as work in flight, and the
+        calling thread's UV work counts for this process (and ``file``) from here on. A closed
         file (or one of an exited process) raises ClosedFdError (EBADF)."""
+        if _accounting_context() is not file:
+            _bind_account(self, file)
         lock = self._lock
         lock.acquire()
         try:
@@ -295,6 +301,7 @@ class Process:
                 raise ValueError(f"process {self.pid} ({self.name}) has exited")
             self._inflight += 1
         try:
+            _bind_account(self, file)
             file._release()
         finally:
             self._leave()
@@ -404,14 +411,20 @@ class Process:
             return
         start = time.perf_counter()
         try:
+            _bind_account(self, None)
             self.fatal_signal.set()  # the killing signal, or exit_group's SIGKILL to the other threads
             self._wait_idle()
+            join_process(self)  # modelled clock: the exit waits for every thread of the process
+            parent = self.helper_of
+            if parent is not None and not parent.alive:
+                join_process(parent)  # a CLONE_VM helper exits once its parent is gone
             self.mm._mmput()  # exit_mm before exit_files
             with self._lock:
                 files, self._fds = self._fds, []
             for file in files:  # close_files: nothing is in flight any more, so each fput releases
                 file.closed = True
                 file.release_pending = False
+                _bind_account(self, file)
                 file._release()
             self.alive = False
             self.host._remove_process(self)

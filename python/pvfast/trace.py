@@ -3,6 +3,9 @@
 The file is ``{"traceEvents": [...]}`` in the Trace Event Format (open it in ui.perfetto.dev or
 chrome://tracing): "X" complete events (``ts``/``dur`` in µs), "C" counter events and "M" metadata
 naming the process and threads. Tracing is opt-in: code that is not given a ``Tracer`` pays nothing.
+
+``Tracer(clock="model")`` places every event on the modelled clock of the thread that records it
+(pvfast.clock) instead of wall time, so a trace shows where the modelled hardware time goes.
 """
 
 from __future__ import annotations
@@ -16,13 +19,21 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from . import clock as _clock
+
+CLOCKS = ("wall", "model")
+
 
 class Tracer:
-    """Collects trace events from any thread; ``write`` saves them. Timestamps are µs since creation."""
+    """Collects trace events from any thread; ``write`` saves them. Timestamps are µs since creation
+    (``clock="wall"``) or on the recording thread's modelled clock (``clock="model"``)."""
 
-    def __init__(self, *, pid: int | None = None, process_name: str = "pvfast") -> None:
+    def __init__(self, *, pid: int | None = None, process_name: str = "pvfast", clock: str = "wall") -> None:
+        if clock not in CLOCKS:
+            raise ValueError(f"clock: expected 'wall' or 'model', got {clock!r}")
+        self.clock = clock
         self.pid = os.getpid() if pid is None else pid
-        self._origin_ns = time.perf_counter_ns()
+        self._origin_ns = time.perf_counter_ns() if clock == "wall" else 0
         self._lock = threading.Lock()
         self._named_threads: set[int] = set()
         self.events: list[dict[str, Any]] = [
@@ -31,7 +42,14 @@ class Tracer:
 
     # -- clocks --
     def now_ns(self) -> int:
+        """Now on the trace's clock (the calling thread's modelled clock with clock="model")."""
+        if self.clock == "model":
+            return _clock.now_ps() // 1000
         return time.perf_counter_ns()
+
+    def ts_for(self, *, wall_ns: int, model_ns: int) -> int:
+        """Of a moment known on both clocks, its time on the trace's clock (for samplers)."""
+        return model_ns if self.clock == "model" else wall_ns
 
     def _us(self, t_ns: int) -> float:
         return (t_ns - self._origin_ns) / 1000.0
@@ -75,21 +93,22 @@ class Tracer:
     def span(self, name: str, *, cat: str = "phase", **args: Any) -> Iterator[dict[str, Any]]:
         """Time the ``with`` body as one complete event; the yielded dict becomes (more of) its args."""
         extra: dict[str, Any] = dict(args)
-        start = time.perf_counter_ns()
+        start = self.now_ns()
         try:
             yield extra
         finally:
-            self.complete(name, start, time.perf_counter_ns(), cat=cat, args=extra)
+            self.complete(name, start, self.now_ns(), cat=cat, args=extra)
 
-    def counter(self, name: str, values: Mapping[str, int | float]) -> None:
-        """A "C" counter event: one track per key of ``values`` under ``name``."""
+    def counter(self, name: str, values: Mapping[str, int | float], *, ts_ns: int | None = None) -> None:
+        """A "C" counter event: one track per key of ``values`` under ``name``, now or at ``ts_ns``
+        (on the trace's clock)."""
         self._add(
             {
                 "ph": "C",
                 "name": name,
                 "pid": self.pid,
                 "tid": threading.get_native_id(),
-                "ts": self._us(time.perf_counter_ns()),
+                "ts": self._us(self.now_ns() if ts_ns is None else ts_ns),
                 "args": dict(values),
             }
         )
@@ -102,7 +121,7 @@ class Tracer:
                 "name": name,
                 "pid": self.pid,
                 "tid": threading.get_native_id(),
-                "ts": self._us(time.perf_counter_ns()),
+                "ts": self._us(self.now_ns()),
                 "args": args,
             }
         )
@@ -111,7 +130,7 @@ class Tracer:
         """``func`` traced: each call is one complete event named ``name(*args)``, errors in args."""
 
         def traced(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter_ns()
+            start = self.now_ns()
             info: dict[str, Any] = {}
             try:
                 result = func(*args, **kwargs)
@@ -119,7 +138,7 @@ class Tracer:
                 info["error"] = str(err)
                 raise
             finally:
-                self.complete(name(*args), start, time.perf_counter_ns(), cat=cat, args=info)
+                self.complete(name(*args), start, self.now_ns(), cat=cat, args=info)
             return result
 
         return traced
@@ -127,7 +146,7 @@ class Tracer:
     # -- output --
     def document(self) -> dict[str, Any]:
         with self._lock:
-            return {"traceEvents": list(self.events), "displayTimeUnit": "ms"}
+            return {"traceEvents": list(self.events), "displayTimeUnit": "ms", "otherData": {"clock": self.clock}}
 
     def write(self, path: str | os.PathLike[str]) -> None:
         Path(path).write_text(json.dumps(self.document()) + "\n", encoding="utf-8")

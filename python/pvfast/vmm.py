@@ -11,6 +11,7 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
+from . import clock
 from .constants import SZ_2G, Cap, PvCmd
 from .errors import PvError
 from .image import Image
@@ -43,10 +44,12 @@ class AsyncCleanupThread(threading.Thread):
         self.result: PvResult | None = None
         self.error: PvError | None = None
         self.entered = threading.Event()
+        self.clock_start = clock.now_ps()  # modelled clock: the thread starts where its creator is
 
     def run(self) -> None:
         """Wait for ``hold``, issue PERFORM; on failure log QEMU's line and, with
         ``exit_on_error``, exit the VMM with status 1. ``result``/``error`` keep the outcome."""
+        clock.inherit(self.clock_start)
         if self.hold is not None:
             self.hold.wait()  # "thread created, ioctl not yet entered": the double-reboot window
         self.entered.set()
@@ -123,7 +126,7 @@ def protect(vm: Vm, image: Image, *, load: bool = True) -> None:
     except PvError:
         thread = unprotect(vm, exit_on_error=False)
         if thread is not None:
-            thread.join()
+            clock.join(thread)
         raise
 
 

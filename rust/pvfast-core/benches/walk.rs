@@ -2,14 +2,16 @@
 //! N GiB of secure, touched pages (PVFAST_BENCH_GIB, default 2) beside memset and
 //! streaming-store zeroing of that region's bytes, plus the walk over an empty 1 TiB region.
 //! Prints walk/nt and walk/memset at the end. (On a VM the write rate differs between
-//! mappings by tens of percent, so a separate buffer would not be a fair floor.)
+//! mappings by tens of percent, so a separate buffer would not be a fair floor.) Also the
+//! cost of per-thread accounting: the same walk with an account bound (as the Python layer
+//! runs it) against the walk with accounting switched off, in back-to-back pairs.
 
 use std::hint::black_box;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use pvfast_core::{kernel, Region, Ultravisor, UvOptions, PAGE_SIZE};
+use pvfast_core::{account, kernel, Binding, Region, Ultravisor, UvOptions, PAGE_SIZE};
 
 fn gib() -> u64 {
     std::env::var("PVFAST_BENCH_GIB")
@@ -82,6 +84,40 @@ fn paired(uv: &Ultravisor, region: &Region, handle: u64) -> (f64, f64) {
     (r1[r1.len() / 2], rp[rp.len() / 2])
 }
 
+/// Median over back-to-back pairs (order alternating) of walk time with an account bound over
+/// walk time with accounting off: the accounting's overhead as a ratio (1.0 = none).
+fn paired_accounting(uv: &Ultravisor, region: &Region, handle: u64) -> f64 {
+    let acct = uv.new_account(0);
+    let walk = |on: bool| {
+        account::set_enabled(on);
+        let prev = account::bind(Binding {
+            thread: on.then(|| std::sync::Arc::clone(&acct)),
+            vm: None,
+        });
+        resecure(uv, region, handle);
+        let t = Instant::now();
+        kernel::destroy_walk(uv, region, 0, None, None).expect("walk");
+        let secs = t.elapsed().as_secs_f64();
+        account::bind(prev);
+        account::set_enabled(true);
+        secs
+    };
+    let mut ratios = Vec::new();
+    for i in 0..11 {
+        let (on, off) = if i % 2 == 0 {
+            let on = walk(true);
+            (on, walk(false))
+        } else {
+            let off = walk(false);
+            (walk(true), off)
+        };
+        ratios.push(on / off);
+    }
+    assert!(acct.snapshot().ptes > 0, "the bound account was charged");
+    ratios.sort_by(f64::total_cmp);
+    ratios[ratios.len() / 2]
+}
+
 fn bench(c: &mut Criterion) {
     let gib = gib();
     let bytes = gib << 30;
@@ -130,6 +166,7 @@ fn bench(c: &mut Criterion) {
     let (nt, nt_par) = paired(&uv, &region, handle);
     record("paired_median", nt);
     record("paired_median_par", nt_par);
+    record("accounting_ratio", paired_accounting(&uv, &region, handle));
     uv.release_region(&region).expect("release");
     drop(region);
     let (uv1, region1, handle1) = setup(1, bytes);
@@ -194,6 +231,11 @@ fn summary(bytes: u64) {
     );
     println!("  (paired = median of 7 back-to-back runs of each)");
     println!("empty 1 TiB walk     {:.3} ms", empty * 1e3);
+    let acct = best("accounting_ratio");
+    println!(
+        "accounting overhead  {:+.1} % (walk with an account bound / walk with accounting off, median of 11 pairs)",
+        (acct - 1.0) * 100.0
+    );
 }
 
 criterion_group!(benches, bench);

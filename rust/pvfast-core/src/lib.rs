@@ -3,10 +3,11 @@
 //! parallel destroy walk that asynchronous teardown spends its time in. Pure Rust, no Python.
 //!
 //! Modules, lowest first; each imports only modules listed before it (and the constants below):
-//! `error`, `uvc`, `memory`, `zero`, `image` (leaves) → `config` → `state` (the shared `Core`)
+//! `error`, `uvc`, `account`, `memory`, `zero`, `image` (leaves) → `config` → `state` (the shared `Core`)
 //! → `region`, `pages` → `walk` → `ultravisor` (one method per UVC) → `kernel` (range helpers)
 //! → `dispatch` (raw UVCBs).
 
+pub mod account;
 mod config;
 pub mod dispatch;
 pub mod error;
@@ -21,8 +22,10 @@ pub mod uvc;
 pub mod walk;
 pub mod zero;
 
+pub use account::{Account, AccountSnapshot, Binding, CostTable, ModelMutex};
 pub use error::CoreError;
 pub use kernel::{AccessResult, ImportResult, TeardownResult, UnpackResult, UnpackStatus};
+pub use memory::MemoryMode;
 pub use region::{PageState, Region, StateCounts};
 pub use ultravisor::{TableSizes, Ultravisor, UvInfo, UvOptions};
 pub use uvc::{rc, Uvc, UvcStatus};

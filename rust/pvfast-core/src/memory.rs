@@ -1,9 +1,9 @@
 //! Guest storage and its per-page metadata: lazily backed anonymous mappings, the packed
-//! page-state word with its lock bit, and the per-chunk summary that lets walks skip chunks
-//! that hold no secure page.
+//! page-state word with its lock bit, the per-chunk summary that lets walks skip chunks
+//! that hold no secure page, and (state-only regions) the bitmap of pages that hold data.
 
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::error::CoreError;
@@ -139,21 +139,53 @@ pub(crate) mod ps {
     }
 }
 
+/// How a region's guest storage is backed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MemoryMode {
+    /// Every page the guest touches is a real 4 KiB page of host memory (the default).
+    #[default]
+    Real,
+    /// A touched page costs only its 4-byte state word; host memory backs only the pages that
+    /// hold data (written by the guest or the host, unpacked, exported as ciphertext). A page
+    /// without data reads as zeroes, and clearing it (destroy, import) writes nothing.
+    State,
+}
+
+impl MemoryMode {
+    pub const fn name(self) -> &'static str {
+        match self {
+            MemoryMode::Real => "real",
+            MemoryMode::State => "state",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<MemoryMode> {
+        match name {
+            "real" => Some(MemoryMode::Real),
+            "state" => Some(MemoryMode::State),
+            _ => None,
+        }
+    }
+}
+
 /// Summary word per chunk: low 16 bits present pages, high 16 bits secure pages.
 pub(crate) const SUM_PRESENT_ONE: u32 = 1;
 pub(crate) const SUM_SECURE_ONE: u32 = 1 << 16;
 
-/// The three mappings of one region: contents, page-state words, chunk summary.
+/// The mappings of one region: contents, page-state words, chunk summary, and for a
+/// state-only region the data bitmap (one bit per page; a page whose bit is clear holds only
+/// zeroes).
 pub(crate) struct RegionMem {
     data: Mmap,
     meta: Mmap,
     summary: Mmap,
+    data_bits: Option<Mmap>,
     pages: u64,
     chunks: u64,
 }
 
 impl RegionMem {
-    pub(crate) fn new(pages: u64) -> Result<RegionMem, CoreError> {
+    pub(crate) fn new(pages: u64, mode: MemoryMode) -> Result<RegionMem, CoreError> {
         let chunks = pages.div_ceil(CHUNK_PAGES);
         let size = usize::try_from(
             pages
@@ -163,13 +195,114 @@ impl RegionMem {
         .map_err(|_| CoreError::Os(libc::ENOMEM))?;
         let meta_len = usize::try_from(pages * 4).map_err(|_| CoreError::Os(libc::ENOMEM))?;
         let sum_len = usize::try_from(chunks * 4).map_err(|_| CoreError::Os(libc::ENOMEM))?;
+        let data_bits = match mode {
+            MemoryMode::Real => None,
+            MemoryMode::State => Some(Mmap::anon(
+                usize::try_from(pages.div_ceil(64) * 8).map_err(|_| CoreError::Os(libc::ENOMEM))?,
+            )?),
+        };
         Ok(RegionMem {
             data: Mmap::anon(size)?,
             meta: Mmap::anon(meta_len)?,
             summary: Mmap::anon(sum_len)?,
+            data_bits,
             pages,
             chunks,
         })
+    }
+
+    #[inline]
+    pub(crate) fn state_only(&self) -> bool {
+        self.data_bits.is_some()
+    }
+
+    /// The data bitmap words (state-only regions).
+    #[inline]
+    fn data_words(&self) -> Option<&[AtomicU64]> {
+        self.data_bits.as_ref().map(|m| {
+            // SAFETY: the bitmap mapping holds pages.div_ceil(64) zero-initialised u64 words
+            // (page aligned); AtomicU64 has the layout of u64; the slice lives no longer than self.
+            unsafe {
+                std::slice::from_raw_parts(
+                    m.as_ptr().cast::<AtomicU64>(),
+                    self.pages.div_ceil(64) as usize,
+                )
+            }
+        })
+    }
+
+    /// Whether page `idx` may hold non-zero bytes: always in a real region; in a state-only
+    /// region only if something wrote to it since it was last cleared. Read it with the page
+    /// lock held.
+    #[inline]
+    pub(crate) fn has_data(&self, idx: u64) -> bool {
+        match self.data_words() {
+            None => true,
+            Some(w) => w[(idx / 64) as usize].load(Ordering::Acquire) & (1 << (idx % 64)) != 0,
+        }
+    }
+
+    /// Page `idx` is about to receive data (page lock held). No-op in a real region.
+    #[inline]
+    pub(crate) fn mark_data(&self, idx: u64) {
+        if let Some(w) = self.data_words() {
+            w[(idx / 64) as usize].fetch_or(1 << (idx % 64), Ordering::AcqRel);
+        }
+    }
+
+    /// Pages whose data bit is set (state-only regions; 0 otherwise).
+    pub(crate) fn data_page_count(&self) -> u64 {
+        self.data_words().map_or(0, |w| {
+            w.iter()
+                .map(|x| u64::from(x.load(Ordering::Relaxed).count_ones()))
+                .sum()
+        })
+    }
+
+    /// Whether any page of `chunk` holds data (always true in a real region).
+    #[inline]
+    pub(crate) fn chunk_has_data(&self, chunk: u64) -> bool {
+        match self.data_words() {
+            None => true,
+            Some(w) => {
+                let per = (CHUNK_PAGES / 64) as usize;
+                let lo = chunk as usize * per;
+                w[lo..(lo + per).min(w.len())]
+                    .iter()
+                    .any(|x| x.load(Ordering::Acquire) != 0)
+            }
+        }
+    }
+
+    /// Clear a locked page before it changes hands: in a real region always (streaming
+    /// stores; the caller fences before publishing), in a state-only region only if it holds
+    /// data (plain stores, cleared bit). Returns whether bytes were written.
+    #[inline]
+    pub(crate) fn clear_page_nt(&self, idx: u64) -> bool {
+        if !self.state_only() {
+            // SAFETY: the caller holds the page lock; idx is a page of this mapping, 4 KiB aligned.
+            unsafe { crate::zero::zero_page_nt(self.page_ptr(idx)) };
+            return true;
+        }
+        self.clear_data_page(idx)
+    }
+
+    /// State-only region: zero page `idx` with plain stores if it holds data and clear its
+    /// bit (page lock held; no fence needed). Returns whether it held data.
+    #[inline]
+    pub(crate) fn clear_data_page(&self, idx: u64) -> bool {
+        let Some(w) = self.data_words() else {
+            return false;
+        };
+        let bit = 1u64 << (idx % 64);
+        let word = &w[(idx / 64) as usize];
+        if word.load(Ordering::Acquire) & bit == 0 {
+            return false;
+        }
+        // SAFETY: the caller holds the page lock; idx is a page of this mapping.
+        unsafe { std::ptr::write_bytes(self.page_ptr(idx), 0, PAGE_SIZE) };
+        word.fetch_and(!bit, Ordering::AcqRel);
+        true
     }
 
     #[inline]

@@ -30,26 +30,39 @@ impl<'a> PageCtx<'a> {
         self.region.base + idx * PAGE_SIZE as u64
     }
 
-    /// The page's bytes. Only call with the page lock held.
+    /// The page's bytes, to change in place (a state-only region records that the page now
+    /// holds data). Only call with the page lock held.
     #[allow(clippy::mut_from_ref)]
     fn page_mut(&self, idx: u64) -> &mut [u8] {
+        self.mem.mark_data(idx);
         // SAFETY: idx is a valid page index of this mapping (callers validated it) and the caller
         // holds the page's lock bit, which is the exclusive right to its bytes.
         unsafe { std::slice::from_raw_parts_mut(self.mem.page_ptr(idx), PAGE_SIZE) }
     }
 
-    /// Zero a locked page (streaming stores + fence).
+    /// Zero a locked page (streaming stores + fence; in a state-only region only a page that
+    /// holds data is written). Counted as one page cleared by the UV either way.
     fn zero(&self, idx: u64) {
-        // SAFETY: page lock held; the page is inside the mapping and 4 KiB aligned.
-        unsafe { zero_page_nt(self.mem.page_ptr(idx)) };
-        store_fence();
+        if self.mem.state_only() {
+            self.mem.clear_data_page(idx);
+        } else {
+            // SAFETY: page lock held; the page is inside the mapping and 4 KiB aligned.
+            unsafe { zero_page_nt(self.mem.page_ptr(idx)) };
+            store_fence();
+        }
+        self.core.charge(|a| a.charge_zeroed(1));
     }
 
     /// Zero a locked page that is about to be used (import): plain stores, so the page stays
     /// in cache for the guest and no fence (write-combining drain) is needed.
     fn zero_for_use(&self, idx: u64) {
-        // SAFETY: page lock held; the page is inside the mapping.
-        unsafe { std::ptr::write_bytes(self.mem.page_ptr(idx), 0, PAGE_SIZE) };
+        if self.mem.state_only() {
+            self.mem.clear_data_page(idx);
+        } else {
+            // SAFETY: page lock held; the page is inside the mapping.
+            unsafe { std::ptr::write_bytes(self.mem.page_ptr(idx), 0, PAGE_SIZE) };
+        }
+        self.core.charge(|a| a.charge_zeroed(1));
     }
 
     /// Summary + owner counters for a transition (page lock held). The new reference is
@@ -201,6 +214,73 @@ impl<'a> PageCtx<'a> {
         }
         self.set(idx, m, old, ps::make(ps::SECURE, cfg.id));
         UvcStatus::OK
+    }
+
+    /// CONV_TO_SEC_STOR 0x0200 on the run of pages `[lo, hi)` (one chunk at most) as `import`
+    /// does it, page by page under each page's lock, for the pages that are NONSECURE or already
+    /// the configuration's own; stops at the first page of another kind and returns it (`hi` when
+    /// done). The owner counters are added once for the run. Returns (where it stopped, import
+    /// UVCs issued, failed imports, rc of the first failure or 0). The caller counts the UVCs.
+    pub(crate) fn import_fresh_run(&self, lo: u64, hi: u64, cfg: &Config) -> (u64, u64, u64, u16) {
+        let (mut imports, mut failed, mut first_rc, mut made) = (0u64, 0u64, 0u16, 0u64);
+        let mut idx = lo;
+        while idx < hi {
+            let m = self.meta(idx);
+            let seen = m.load(Ordering::Acquire);
+            if ps::is_secure(seen) && ps::owner(seen) == cfg.id {
+                idx += 1;
+                continue;
+            }
+            if ps::kind(seen) != ps::NONSECURE {
+                break;
+            }
+            let old = self.mem.lock(m);
+            if ps::is_secure(old) && ps::owner(old) == cfg.id {
+                self.mem.unlock(m, old);
+                idx += 1;
+                continue;
+            }
+            if ps::kind(old) != ps::NONSECURE {
+                self.mem.unlock(m, old);
+                break;
+            }
+            imports += 1;
+            let code = if old & ps::PRESENT == 0 {
+                Some(rc::PAGE_NOT_ACCESSIBLE)
+            } else if !cfg.is_alive() {
+                Some(rc::INV_GUEST_HANDLE)
+            } else {
+                None
+            };
+            if let Some(code) = code {
+                self.mem.unlock(m, old);
+                failed += 1;
+                if first_rc == 0 {
+                    first_rc = code;
+                }
+                idx += 1;
+                continue;
+            }
+            if self.mem.state_only() {
+                self.mem.clear_data_page(idx);
+            } else {
+                // SAFETY: page lock held; the page is inside the mapping.
+                unsafe { std::ptr::write_bytes(self.mem.page_ptr(idx), 0, PAGE_SIZE) };
+            }
+            let new = ps::make(ps::SECURE, cfg.id);
+            self.mem.account_summary(idx, old, new);
+            self.mem.unlock(m, new);
+            made += 1;
+            idx += 1;
+        }
+        if made != 0 {
+            cfg.secure_pages.fetch_add(made as i64, Ordering::Relaxed);
+            self.core
+                .secure_total
+                .fetch_add(made as i64, Ordering::Relaxed);
+            self.core.charge(|a| a.charge_zeroed(made));
+        }
+        (idx, imports, failed, first_rc)
     }
 
     /// UNPACK_IMG 0x0301: decrypt an image page in place, feed the verifier.

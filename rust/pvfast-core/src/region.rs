@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use crate::config::{ExportTag, Tables};
 use crate::error::{invalid, CoreError};
-use crate::memory::{mlock, ps, rlock, summary_counts, wlock, RegionMem, CHUNK_PAGES};
+use crate::memory::{mlock, ps, rlock, summary_counts, wlock, MemoryMode, RegionMem, CHUNK_PAGES};
 use crate::state::Core;
 use crate::PAGE_SIZE;
 
@@ -52,6 +52,7 @@ pub struct Region {
     pub(crate) base: u64,
     pub(crate) size: u64,
     pub(crate) pages: u64,
+    pub(crate) mode: MemoryMode,
     pub(crate) core: Arc<Core>,
     pub(crate) mem: RwLock<Option<RegionMem>>,
     /// Nonce and tag of every EXPORTED page, by page index.
@@ -82,14 +83,21 @@ pub(crate) fn classify(s: u32, tables: &Tables) -> (PageState, u64) {
 }
 
 impl Region {
-    pub(crate) fn new(id: u64, base: u64, size: u64, core: Arc<Core>) -> Result<Region, CoreError> {
+    pub(crate) fn new(
+        id: u64,
+        base: u64,
+        size: u64,
+        core: Arc<Core>,
+        mode: MemoryMode,
+    ) -> Result<Region, CoreError> {
         let pages = size / PAGE_SIZE as u64;
-        let mem = RegionMem::new(pages)?;
+        let mem = RegionMem::new(pages, mode)?;
         Ok(Region {
             id,
             base,
             size,
             pages,
+            mode,
             core,
             mem: RwLock::new(Some(mem)),
             exported: Mutex::new(HashMap::new()),
@@ -108,6 +116,19 @@ impl Region {
     pub fn pages(&self) -> u64 {
         self.pages
     }
+    /// How the guest storage is backed (real pages, or state words only).
+    pub fn mode(&self) -> MemoryMode {
+        self.mode
+    }
+
+    /// Pages whose bytes may be non-zero: in a state-only region the pages that hold data
+    /// (the ones backed by host memory), in a real region every present page.
+    pub fn data_pages(&self) -> Result<u64, CoreError> {
+        if self.mode == MemoryMode::Real {
+            return self.present_pages();
+        }
+        self.with_mem(|mem| mem.data_page_count())
+    }
 
     pub fn is_released(&self) -> bool {
         rlock(&self.mem).is_none()
@@ -122,10 +143,21 @@ impl Region {
         }
     }
 
-    /// Unmap. Pages still secure stop counting for their owners.
+    /// Unmap (the zap of every present PTE at mm teardown; charged as one kernel walk). Pages
+    /// still secure stop counting for their owners.
     pub(crate) fn release(&self) {
+        let _timed = self.core.timed(true);
         let mut guard = wlock(&self.mem);
         let Some(mem) = guard.take() else { return };
+        let present: u64 = mem
+            .summaries()
+            .iter()
+            .map(|s| u64::from(summary_counts(s.load(Ordering::Relaxed)).0))
+            .sum();
+        self.core.charge(|a| {
+            a.charge_walk();
+            a.charge_ptes(present);
+        });
         let tables = rlock(&self.core.tables);
         let metas = mem.metas();
         for (chunk, sum) in mem.summaries().iter().enumerate() {
@@ -246,10 +278,13 @@ impl Region {
         {
             return 0;
         }
-        // Populating never changes contents, so it may run without page locks.
-        let populated = mem
-            .data()
-            .populate_write(lo as usize * PAGE_SIZE, (hi - lo) as usize * PAGE_SIZE);
+        // Populating never changes contents, so it may run without page locks. A state-only
+        // region backs no page until it holds data: first touch only marks it present.
+        let state_only = mem.state_only();
+        let populated = state_only
+            || mem
+                .data()
+                .populate_write(lo as usize * PAGE_SIZE, (hi - lo) as usize * PAGE_SIZE);
         let mut n = 0;
         for idx in lo..hi {
             let m = &metas[idx as usize];
@@ -272,6 +307,7 @@ impl Region {
                 mem.unlock(m, old);
             }
         }
+        self.core.charge(|a| a.charge_faulted(n));
         n
     }
 
@@ -281,6 +317,8 @@ impl Region {
         if size == 0 {
             return Ok(0);
         }
+        // Up to 1 MiB the elapsed time is the CPU time (no pool, no sleep) and cheaper to read.
+        let _timed = self.core.timed(size > crate::MIB);
         let lo = offset / PAGE_SIZE as u64;
         let hi = (offset + size).div_ceil(PAGE_SIZE as u64);
         self.with_mem(|mem| self.touch_pages(mem, lo, hi))
@@ -304,12 +342,15 @@ impl Region {
         (!ok).then_some((state, owner))
     }
 
+    /// Run `f(page pointer, done, n, holds_data)` for each page piece of `[offset, offset+len)`
+    /// with the page locked, after the access rules of `as_config` allowed it. `f` returns
+    /// whether it wrote the page (a state-only region then records that the page holds data).
     fn access(
         &self,
         offset: u64,
         len: u64,
         as_config: u64,
-        mut f: impl FnMut(*mut u8, usize, usize),
+        mut f: impl FnMut(*mut u8, usize, usize, bool) -> bool,
     ) -> Result<(), CoreError> {
         self.check_range(offset, len)?;
         if as_config != 0 && rlock(&self.core.tables).live(as_config).is_none() {
@@ -321,6 +362,7 @@ impl Region {
         if len == 0 {
             return Ok(());
         }
+        let _timed = self.core.timed(len > crate::MIB);
         self.with_mem(|mem| {
             let first = offset / PAGE_SIZE as u64;
             let last = (offset + len).div_ceil(PAGE_SIZE as u64);
@@ -345,7 +387,9 @@ impl Region {
                 let n = (end - start) as usize;
                 // SAFETY: start < PAGE_SIZE, so the pointer stays inside page idx of the mapping.
                 let p = unsafe { mem.page_ptr(idx).add(start as usize) };
-                f(p, done, n);
+                if f(p, done, n, mem.has_data(idx)) {
+                    mem.mark_data(idx);
+                }
                 done += n;
                 mem.unlock(m, s);
             }
@@ -362,6 +406,12 @@ impl Region {
     pub fn bench_zero_all(&self, nontemporal: bool, parallel: bool) -> Result<(), CoreError> {
         let guard = wlock(&self.mem);
         let mem = guard.as_ref().ok_or(CoreError::RegionReleased(self.id))?;
+        if mem.state_only() {
+            return Err(invalid(
+                "region",
+                "a state-only region has no guest memory to zero",
+            ));
+        }
         let base = mem.page_ptr(0) as usize;
         let piece = crate::memory::CHUNK_PAGES as usize * PAGE_SIZE;
         let len = self.pages as usize * PAGE_SIZE;
@@ -399,20 +449,25 @@ impl Region {
             ));
         }
         let mut out = vec![0u8; size as usize];
-        self.access(offset, size, as_config, |p, at, n| {
-            // SAFETY: p points to n readable bytes inside a page whose lock we hold; the
-            // destination range at..at+n lies inside `out` (the pieces add up to `size`).
-            unsafe { std::ptr::copy_nonoverlapping(p, out.as_mut_ptr().add(at), n) };
+        self.access(offset, size, as_config, |p, at, n, holds_data| {
+            // A page without data reads as zeroes, which `out` already holds.
+            if holds_data {
+                // SAFETY: p points to n readable bytes inside a page whose lock we hold; the
+                // destination range at..at+n lies inside `out` (the pieces add up to `size`).
+                unsafe { std::ptr::copy_nonoverlapping(p, out.as_mut_ptr().add(at), n) };
+            }
+            false
         })?;
         Ok(out)
     }
 
     /// Write with the access rules of `as_config` (0 = host).
     pub fn write(&self, offset: u64, data: &[u8], as_config: u64) -> Result<(), CoreError> {
-        self.access(offset, data.len() as u64, as_config, |p, at, n| {
+        self.access(offset, data.len() as u64, as_config, |p, at, n, _| {
             // SAFETY: p points to n writable bytes inside a page whose lock we hold; the source
             // range at..at+n lies inside `data`.
             unsafe { std::ptr::copy_nonoverlapping(data.as_ptr().add(at), p, n) };
+            true
         })
     }
 }

@@ -4,10 +4,11 @@
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 
+use crate::account::{self, Account, Binding, CostTable};
 use crate::config::{mix64, random_u64, Config, Tables};
 use crate::error::CoreError;
 use crate::image;
-use crate::memory::rlock;
+use crate::memory::{rlock, wlock};
 use crate::uvc::{Injections, Stats, Uvc, UvcStatus};
 use crate::{MIB, PAGE_SIZE};
 
@@ -188,7 +189,16 @@ pub(crate) struct Core {
     /// Bumped whenever a configuration is retired (its id may be reused): a cache of id ->
     /// configuration (the walks keep one) is valid only while this is unchanged.
     pub(crate) retire_epoch: AtomicU64,
+    /// Unique id of this UV (accounts name the UV they count for).
+    pub(crate) id: u64,
+    /// The cost table new accounts are charged with.
+    costs: RwLock<Arc<CostTable>>,
+    /// Where work goes that no account of this UV is bound for (raw calls from a thread that
+    /// never entered the emulated kernel).
+    unattributed: RwLock<Arc<Account>>,
 }
+
+static NEXT_CORE: AtomicU64 = AtomicU64::new(1);
 
 /// What a UVC returns, and what it returns when an injected failure stops it before it runs.
 pub(crate) trait UvcReply {
@@ -233,6 +243,9 @@ impl Core {
         };
         let pool = build_pool(threads, "pvfast-uv")?;
         let info = UvInfo::new(&opts);
+        let id = NEXT_CORE.fetch_add(1, Ordering::Relaxed);
+        let costs = Arc::new(CostTable::default());
+        let unattributed = Arc::new(Account::new(id, Arc::clone(&costs), 0));
         Ok(Core {
             initialised: AtomicBool::new(opts.initialised),
             opts,
@@ -249,7 +262,71 @@ impl Core {
             cpu_seq: AtomicU64::new(0),
             config_seq: AtomicU64::new(1),
             retire_epoch: AtomicU64::new(0),
+            id,
+            costs: RwLock::new(costs),
+            unattributed: RwLock::new(unattributed),
         })
+    }
+
+    // ---------------------------------------------------------------- accounting
+
+    /// Charge the calling thread's bound accounts of this UV (or, if no thread account of
+    /// this UV is bound, the unattributed account).
+    #[inline]
+    pub(crate) fn charge(&self, f: impl Fn(&Account)) {
+        if !account::enabled() {
+            return;
+        }
+        if !account::with_bound(self.id, &f) {
+            f(&rlock(&self.unattributed));
+        }
+    }
+
+    /// A new account charged with the current cost table, its clock at `start_ps`.
+    pub(crate) fn new_account(&self, start_ps: u64) -> Arc<Account> {
+        Arc::new(Account::new(
+            self.id,
+            Arc::clone(&rlock(&self.costs)),
+            start_ps,
+        ))
+    }
+
+    /// Replace the cost table for accounts made from now on (and a fresh unattributed account).
+    pub(crate) fn set_costs(&self, costs: CostTable) {
+        let costs = Arc::new(costs);
+        *wlock(&self.unattributed) = Arc::new(Account::new(self.id, Arc::clone(&costs), 0));
+        *wlock(&self.costs) = costs;
+    }
+
+    pub(crate) fn costs(&self) -> Arc<CostTable> {
+        Arc::clone(&rlock(&self.costs))
+    }
+
+    pub(crate) fn unattributed(&self) -> Arc<Account> {
+        Arc::clone(&rlock(&self.unattributed))
+    }
+
+    /// Time the calling thread's work on this UV until the guard drops (only the outermost
+    /// scope of a thread measures). `cpu_clock`: thread CPU time (work that can run long or
+    /// wait for workers) rather than elapsed time (O(1) work that never sleeps).
+    #[inline]
+    pub(crate) fn timed(&self, cpu_clock: bool) -> TimedScope<'_> {
+        TimedScope {
+            core: self,
+            timer: account::scope_enter(cpu_clock),
+        }
+    }
+
+    /// Begin a stretch of worker tasks of a walk that `binding` issued (rayon's
+    /// `for_each_init` makes one per split of the work): the tasks' UV work and thread CPU
+    /// time count for the issuing thread's accounts.
+    #[inline]
+    pub(crate) fn tasks<'a>(&'a self, binding: &'a Binding) -> TaskStretch<'a> {
+        TaskStretch {
+            core: self,
+            binding,
+            stretch: account::WorkerStretch::enter(binding),
+        }
     }
 
     /// The prologue of every single UVC: count one execution of `uvc`, then take the injected
@@ -275,6 +352,7 @@ impl Core {
     #[inline]
     pub(crate) fn begin_header(&self, uvc: Uvc) -> Option<UvcStatus> {
         self.stats.add(uvc, 1);
+        self.charge(|a| a.charge_uvc(uvc, 1));
         self.inject.take(uvc)
     }
 
@@ -295,6 +373,8 @@ impl Core {
     /// whatever its outcome, and an injected failure changes nothing.
     #[inline]
     pub(crate) fn execute<T: UvcReply>(&self, uvc: Uvc, body: impl FnOnce() -> T) -> T {
+        // Destroy Config and Set Unshare All walk on the pool: time those on the CPU clock.
+        let _timed = self.timed(matches!(uvc, Uvc::DestroySecConf | Uvc::SetUnshareAll));
         match self.begin(uvc) {
             Some(failure) => T::injected(failure),
             None => body(),
@@ -307,6 +387,7 @@ impl Core {
     #[inline]
     pub(crate) fn count_batch(&self, uvc: Uvc, n: u64) {
         self.stats.add(uvc, n);
+        self.charge(|a| a.charge_uvc(uvc, n));
     }
 
     /// The pool for background (interruptible) walks, built on first use.
@@ -354,6 +435,40 @@ impl Core {
                 return h;
             }
             attempt += 1;
+        }
+    }
+}
+
+/// A timed scope of `Core::timed`: charges the measured ns to the bound accounts on drop.
+pub(crate) struct TimedScope<'a> {
+    core: &'a Core,
+    timer: account::Timer,
+}
+
+impl Drop for TimedScope<'_> {
+    fn drop(&mut self) {
+        if let Some(ns) = account::scope_leave(self.timer) {
+            self.core.charge(|a| a.charge_cpu(ns, false));
+        }
+    }
+}
+
+/// A stretch of worker tasks (`Core::tasks`): charges its CPU time to the issuing thread's
+/// accounts when it ends.
+pub(crate) struct TaskStretch<'a> {
+    core: &'a Core,
+    binding: &'a Binding,
+    stretch: Option<account::WorkerStretch>,
+}
+
+impl Drop for TaskStretch<'_> {
+    fn drop(&mut self) {
+        if let Some(stretch) = self.stretch.take() {
+            let ns = stretch.leave();
+            let charge = |a: &Account| a.charge_cpu(ns, true);
+            if !account::with_bound_in(self.binding, self.core.id, &charge) {
+                charge(&self.core.unattributed());
+            }
         }
     }
 }

@@ -5,11 +5,12 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use crate::account::{Account, CostTable};
 pub use crate::config::TableSizes;
 use crate::config::{Config, Cpu, CFG_DESTROYED, CFG_FAST_DESTROYED};
 use crate::error::{invalid, CoreError};
 use crate::image;
-use crate::memory::{mlock, rlock, wlock};
+use crate::memory::{mlock, rlock, wlock, MemoryMode};
 use crate::pages::{OwnerOp, PageCtx};
 use crate::region::{classify, PageState, Region};
 use crate::state::Core;
@@ -153,9 +154,40 @@ impl Ultravisor {
         self.core.inject.clear();
     }
 
+    // ---------------------------------------------------------------- accounting
+
+    /// A new account of this UV (charged with the current cost table), its clock at `start_ps`.
+    /// Bind it with `account::bind` to have a thread's UV work counted in it.
+    pub fn new_account(&self, start_ps: u64) -> Arc<Account> {
+        self.core.new_account(start_ps)
+    }
+
+    /// The cost table accounts made from now on are charged with.
+    pub fn set_costs(&self, costs: CostTable) {
+        self.core.set_costs(costs);
+    }
+
+    pub fn costs(&self) -> Arc<CostTable> {
+        self.core.costs()
+    }
+
+    /// The account of work no bound account of this UV claimed.
+    pub fn unattributed(&self) -> Arc<Account> {
+        self.core.unattributed()
+    }
+
     // ---------------------------------------------------------------- regions
 
     pub fn create_region(&self, size: u64) -> Result<Arc<Region>, CoreError> {
+        self.create_region_mode(size, MemoryMode::Real)
+    }
+
+    /// A region whose storage is backed as `mode` says (see `MemoryMode`).
+    pub fn create_region_mode(
+        &self,
+        size: u64,
+        mode: MemoryMode,
+    ) -> Result<Arc<Region>, CoreError> {
         if size == 0 || !size.is_multiple_of(PAGE_SIZE as u64) {
             return Err(invalid(
                 "size",
@@ -177,7 +209,7 @@ impl Ultravisor {
             base
         };
         let id = self.next_region_id.fetch_add(1, Ordering::Relaxed);
-        let region = Arc::new(Region::new(id, base, size, Arc::clone(&self.core))?);
+        let region = Arc::new(Region::new(id, base, size, Arc::clone(&self.core), mode)?);
         wlock(&self.regions).insert(base, Arc::clone(&region));
         Ok(region)
     }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
+use crate::account;
 use crate::config::Config;
 use crate::error::CoreError;
 use crate::memory::{ps, summary_counts, RegionMem, CHUNK_PAGES, SUM_SECURE_ONE};
@@ -163,9 +164,10 @@ fn destroy_batch(
         locked[n] = (idx, s);
         n += 1;
     }
+    // We hold every page lock; each idx is a page of this mapping (batch built from its
+    // range). A state-only region writes only the pages that hold data.
     for &(idx, _) in &locked[..n] {
-        // SAFETY: we hold the page lock; idx is a page of this mapping (batch built from its range).
-        unsafe { zero_page_nt(mem.page_ptr(idx)) };
+        mem.clear_page_nt(idx);
     }
     store_fence();
     for &(idx, s) in &locked[..n] {
@@ -173,6 +175,7 @@ fn destroy_batch(
         mem.unlock(&metas[idx as usize], ps::make(ps::NONSECURE, 0));
     }
     tally.flush(core, mem, chunk);
+    core.charge(|a| a.charge_zeroed(n as u64));
     n as u64
 }
 
@@ -297,6 +300,68 @@ impl WalkShared<'_> {
         (done as u64, destroyed, resume)
     }
 
+    /// `walk_secure_chunk` of a state-only region: one pass, one page at a time (lock with a
+    /// CAS, clear the data of a page that holds some with plain stores, publish), since there
+    /// are no streaming stores to keep apart from the locked RMWs. The cancel flag is read
+    /// after every BATCH_PAGES present pages, as in the real walk.
+    fn walk_secure_chunk_state(
+        &self,
+        chunk: u64,
+        lo: u64,
+        hi: u64,
+        tally: &mut OwnerTally,
+    ) -> (u64, u64, Option<u64>) {
+        let metas = self.mem.metas();
+        let any_data = self.mem.chunk_has_data(chunk);
+        let check_cancel = self.cancel.is_some();
+        let (mut visited, mut destroyed, mut in_batch) = (0u64, 0u64, 0usize);
+        let mut stop = None;
+        for idx in lo..hi {
+            let m = &metas[idx as usize];
+            let mut s = m.load(Ordering::Relaxed);
+            if s & ps::PRESENT == 0 {
+                continue;
+            }
+            if check_cancel && in_batch == BATCH_PAGES {
+                in_batch = 0;
+                if self.cancelled() {
+                    stop = Some(idx);
+                    break;
+                }
+            }
+            in_batch += 1;
+            visited += 1;
+            if !ps::is_secure(s) && s & ps::BUSY == 0 {
+                continue; // non-secure: the UVC is a no-op
+            }
+            if !(ps::is_secure(s) && self.mem.try_lock_from(m, s)) {
+                s = self.mem.lock(m);
+                if !ps::is_secure(s) {
+                    self.mem.unlock(m, s);
+                    continue;
+                }
+            }
+            if tally
+                .config(self.core, ps::owner(s))
+                .is_some_and(|c| c.refuses_destroy())
+            {
+                self.mem.unlock(m, s);
+                continue;
+            }
+            if any_data {
+                self.mem.clear_data_page(idx);
+            }
+            tally.dec(ps::owner(s));
+            self.mem.unlock(m, ps::make(ps::NONSECURE, 0));
+            destroyed += 1;
+        }
+        if stop.is_none() && check_cancel && in_batch != 0 && self.cancelled() {
+            stop = Some(hi);
+        }
+        tally.flush(self.core, self.mem, chunk);
+        (visited, destroyed, stop)
+    }
+
     /// The first `max` present pages of `[lo, hi)`: how many, and the page after the last one.
     fn first_present(&self, lo: u64, hi: u64, max: u64) -> (u64, u64) {
         let metas = self.mem.metas();
@@ -351,6 +416,7 @@ impl WalkShared<'_> {
                     let (n, next) = self.first_present(chunk_lo, chunk_hi, BATCH_PAGES as u64);
                     self.visited.fetch_add(n, Ordering::Relaxed);
                     self.core.count_batch(Uvc::DestrSecStor, n);
+                    self.core.charge(|a| a.charge_ptes(n));
                     if n != 0 {
                         self.stop_at(next);
                         return false;
@@ -359,14 +425,23 @@ impl WalkShared<'_> {
                     let n = self.count_present(chunk_lo, chunk_hi, word);
                     self.visited.fetch_add(n, Ordering::Relaxed);
                     self.core.count_batch(Uvc::DestrSecStor, n);
+                    self.core.charge(|a| a.charge_ptes(n));
                     if n != 0 && self.cancelled() {
                         self.stop_at(chunk_hi);
                         return false;
                     }
                 }
             } else if present != 0 && !injecting {
-                let (n, d, stop) = self.walk_secure_chunk(chunk, chunk_lo, chunk_hi, &mut tally);
+                let (n, d, stop) = if self.mem.state_only() {
+                    self.walk_secure_chunk_state(chunk, chunk_lo, chunk_hi, &mut tally)
+                } else {
+                    self.walk_secure_chunk(chunk, chunk_lo, chunk_hi, &mut tally)
+                };
                 self.core.count_batch(Uvc::DestrSecStor, n);
+                self.core.charge(|a| {
+                    a.charge_ptes(n);
+                    a.charge_zeroed(d);
+                });
                 self.visited.fetch_add(n, Ordering::Relaxed);
                 self.destroyed.fetch_add(d, Ordering::Relaxed);
                 if let Some(resume) = stop {
@@ -387,6 +462,7 @@ impl WalkShared<'_> {
                     if len == BATCH_PAGES || (idx == chunk_hi && len != 0) {
                         let b = &batch[..len];
                         let d = self.slow_batch(b);
+                        self.core.charge(|a| a.charge_ptes(len as u64));
                         self.visited.fetch_add(len as u64, Ordering::Relaxed);
                         self.destroyed.fetch_add(d, Ordering::Relaxed);
                         len = 0;
@@ -435,6 +511,9 @@ pub(crate) fn destroy_range(
 ) -> Result<WalkResult, CoreError> {
     let end = end.unwrap_or(region.pages).min(region.pages);
     let start = start.min(end);
+    let _timed = core.timed(true);
+    core.charge(|a| a.charge_walk());
+    let binding = account::current();
     // Interruptible (PERFORM) walks get their own workers, so foreground UV work of other
     // threads never queues behind them; a walk of one task's size runs on the caller.
     let inline = end - start <= TASK_CHUNKS * CHUNK_PAGES;
@@ -457,14 +536,17 @@ pub(crate) fn destroy_range(
             resume: AtomicU64::new(end),
         };
         let body = || {
-            task_ranges(start, end).for_each(|(lo, hi)| {
-                if w.cancelled() && w.interrupted.load(Ordering::Relaxed) {
-                    // Another worker already stopped; do not start new work.
-                    w.stop_at(lo);
-                    return;
-                }
-                w.walk_range(lo, hi);
-            });
+            task_ranges(start, end).for_each_init(
+                || core.tasks(&binding),
+                |_, (lo, hi)| {
+                    if w.cancelled() && w.interrupted.load(Ordering::Relaxed) {
+                        // Another worker already stopped; do not start new work.
+                        w.stop_at(lo);
+                        return;
+                    }
+                    w.walk_range(lo, hi);
+                },
+            );
         };
         match pool {
             Some(pool) => pool.install(body),
@@ -493,16 +575,20 @@ fn for_chunks(
 ) {
     let pages = mem.pages();
     let sums = mem.summaries();
+    let binding = account::current();
     core.pool.install(|| {
-        task_ranges(0, pages).for_each(|(lo, hi)| {
-            let mut c = lo / CHUNK_PAGES;
-            while c * CHUNK_PAGES < hi {
-                if want(sums[c as usize].load(Ordering::Acquire)) {
-                    f(c, c * CHUNK_PAGES, ((c + 1) * CHUNK_PAGES).min(pages));
+        task_ranges(0, pages).for_each_init(
+            || core.tasks(&binding),
+            |_, (lo, hi)| {
+                let mut c = lo / CHUNK_PAGES;
+                while c * CHUNK_PAGES < hi {
+                    if want(sums[c as usize].load(Ordering::Acquire)) {
+                        f(c, c * CHUNK_PAGES, ((c + 1) * CHUNK_PAGES).min(pages));
+                    }
+                    c += 1;
                 }
-                c += 1;
-            }
-        })
+            },
+        )
     });
 }
 
@@ -524,7 +610,7 @@ pub(crate) fn clean_config(core: &Core, region: &Region, id: u32) {
                     len += 1;
                 }
             }
-            destroy_batch(
+            let n = destroy_batch(
                 core,
                 mem,
                 chunk,
@@ -533,15 +619,18 @@ pub(crate) fn clean_config(core: &Core, region: &Region, id: u32) {
                 &mut tally,
                 None,
             );
+            core.charge(|a| a.charge_uv_pages(Uvc::DestroySecConf, n));
         });
     });
 }
 
 /// Set Unshare All: every SHARED page of config `id` becomes SECURE (pins dropped).
 pub(crate) fn unshare_config(core: &Core, region: &Region, id: u32) {
+    let _timed = core.timed(true);
     let _ = region.with_mem(|mem| {
         let metas = mem.metas();
         for_secure_chunks(core, mem, |_, lo, hi| {
+            let mut n = 0;
             for m in &metas[lo as usize..hi as usize] {
                 let s = m.load(Ordering::Relaxed);
                 if !(ps::kind(s) == ps::SHARED && ps::owner(s) == id) && s & ps::BUSY == 0 {
@@ -550,10 +639,12 @@ pub(crate) fn unshare_config(core: &Core, region: &Region, id: u32) {
                 let s = mem.lock(m);
                 if ps::kind(s) == ps::SHARED && ps::owner(s) == id {
                     mem.unlock(m, ps::make(ps::SECURE, id));
+                    n += 1;
                 } else {
                     mem.unlock(m, s);
                 }
             }
+            core.charge(|a| a.charge_uv_pages(Uvc::SetUnshareAll, n));
         });
     });
 }
@@ -567,6 +658,9 @@ pub(crate) fn for_secure_pages(
     hi: u64,
     f: impl Fn(&PageCtx<'_>, u64) -> (u64, u64) + Sync,
 ) -> Result<(u64, u64), CoreError> {
+    // A few pages (a host access) run inline and never sleep: elapsed time, cheaper to read.
+    let _timed = core.timed(hi.saturating_sub(lo) * crate::PAGE_SIZE as u64 > crate::MIB);
+    let binding = account::current();
     region.with_mem(|mem| {
         let a = AtomicU64::new(0);
         let b = AtomicU64::new(0);
@@ -594,8 +688,10 @@ pub(crate) fn for_secure_pages(
             // One task's worth (a host write of a few pages): on the caller's thread.
             run(lo, hi);
         } else {
-            core.pool
-                .install(|| task_ranges(lo, hi).for_each(|(tlo, thi)| run(tlo, thi)));
+            core.pool.install(|| {
+                task_ranges(lo, hi)
+                    .for_each_init(|| core.tasks(&binding), |_, (tlo, thi)| run(tlo, thi))
+            });
         }
         (a.into_inner(), b.into_inner())
     })
@@ -611,6 +707,7 @@ pub(crate) fn mm_teardown(
     region: &Region,
     all_present: bool,
 ) -> Result<(u64, u64), CoreError> {
+    let _timed = core.timed(true);
     region.with_mem(|mem| {
         let destroyed = AtomicU64::new(0);
         let exported = AtomicU64::new(0);

@@ -13,6 +13,7 @@ use pyo3::exceptions::{
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyInt};
 
+mod account;
 mod image;
 mod results;
 
@@ -173,6 +174,16 @@ impl Region {
 
     fn present_pages(&self, py: Python<'_>) -> R<u64> {
         Ok(py.detach(|| self.inner.present_pages())?)
+    }
+
+    /// "real" or "state" (see Ultravisor.create_region).
+    #[getter]
+    fn guest_memory(&self) -> &'static str {
+        self.inner.mode().name()
+    }
+
+    fn data_pages(&self, py: Python<'_>) -> R<u64> {
+        Ok(py.detach(|| self.inner.data_pages())?)
     }
 
     fn page_state(&self, #[pyo3(from_py_with = a_index)] index: u64) -> R<PageInfo> {
@@ -390,9 +401,67 @@ impl Ultravisor {
         self.inner.clear_failures();
     }
 
-    fn create_region(&self, py: Python<'_>, #[pyo3(from_py_with = a_size)] size: u64) -> R<Region> {
-        let inner = py.detach(|| self.inner.create_region(size))?;
+    #[pyo3(signature = (size, *, guest_memory = "real"))]
+    fn create_region(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = a_size)] size: u64,
+        guest_memory: &str,
+    ) -> PyResult<Region> {
+        let mode = core_::MemoryMode::from_name(guest_memory).ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "guest_memory: expected 'real' or 'state', got {guest_memory:?}"
+            ))
+        })?;
+        let inner = py
+            .detach(|| self.inner.create_region_mode(size, mode))
+            .map_err(Error)?;
         Ok(Region { inner })
+    }
+
+    // ---- accounting
+    /// A new account of this UV, its modelled clock at `start_ps`.
+    #[pyo3(signature = (start_ps = 0))]
+    fn new_account(&self, start_ps: u64) -> account::Account {
+        account::Account {
+            inner: self.inner.new_account(start_ps),
+        }
+    }
+
+    /// The account of UV work that no bound account of this UV claimed.
+    fn unattributed(&self) -> account::Account {
+        account::Account {
+            inner: self.inner.unattributed(),
+        }
+    }
+
+    /// The cost table (ps per unit) accounts made from now on are charged with.
+    #[pyo3(signature = (*, uvc_fixed, uvc_per_page, pte, zero_page, fault_page))]
+    fn set_costs(
+        &self,
+        uvc_fixed: Vec<u64>,
+        uvc_per_page: Vec<u64>,
+        pte: u64,
+        zero_page: u64,
+        fault_page: u64,
+    ) -> PyResult<()> {
+        let n = core_::Uvc::ALL.len();
+        let table = |name: &str, v: Vec<u64>| -> PyResult<[u64; core_::uvc::NUM_UVCS]> {
+            v.try_into().map_err(|v: Vec<u64>| {
+                PyValueError::new_err(format!(
+                    "{name}: expected {n} values (one per UVC_NAMES entry), got {}",
+                    v.len()
+                ))
+            })
+        };
+        self.inner.set_costs(core_::CostTable {
+            uvc_fixed: table("uvc_fixed", uvc_fixed)?,
+            uvc_per_page: table("uvc_per_page", uvc_per_page)?,
+            pte,
+            zero_page,
+            fault_page,
+        });
+        Ok(())
     }
 
     fn release_region(&self, py: Python<'_>, region: PyRef<'_, Region>) -> R<()> {
@@ -705,5 +774,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Ultravisor>()?;
     image::register(m)?;
     results::register(m)?;
+    account::register(m)?;
     Ok(())
 }

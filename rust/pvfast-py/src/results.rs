@@ -50,6 +50,16 @@ impl FieldRepr for Vec<u8> {
     }
 }
 
+impl FieldRepr for Vec<u64> {
+    fn field_repr(&self) -> String {
+        format!(
+            "<{} counters, {} in all>",
+            self.len(),
+            self.iter().sum::<u64>()
+        )
+    }
+}
+
 impl FieldRepr for Vec<Vec<u8>> {
     fn field_repr(&self) -> String {
         let items: Vec<String> = self.iter().map(FieldRepr::field_repr).collect();
@@ -71,6 +81,8 @@ macro_rules! result_class {
         #[pymethods]
         impl $name {
             #[new]
+            // One argument per field, in field order: the constructor mirrors the class.
+            #[allow(clippy::too_many_arguments)]
             fn new($($field: $ty),+) -> Self {
                 $name { $($field),+ }
             }
@@ -162,6 +174,15 @@ result_class! {
 }
 
 result_class! {
+    /// `Account.snapshot()`: the counters of one account. `uvcs` and `uv_pages` are indexed
+    /// like `UVC_NAMES`; times are integers (CPU ns, modelled ps).
+    AccountSnapshot {
+        uvcs: Vec<u64>, uv_pages: Vec<u64>, ptes: u64, zeroed: u64, faulted: u64, walks: u64,
+        tasks: u64, cpu_ns: u64, worker_cpu_ns: u64, work_ps: u64, clock_ps: u64
+    }
+}
+
+result_class! {
     /// `image_seal`: the SE header and the encrypted components, padded to whole pages.
     SealedImage { header: Vec<u8>, components: Vec<Vec<u8>> }
 }
@@ -246,6 +267,24 @@ impl From<core_::TeardownResult> for TeardownResult {
     }
 }
 
+impl From<core_::AccountSnapshot> for AccountSnapshot {
+    fn from(s: core_::AccountSnapshot) -> Self {
+        AccountSnapshot {
+            uvcs: s.uvcs.to_vec(),
+            uv_pages: s.uv_pages.to_vec(),
+            ptes: s.ptes,
+            zeroed: s.zeroed,
+            faulted: s.faulted,
+            walks: s.walks,
+            tasks: s.tasks,
+            cpu_ns: s.cpu_ns,
+            worker_cpu_ns: s.worker_cpu_ns,
+            work_ps: s.work_ps,
+            clock_ps: s.clock_ps,
+        }
+    }
+}
+
 impl From<core_::UnpackResult> for UnpackResult {
     fn from(u: core_::UnpackResult) -> Self {
         UnpackResult {
@@ -269,5 +308,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<UnpackResult>()?;
     m.add_class::<PageInfo>()?;
     m.add_class::<SealedImage>()?;
+    m.add_class::<AccountSnapshot>()?;
     Ok(())
 }
