@@ -120,11 +120,11 @@ class ComparedModel(pm.Model):
     export-before-import when §6 says so, then import (which the UV allows only with MISC).
     """
 
-    def guest_access(self, vm_id, page, n=1, write=True):
+    def guest_access(self, vm_id, page, n=1, write=True, vcpu=0):
         vm = self._open_vm(vm_id)
         self._check_range(vm, page, n)
-        if not self._guest_protected(vm):
-            return super().guest_access(vm_id, page, n, write)
+        if not self._guest_protected(vm, vcpu):
+            return super().guest_access(vm_id, page, n, write, vcpu)
         for p in range(page, page + n):
             key = (vm.id, p)
             vm.mm.present.add(key)
@@ -738,20 +738,35 @@ class PvMachine(RuleBasedStateMachine):
         off=st.integers(0, 40),
         n=st.integers(1, 40),
         write=st.booleans(),
+        cpu=st.integers(0, 3),
     )
-    def guest_access(self, i: int, where: str, off: int, n: int, write: bool) -> None:
+    def guest_access(self, i: int, where: str, off: int, n: int, write: bool, cpu: int) -> None:
         assert self.model is not None
         v = self._pick(self._accessible(), i)
         if self._fault_injections_pending():
             n = 1  # pvfast goes on after a failed page, the model stops (D5; harness H3)
         page, n = self._range(v, where, off, n)
+        cpu = self._pick_vcpu(v, cpu)
         try:
-            v.vm.guest_access(page * PAGE, n * PAGE, write=write)
+            v.vm.guest_access(page * PAGE, n * PAGE, write=write, vcpu=cpu)
             got = 0
         except (PvError, UvcError) as err:
             got = err.errno or -1
-        want = self.model.guest_access(v.vid, page, n, write)
+        except ValueError:
+            got = None  # no such vCPU: no guest runs there
+        try:
+            want = self.model.guest_access(v.vid, page, n, write, vcpu=cpu)
+        except ValueError:
+            want = None
+        if got is None or want is None:
+            assert got is None, got
+            assert want is None, want
+            return
         assert bool(got) == bool(want), (got, want)  # errno compared only as failed/not (D5)
+
+    def _pick_vcpu(self, v: VmPair, cpu: int) -> int:
+        """A vCPU index: mostly one the VM has (0 if it has none, which both sides refuse)."""
+        return cpu % v.vm.vcpus if v.vm.vcpus and cpu < 3 else cpu
 
     @precondition(lambda self: bool(self._accessible()))
     @rule(
@@ -759,19 +774,24 @@ class PvMachine(RuleBasedStateMachine):
         where=st.sampled_from(["low", "edge", "high"]),
         off=st.integers(0, 40),
         n=st.integers(1, 8),
+        cpu=st.integers(0, 3),
     )
-    def guest_share(self, i: int, where: str, off: int, n: int) -> None:
+    def guest_share(self, i: int, where: str, off: int, n: int, cpu: int) -> None:
         assert self.model is not None
         v = self._pick(self._accessible(), i)
         if self._fault_injections_pending():
             n = 1  # (D5; harness H3)
         page, n = self._range(v, where, off, n)
+        cpu = self._pick_vcpu(v, cpu)
         try:
-            v.vm.guest_share(page * PAGE, n * PAGE)
+            v.vm.guest_share(page * PAGE, n * PAGE, vcpu=cpu)
             got = 0
         except (PvError, UvcError, ValueError):
             got = 1
-        want = self.model.guest_share(v.vid, page, n)
+        try:
+            want = self.model.guest_share(v.vid, page, n, vcpu=cpu)
+        except ValueError:
+            want = 1
         assert bool(got) == bool(want), (got, want)
 
     @precondition(has_open_vm)

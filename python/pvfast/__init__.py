@@ -7,7 +7,7 @@ public names; the layers below it import one way: constants/errors -> host -> gm
 
 from __future__ import annotations
 
-from . import _native
+from . import _native, racepoints
 from ._version import __version__
 from .constants import (
     KVM_CAP_S390_PROTECTED,
@@ -38,6 +38,7 @@ from .errors import PvError, UvcError
 from .host import Host, UltravisorView
 from .kvm import PvResult, PvState, Vm
 from .mm import AddressSpace, Process
+from .racepoints import RacePoint, RaceTimeout
 
 build_profile: str = _native.build_profile
 
@@ -70,10 +71,13 @@ __all__ = [
     "PvInfoId",
     "PvResult",
     "PvState",
+    "RacePoint",
+    "RaceTimeout",
     "UltravisorView",
     "Uvc",
     "UvcError",
     "Vm",
     "__version__",
     "build_profile",
+    "racepoints",
 ]

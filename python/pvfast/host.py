@@ -33,6 +33,7 @@ from .constants import (
     Uvc,
     test_bit_inv,
 )
+from .racepoints import RacePoint, RacePoints
 
 if TYPE_CHECKING:
     from .kvm import Vm
@@ -193,6 +194,7 @@ class Host:
         self._alloc_failures = 0
         self.processes: list[Process] = []
         self.ledger: dict[int, LeakEntry] = {}
+        self.race = RacePoints()
         object.__setattr__(self, "_frozen", True)
         _hosts.add(self)
 
@@ -249,6 +251,41 @@ class Host:
         if cap == Cap.S390_PROTECTED_ASYNC_DISABLE:
             return int(bool(self.async_destroy) and self.prot_virt)
         return 0
+
+    # -- deterministic interleaving --
+    def race_point(
+        self,
+        name: str,
+        *,
+        vm: object | None = None,
+        process: object | None = None,
+        pause: bool = True,
+        count: int | None = 1,
+        timeout: float = 10.0,
+        action: Callable[[dict[str, Any]], object] | None = None,
+        raises: type[BaseException] | BaseException | None = None,
+    ) -> RacePoint:
+        """Arm the race point ``name`` (``pvfast.racepoints.POINTS`` lists them and where they are).
+
+        A thread of this host that reaches it (only for that ``vm`` / ``process`` if given)
+        pauses there, holding what the kernel holds at that place, until ``release()``; the
+        first ``count`` hits pause (None: all), later ones pass. ``pause=False`` only records
+        hits. ``action(context)`` runs in that thread when it goes on; ``raises`` makes it raise
+        that exception there (e.g. KeyboardInterrupt, to replay a Ctrl-C at that point).
+        ``wait()`` returns the next hit's context. Every wait gives up after ``timeout``
+        seconds with ``RaceTimeout`` (a paused thread that is never released goes on by itself
+        and the point's ``close()`` / ``with`` exit raises it). Use as a context manager::
+
+            with host.race_point("perform_claimed", vm=vm) as point:
+                t = threading.Thread(target=vm.pv_command, args=(PvCmd.ASYNC_CLEANUP_PERFORM,))
+                t.start()
+                point.wait()      # PERFORM holds the record and has not walked yet
+                ...               # whatever must happen in that window
+                point.release()
+            t.join()
+        """
+        match = {k: v for k, v in (("vm", vm), ("process", process)) if v is not None}
+        return self.race.arm(name, pause=pause, count=count, timeout=timeout, action=action, raises=raises, **match)
 
     # -- processes --
     def spawn_process(self, name: str = "qemu") -> Process:

@@ -330,67 +330,113 @@ class Vm(File):
         last = (start + length - 1) // PAGE_SIZE
         return first, last - first + 1
 
-    def _secure_handle(self) -> int:
-        """The configuration the guest runs as, 0 if it runs as a normal guest: it runs protected
-        only on vCPUs with a secure CPU (sdf 2); after a failed PREPARE the configuration still
-        exists but the vCPUs run non-protected."""
-        handle = self.pv.handle
-        return handle if handle and any(v.pv_handle for v in self.vcpu_list) else 0
+    # A guest touches memory only while one of its vCPUs runs (KVM_RUN), and the run loop holds
+    # that vCPU's mutex; kvm_s390_cpus_from_pv takes each vcpu->mutex before destroying the
+    # secure CPU. So a guest-side call runs on a vCPU (``vcpu=``, default 0) and holds its mutex
+    # for its whole duration: no teardown path can destroy the secure CPU, and with it the
+    # configuration the access runs as, while the access is in progress.
 
-    def _guest_fault(self, first: int, npages: int) -> int:
-        return guest_fault(self.gmap, first, npages, secure_handle=self._secure_handle())
+    def _vcpu(self, vcpu: object) -> Vcpu:
+        index = check_int("vcpu", vcpu, bits=16)
+        vcpus = self.vcpu_list
+        if index < len(vcpus):
+            return vcpus[index]
+        if not vcpus:
+            raise ValueError("vcpu: the VM has no vCPU, and a guest runs only on a vCPU (KVM_RUN)")
+        raise ValueError(f"vcpu: no vCPU {index} (the VM has {len(vcpus)})")
 
-    def guest_access(self, gaddr: int, size: int = PAGE_SIZE, *, write: bool = True) -> None:
-        """The running guest touches [gaddr, gaddr+size) (faults resolved as the kernel does)."""
+    def _run(self, run: Vcpu) -> int:
+        """Enter KVM_RUN on ``run`` (the caller holds the file): take vcpu->mutex and return the
+        configuration the guest runs as on it, 0 if it runs as a normal guest. A vCPU runs
+        protected only with a secure CPU (sdf 2): after a PREPARE or DISABLE that destroyed the
+        CPUs, the configuration may still exist but the guest runs non-protected."""
+        run.mutex.acquire()
+        handle = self.pv.handle if run.pv_handle else 0
+        race = self.host.race
+        if race.armed:
+            try:
+                race.hit("guest_access", vm=self, process=self.process, vcpu=run.id, handle=handle)
+            except BaseException:
+                run.mutex.release()
+                raise
+        return handle
+
+    def guest_access(self, gaddr: int, size: int = PAGE_SIZE, *, write: bool = True, vcpu: int = 0) -> None:
+        """The guest, running on ``vcpu``, touches [gaddr, gaddr+size) (faults resolved as the
+        kernel does). A VM without vCPUs has no running guest: ValueError naming ``vcpu``."""
         first, npages = self._page_range(gaddr, size)
-        self.process.fdget(self)
+        proc = self.process
+        proc.fdget(self)
         try:
-            self._guest_fault(first, npages)
+            run = self._vcpu(vcpu)
+            handle = self._run(run)
+            try:
+                guest_fault(self.gmap, first, npages, secure_handle=handle)
+            finally:
+                run.mutex.release()
         finally:
-            self.process.fdput(self)
+            proc.fdput(self)
 
-    def guest_write(self, gaddr: int, data: bytes) -> None:
-        """The guest writes its own memory (plaintext in its view)."""
+    def guest_write(self, gaddr: int, data: bytes, *, vcpu: int = 0) -> None:
+        """The guest, running on ``vcpu``, writes its own memory (plaintext in its view)."""
         payload = check_bytes("data", data)
         first, npages = self._page_range(gaddr, len(payload))
-        self.process.fdget(self)
+        proc = self.process
+        proc.fdget(self)
         try:
-            access_with_faults(
-                lambda: self._guest_fault(first, npages),
-                lambda view: self.region.write(gaddr, payload, as_config=view),
-                "guest_write",
-            )
+            run = self._vcpu(vcpu)
+            handle = self._run(run)
+            try:
+                access_with_faults(
+                    lambda: guest_fault(self.gmap, first, npages, secure_handle=handle),
+                    lambda view: self.region.write(gaddr, payload, as_config=view),
+                    "guest_write",
+                )
+            finally:
+                run.mutex.release()
         finally:
-            self.process.fdput(self)
+            proc.fdput(self)
 
-    def guest_read(self, gaddr: int, size: int) -> bytes:
-        """The guest reads its own memory (plaintext in its view)."""
+    def guest_read(self, gaddr: int, size: int, *, vcpu: int = 0) -> bytes:
+        """The guest, running on ``vcpu``, reads its own memory (plaintext in its view)."""
         first, npages = self._page_range(gaddr, size)
-        self.process.fdget(self)
+        proc = self.process
+        proc.fdget(self)
         try:
-            return access_with_faults(
-                lambda: self._guest_fault(first, npages),
-                lambda view: self.region.read(gaddr, size, as_config=view),
-                "guest_read",
-            )
+            run = self._vcpu(vcpu)
+            handle = self._run(run)
+            try:
+                return access_with_faults(
+                    lambda: guest_fault(self.gmap, first, npages, secure_handle=handle),
+                    lambda view: self.region.read(gaddr, size, as_config=view),
+                    "guest_read",
+                )
+            finally:
+                run.mutex.release()
         finally:
-            self.process.fdput(self)
+            proc.fdput(self)
 
-    def guest_share(self, gaddr: int, size: int = PAGE_SIZE) -> None:
-        """The protected guest makes pages shared (SET_SHARED_ACCESS, guest-side UVC 0x1000)."""
+    def guest_share(self, gaddr: int, size: int = PAGE_SIZE, *, vcpu: int = 0) -> None:
+        """The protected guest, running on ``vcpu``, makes pages shared (SET_SHARED_ACCESS,
+        guest-side UVC 0x1000). ValueError if the guest does not run protected on that vCPU."""
         first, npages = self._page_range(gaddr, size)
-        self.process.fdget(self)
+        proc = self.process
+        proc.fdget(self)
         try:
-            handle = self._secure_handle()
-            if not handle:
-                raise ValueError("guest_share: the guest is not protected")
-            guest_fault(self.gmap, first, npages, secure_handle=handle)
-            for page in range(first, first + npages):
-                res = self.uv.set_shared_access(handle, page * PAGE_SIZE)
-                if res.cc:
-                    raise UvcError(EIO, f"SET_SHARED_ACCESS at {page * PAGE_SIZE:#x}", res.rc, res.rrc)
+            run = self._vcpu(vcpu)
+            handle = self._run(run)
+            try:
+                if not handle:
+                    raise ValueError("guest_share: the guest is not protected")
+                guest_fault(self.gmap, first, npages, secure_handle=handle)
+                for page in range(first, first + npages):
+                    res = self.uv.set_shared_access(handle, page * PAGE_SIZE)
+                    if res.cc:
+                        raise UvcError(EIO, f"SET_SHARED_ACCESS at {page * PAGE_SIZE:#x}", res.rc, res.rrc)
+            finally:
+                run.mutex.release()
         finally:
-            self.process.fdput(self)
+            proc.fdput(self)
 
     def host_read(self, gaddr: int, size: int) -> bytes:
         """The VMM reads guest memory: secure pages are pinned (shared) or exported first."""

@@ -145,6 +145,9 @@ class AddressSpace:
             subscriptions, self._notifiers = self._notifiers, []
         for subscription in subscriptions:
             subscription.release(self)
+        race = self.host.race
+        if race.armed:
+            race.hit("mm_teardown", mm=self)
         destroyed = exported = 0
         if self.is_protected():
             for region in self.regions:

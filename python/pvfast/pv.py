@@ -341,6 +341,9 @@ def deinit_aside_vm(vm: Vm, rc: UvRc) -> int:
     ret = 0
     try:
         vm.perform_started.set()
+        race = vm.host.race
+        if race.armed:
+            race.hit("perform_claimed", vm=vm, process=vm.process)
         finished = vm.mm.destroy_range(vm.process.fatal_signal)
         if finished:
             if dispose_one_leftover(vm, rec, rc):

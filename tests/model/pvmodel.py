@@ -800,8 +800,15 @@ class Model:
                 return ret
         return 0
 
-    def _guest_protected(self, vm):
-        return any(vcpu.handle for vcpu in vm.vcpus)
+    def _guest_protected(self, vm, vcpu=0):
+        """The guest runs protected on ``vcpu`` iff that vCPU has a secure CPU (sdf 2)."""
+        return bool(self._vcpu(vm, vcpu).handle)
+
+    def _vcpu(self, vm, vcpu):
+        """A guest runs only on a vCPU (KVM_RUN, which holds vcpu->mutex for the access)."""
+        if not 0 <= vcpu < len(vm.vcpus):
+            raise ValueError(f"vcpu: no vCPU {vcpu} (the VM has {len(vm.vcpus)})")
+        return vm.vcpus[vcpu]
 
     # ---- gmap table helpers (§4.6) ----
     def _unlist_old_asce(self, vm):
@@ -1249,11 +1256,12 @@ class Model:
                 return EFAULT
         return 0
 
-    def guest_access(self, vm_id, page, n=1, write=True):
-        """The running guest touches pages ``page .. page+n-1``.  Returns 0 or an errno."""
+    def guest_access(self, vm_id, page, n=1, write=True, vcpu=0):
+        """The guest running on ``vcpu`` touches pages ``page .. page+n-1``.  Returns 0 or an
+        errno; ValueError if the VM has no such vCPU."""
         vm = self._open_vm(vm_id)
         self._check_range(vm, page, n)
-        protected = self._guest_protected(vm)
+        protected = self._guest_protected(vm, vcpu)
         for p in range(page, page + n):
             key = (vm.id, p)
             vm.mm.present.add(key)
@@ -1278,14 +1286,14 @@ class Model:
                 return EINVAL
         return 0
 
-    def guest_share(self, vm_id, page, n=1):
-        """The protected guest makes pages shared (guest-side SET_SHARED_ACCESS per page)."""
+    def guest_share(self, vm_id, page, n=1, vcpu=0):
+        """The guest protected on ``vcpu`` makes pages shared (guest-side SET_SHARED_ACCESS per page)."""
         vm = self._open_vm(vm_id)
         self._check_range(vm, page, n)
-        if not self._guest_protected(vm):
+        if not self._guest_protected(vm, vcpu):
             return EINVAL
         for p in range(page, page + n):
-            ret = self.guest_access(vm_id, p, 1)
+            ret = self.guest_access(vm_id, p, 1, vcpu=vcpu)
             if ret:
                 return ret
             cc, _, _, _ = self.uv.set_shared(vm.handle, (vm.id, p))

@@ -946,7 +946,10 @@ class ModelMachine(RuleBasedStateMachine):
         page = min(page, self.pages - 2)
         n = data.draw(st.integers(1, 2))
         kind = data.draw(st.sampled_from(["guest", "host", "share", "unpack"]))
-        if kind == "guest":
+        if kind in ("guest", "share") and not self.model.vms[self.vm].vcpus:
+            with pytest.raises(ValueError, match="vcpu"):  # a guest runs only on a vCPU
+                self.model.guest_access(self.vm, page, n)
+        elif kind == "guest":
             self.model.guest_access(self.vm, page, n)
         elif kind == "host":
             self.model.host_access(self.vm, page, n)
