@@ -160,7 +160,9 @@ def test_reboot_async_json():
     assert "error" not in r["perform"]  # rc 0 with Destroy-Fast (nothing left to destroy), 1 without
     assert r["secure_pages_before"] >= SMALL_PAGES
     assert r["secure_pages_left"] == 0
-    assert r["secure_pages_now"] > 0  # the rebooted guest's image is secure again
+    # the rebooted guest's image is secure again, unless the newest kernels' PERFORM, which walks
+    # the same gmap, exported it meanwhile (the guest imports it back when it touches it)
+    assert r["secure_pages_now"] > 0 or r["uvcs"].get("CONV_FROM_SEC_STOR", 0) > 0
     assert r["uvcs"]["DESTR_SEC_STOR"] >= SMALL_PAGES
     assert r["uvcs_unprotect"].get("DESTROY_SEC_CONF_FAST") == 1
     assert "DESTR_SEC_STOR" not in r["uvcs_unprotect"] or r["uvcs_unprotect"]["DESTR_SEC_STOR"] < SMALL_PAGES

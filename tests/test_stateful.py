@@ -143,21 +143,6 @@ class ComparedModel(pm.Model):
                 return pm.EINVAL
         return 0
 
-    def _make_secure(self, vm, page, name, out):
-        """D9 (VERIFICATION.md): UNPACK of a page that is not present yet. pvfast follows the spec's
-        reading of rc 0x010a (§1.2, §3.4): export-before-import (when due), UNPACK_IMG answers 0x010a,
-        the kernel faults the page in, and the page is tried again (export + unpack once more). The
-        model faults the page in first and issues one export + one unpack."""
-        key = (vm.id, page)
-        if name == "UNPACK_IMG" and key not in vm.mm.present:
-            if self._should_export_before_import(vm.mm):
-                self.uv.export_page(key, "ebi")
-            cc, rc, rrc, _ = self.uv._call(name, key, lambda: (1, 0x010A, 0, 0))
-            out.set(rc, rrc)
-            if cc and rc != 0x010A:
-                return pm.EINVAL  # an injected failure ends the UNPACK
-        return super()._make_secure(vm, page, name, out)
-
     def exit(self, pid):
         """M4 (VERIFICATION.md): a VM whose fd was closed while its PERFORM ran is released by the
         PERFORM thread itself when the fatal signal ends the ioctl: the deferred fput runs as task
@@ -169,18 +154,6 @@ class ComparedModel(pm.Model):
                 if token.vm.pid == pid:
                     self.perform_finish(token_id, interrupted=True, batches=0)
         return super().exit(pid)
-
-    def _cpus_from_pv(self, vm, out):
-        """M1 (VERIFICATION.md): kvm_s390_cpus_from_pv passes the caller's rc/rrc pointers to every
-        per-CPU destroy until the first failure (then dummies), so a successful CPU destroy leaves
-        rc 0x0001 behind. The model writes rc/rrc only on failure; pvfast follows the kernel."""
-        ret = 0
-        for vcpu in vm.vcpus:
-            target = out if not ret else pm.Cmd()
-            if self._destroy_cpu(vm, vcpu, target) and not ret:
-                ret = pm.EIO
-        vm.gisa_disabled = False
-        return ret
 
 
 def pv_call(vm: pvfast.Vm, cmd: int, rc: int = 0, rrc: int = 0, **data: Any) -> tuple[int, int, int]:
@@ -257,17 +230,33 @@ class PvMachine(RuleBasedStateMachine):
         size=st.sampled_from([3 * GiB, 3 * GiB, 3 * GiB, 2 * GiB, 2 * GiB + MiB]),
         vcpus=st.integers(1, 2),
         failures=st.booleans(),
+        kernel=st.sampled_from(pm.KERNELS),
     )
     def boot(
-        self, async_destroy: int, destroy_fast: bool, misc: bool, aiv: bool, size: int, vcpus: int, failures: bool
+        self,
+        async_destroy: int,
+        destroy_fast: bool,
+        misc: bool,
+        aiv: bool,
+        size: int,
+        vcpus: int,
+        failures: bool,
+        kernel: str,
     ) -> None:
         self.failures = failures  # half of the runs inject no failure at all (invariant 13 at the end)
         # walk_threads=1: the walk visits pages in the model's order (matters for DESTR injections)
         self.host = pvfast.Host(
-            async_destroy=async_destroy, destroy_fast=destroy_fast, feature_misc=misc, feature_aiv=aiv, walk_threads=1
+            kernel=kernel,
+            async_destroy=async_destroy,
+            destroy_fast=destroy_fast,
+            feature_misc=misc,
+            feature_aiv=aiv,
+            walk_threads=1,
         )
+        assert self.host.kernel == kernel
         info = self.host.uv.info()
         self.model = ComparedModel(
+            kernel=kernel,
             async_destroy=async_destroy,
             destroy_fast=destroy_fast,
             feature_misc=misc,
@@ -361,10 +350,10 @@ class PvMachine(RuleBasedStateMachine):
         self.patched_mms.add(id(mm))
         real = mm.destroy_range
 
-        def destroy_range(cancel: Any) -> bool:
+        def destroy_range(cancel: Any, *args: Any, **kwargs: Any) -> bool:
             gate = self.gate_by_thread.get(threading.get_ident())
             if gate is None or cancel is None:
-                return real(cancel)
+                return real(cancel, *args, **kwargs)
             gate.entered.set()
             while not gate.release.wait(0.0005):
                 if cancel.is_set():
@@ -377,7 +366,7 @@ class PvMachine(RuleBasedStateMachine):
                         if other.seq < gate.seq and other.pair.proc is gate.pair.proc and other.thread is not None:
                             other.thread.join(JOIN_TIMEOUT)
                     return False
-            return real(cancel)
+            return real(cancel, *args, **kwargs)
 
         mm.destroy_range = destroy_range
 
@@ -554,6 +543,7 @@ class PvMachine(RuleBasedStateMachine):
             and v.vm.asce_type == "segment"
             and before.protected
             and not self.injected
+            and self.host.profile.segment_asce_refused
         ):
             assert got[0] == errno.EINVAL  # invariant 7 (Δ6.4)
         if cmd in (PvCmd.ASYNC_CLEANUP_PREPARE, PvCmd.ASYNC_CLEANUP_PERFORM) and not self.host.async_destroy:
@@ -927,6 +917,7 @@ class PvMachine(RuleBasedStateMachine):
                 assert s.handle == self._real(ms["handle"])
                 assert [bool(h) for h in s.vcpu_handles] == ms["vcpu_protected"]
                 assert s.service_irq_masked == ms["service_irq_masked"]
+                assert s.gisa_enabled == ms["gisa_enabled"]
                 assert s.user_cpu_state_ctrl == ms["user_cpu_state_ctrl"]
                 self._check_pvfast_structure(v, s)
             if mvm.mm.alive:
@@ -1058,13 +1049,13 @@ def _hold_perform(mm: Any) -> tuple[threading.Event, threading.Event]:
     entered, release = threading.Event(), threading.Event()
     real = mm.destroy_range
 
-    def destroy_range(cancel: Any) -> bool:
+    def destroy_range(cancel: Any, *args: Any, **kwargs: Any) -> bool:
         if cancel is not None and not entered.is_set():
             entered.set()
             while not release.wait(0.001):
                 if cancel.is_set():
                     break
-        return real(cancel)
+        return real(cancel, *args, **kwargs)
 
     mm.destroy_range = destroy_range
     return entered, release

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypedDict
 
-from . import _native
+from . import _native, profiles
 from ._util import check_bool, check_int
 from .constants import (
     BIT_UV_FEAT_AIV,
@@ -42,6 +42,16 @@ if TYPE_CHECKING:
 _SYSFS_ASYNC_DESTROY = "/sys/module/kvm/parameters/async_destroy"
 
 log = logging.getLogger("pvfast.host")
+
+
+class KernelReport(TypedDict):
+    """A report the emulated kernel printed with a stack trace: ``kind`` is "oops" (the kernel
+    crashed in that task, e.g. an operation exception) or "kasan" (a memory-safety violation
+    KASAN reports), ``function`` where, ``message`` what."""
+
+    kind: str
+    function: str
+    message: str
 
 
 class LeakEntry(TypedDict):
@@ -131,11 +141,16 @@ class UltravisorView:
 
 
 class Host:
-    """One booted machine: a kvm module loaded with ``async_destroy`` and a UV with its features."""
+    """One booted machine: a kernel of profile ``kernel`` (``pvfast.profiles.PROFILES``; the
+    newest by default) with the kvm module loaded with ``async_destroy``, and a UV with its
+    features. ``uv_facility=False`` is a machine without the Ultravisor-call facility (then
+    ``prot_virt`` must be False): a UVC the kernel issues there is an operation exception, which
+    the emulated kernel reports as an oops (``oopses()``)."""
 
     def __init__(
         self,
         *,
+        kernel: str = profiles.DEFAULT,
         async_destroy: int = 1,
         prot_virt: bool = True,
         destroy_fast: bool = True,
@@ -143,8 +158,10 @@ class Host:
         feature_aiv: bool = True,
         dump: bool = True,
         use_gisa: bool = True,
+        uv_facility: bool = True,
         walk_threads: int = 0,
     ) -> None:
+        profile = profiles.profile(kernel)
         if isinstance(async_destroy, bool):
             async_destroy = int(async_destroy)
         check_int("async_destroy", async_destroy, bits=32, signed=True)
@@ -155,8 +172,11 @@ class Host:
             ("feature_aiv", feature_aiv),
             ("dump", dump),
             ("use_gisa", use_gisa),
+            ("uv_facility", uv_facility),
         ):
             check_bool(name, value)
+        if prot_virt and not uv_facility:
+            raise ValueError("uv_facility: a host without the Ultravisor facility cannot boot with prot_virt")
         check_int("walk_threads", walk_threads, bits=16)
         native = _native.Ultravisor(
             destroy_fast=bool(destroy_fast),
@@ -166,6 +186,9 @@ class Host:
             threads=walk_threads,
         )
         object.__setattr__(self, "_frozen", False)
+        self.profile = profile
+        self.kernel = profile.name
+        self.uv_facility = bool(uv_facility)
         self.uv = UltravisorView(native)
         self._params: Mapping[str, int] = MappingProxyType({"async_destroy": int(async_destroy)})
         self.async_destroy = int(async_destroy)
@@ -195,6 +218,8 @@ class Host:
         self.processes: list[Process] = []
         self.ledger: dict[int, LeakEntry] = {}
         self.race = RacePoints()
+        self._reports: list[KernelReport] = []
+        self._warned: set[str] = set()
         object.__setattr__(self, "_frozen", True)
         _hosts.add(self)
 
@@ -209,7 +234,7 @@ class Host:
         raise PermissionError("kvm module parameters are 0444: set them when creating the Host")
 
     def __setattr__(self, name: str, value: object) -> None:
-        if name in ("async_destroy", "prot_virt") and getattr(self, "_frozen", False):
+        if name in ("async_destroy", "prot_virt", "kernel", "profile") and getattr(self, "_frozen", False):
             raise PermissionError(f"{name} is a load-time setting of the emulated host")
         object.__setattr__(self, name, value)
 
@@ -251,6 +276,28 @@ class Host:
         if cap == Cap.S390_PROTECTED_ASYNC_DISABLE:
             return int(bool(self.async_destroy) and self.prot_virt)
         return 0
+
+    # -- what the kernel prints with a stack trace --
+    def report(self, kind: str, function: str, message: str) -> None:
+        """The emulated kernel hit an oops or a KASAN report (logged at ERROR on pvfast.host)."""
+        with self._lock:
+            self._reports.append(KernelReport(kind=kind, function=function, message=message))
+        label = "BUG: KASAN" if kind == "kasan" else "Oops"
+        log.error("%s in %s: %s (kernel %s)", label, function, message, self.kernel)
+
+    def oopses(self) -> list[KernelReport]:
+        """Every oops and KASAN report of this host so far (a real kernel would have crashed the
+        task, or printed a memory-corruption report); empty on a healthy run."""
+        with self._lock:
+            return list(self._reports)
+
+    def warn_once(self, site: str, message: str) -> None:
+        """WARN_ONCE at ``site`` (a kernel function): logged at WARNING the first time only."""
+        with self._lock:
+            if site in self._warned:
+                return
+            self._warned.add(site)
+        log.warning("WARNING: at %s: %s", site, message)
 
     # -- deterministic interleaving --
     def race_point(
@@ -333,6 +380,11 @@ class Host:
             self._next_kaddr += max(size, PAGE_SIZE) + PAGE_SIZE  # a guard page between allocations
             self._kmem[addr] = (kind, size)
             return addr
+
+    def allocated(self, addr: int) -> bool:
+        """Whether ``addr`` is a live kernel allocation (not freed yet)."""
+        with self._lock:
+            return addr in self._kmem
 
     def kfree(self, addr: int) -> None:
         if addr:

@@ -42,6 +42,7 @@ from .constants import (
     PV_INFO_HEADER_LEN,
     PV_INFO_VM_LEN,
     SEC_PARMS_MAX_LEN,
+    SZ_1M,
     Cap,
     PvCmd,
     PvDumpSubcmd,
@@ -148,6 +149,7 @@ class PvState:
     asce: int
     mm_users: int
     leaks: tuple[dict[str, Any], ...] = field(default=(), repr=False)
+    gisa_enabled: bool = True
 
 
 class Vcpu:
@@ -273,6 +275,7 @@ class Vm(File):
             asce=self.gmap.asce,
             mm_users=self.mm.users,
             leaks=leaks,
+            gisa_enabled=self.gisa_enabled,
         )
 
     # -- KVM_S390_PV_COMMAND --
@@ -361,6 +364,13 @@ class Vm(File):
                 raise
         return handle
 
+    def _fault(self, first: int, npages: int, handle: int) -> int:
+        """The guest running as ``handle`` touches pages (fault.guest_fault). Up to the gmap
+        rewrite the non-secure-storage handler imports with gmap->guest_handle, which every
+        configuration-destroy attempt zeroes; the newest kernels use kvm->arch.pv.handle."""
+        imports = handle if self.host.profile.no_guest_handle or not handle else self.gmap.guest_handle
+        return guest_fault(self.gmap, first, npages, secure_handle=handle, import_handle=imports)
+
     def guest_access(self, gaddr: int, size: int = PAGE_SIZE, *, write: bool = True, vcpu: int = 0) -> None:
         """The guest, running on ``vcpu``, touches [gaddr, gaddr+size) (faults resolved as the
         kernel does). A VM without vCPUs has no running guest: ValueError naming ``vcpu``."""
@@ -371,7 +381,7 @@ class Vm(File):
             run = self._vcpu(vcpu)
             handle = self._run(run)
             try:
-                guest_fault(self.gmap, first, npages, secure_handle=handle)
+                self._fault(first, npages, handle)
             finally:
                 run.mutex.release()
         finally:
@@ -388,7 +398,7 @@ class Vm(File):
             handle = self._run(run)
             try:
                 access_with_faults(
-                    lambda: guest_fault(self.gmap, first, npages, secure_handle=handle),
+                    lambda: self._fault(first, npages, handle),
                     lambda view: self.region.write(gaddr, payload, as_config=view),
                     "guest_write",
                 )
@@ -407,7 +417,7 @@ class Vm(File):
             handle = self._run(run)
             try:
                 return access_with_faults(
-                    lambda: guest_fault(self.gmap, first, npages, secure_handle=handle),
+                    lambda: self._fault(first, npages, handle),
                     lambda view: self.region.read(gaddr, size, as_config=view),
                     "guest_read",
                 )
@@ -428,7 +438,7 @@ class Vm(File):
             try:
                 if not handle:
                     raise ValueError("guest_share: the guest is not protected")
-                guest_fault(self.gmap, first, npages, secure_handle=handle)
+                self._fault(first, npages, handle)
                 for page in range(first, first + npages):
                     res = self.uv.set_shared_access(handle, page * PAGE_SIZE)
                     if res.cc:
@@ -479,13 +489,13 @@ class Vm(File):
         self._destroyed = True
         self.closed = True
         rc = UvRc()
-        for vcpu in self.vcpu_list:
-            if vcpu.pv_handle:
-                _pv.destroy_cpu(self, vcpu, rc)
-            else:
-                self.host.kfree(vcpu.sida)
+        for vcpu in self.vcpu_list:  # kvm_arch_vcpu_destroy: no vcpu->mutex, nothing runs any more
+            _pv.destroy_cpu(self, vcpu, rc)
         self.vcpu_list = []
         self.host.kfree(self.sca)
+        race = self.host.race
+        if race.armed:
+            race.hit("vm_destroy_vcpus_gone", vm=self, process=self.process)
         _pv.deinit_cleanup_all(self, rc)
         notifier = self.pv.mmu_notifier
         if notifier is not None:
@@ -536,7 +546,11 @@ def handle_pv_enable(vm: Vm, rc: UvRc, data: dict[str, Any], out: list[Any]) -> 
     """KVM_PV_ENABLE: create the configuration, then a secure CPU for every vCPU."""
     if vm.pv.handle:
         return -EINVAL
-    # extended SCA and KSM-off are host-side steps without failure modes here
+    race = vm.host.race
+    if race.armed:
+        race.hit("enable_start", vm=vm, process=vm.process)
+    # the prelude (extended SCA and KSM off; in the newest kernels adapters unmapped, THP and
+    # COW sharing off) has no state pvfast models
     r = _pv.init_vm(vm, rc)
     if r:
         return r
@@ -579,14 +593,15 @@ def handle_pv_async_cleanup_perform(vm: Vm, rc: UvRc, data: dict[str, Any], out:
 
 
 def handle_pv_set_sec_parms(vm: Vm, rc: UvRc, data: dict[str, Any], out: list[Any]) -> int:
-    """KVM_PV_SET_SEC_PARMS: copy the SE header in and hand it to the UV (0x0300)."""
+    """KVM_PV_SET_SEC_PARMS: copy the SE header in and hand it to the UV (0x0300). Headers up to
+    8 KiB (PAGE_SIZE * 2); the newest kernels take up to 1 MiB."""
     if not vm.pv.handle:
         return -EINVAL
     if "header" not in data:
         return -EFAULT
     header = check_bytes("header", data["header"])
     length = check_int("length", data.get("length", len(header)))
-    if length > SEC_PARMS_MAX_LEN:
+    if length > (SZ_1M if vm.host.profile.se_header_1m else SEC_PARMS_MAX_LEN):
         return -EINVAL
     if length == 0:
         return -ENOMEM  # vmalloc(0) returns NULL
@@ -685,21 +700,9 @@ def pv_dmp(vm: Vm, rc: UvRc, data: dict[str, Any], out: list[Any]) -> int:
         vm.pv.dumping = True
         return 0
     if subcmd == PvDumpSubcmd.CONFIG_STOR_STATE:
-        chunk = ui["conf_dump_storage_state_len"]
-        if not vm.pv.dumping or gaddr % HPAGE_SIZE or not buff_len or buff_len % chunk:
-            return -EINVAL
-        buf = bytearray()
-        for _ in range(buff_len // chunk):
-            dump = vm.uv.dump_conf_stor_state(handle, gaddr)
-            rc.set(dump.rc, dump.rrc)
-            if dump.cc:
-                out[0] = bytes(buf)  # what was copied before the failure stays in the user buffer
-                return -EINVAL
-            buf += dump.data
-            gaddr += HPAGE_SIZE
-        out[0] = bytes(buf)
-        out[1] = gaddr
-        return 0
+        if not vm.pv.dumping:
+            return -EINVAL  # kvm_s390_pv_dmp: rc/rrc untouched
+        return dump_stor_state(vm, rc, buff_len, gaddr, out)
     if subcmd == PvDumpSubcmd.COMPLETE:
         if not vm.pv.dumping or buff_len < ui["conf_dump_finalize_len"]:
             return -EINVAL
@@ -714,6 +717,36 @@ def pv_dmp(vm: Vm, rc: UvRc, data: dict[str, Any], out: list[Any]) -> int:
         out[0] = dump.data
         return 0
     return -ENOTTY
+
+
+def dump_stor_state(vm: Vm, rc: UvRc, buff_len: int, gaddr: int, out: list[Any]) -> int:
+    """kvm_s390_pv_dump_stor_state: one UVC 0x0401 per 1 MiB of guest memory into a kernel buffer
+    of min(buff_len, 1 MiB); the buffer goes to the user each time it is full and at the end.
+    Every error leaves through the exit that copies the UVC header, so an argument error (gaddr
+    not 1 MiB aligned, buff_len 0 or not a multiple of the per-MiB length) or -ENOMEM gives
+    rc = rrc = 0, a UVC failure that UVC's rc/rrc; output since the last flush is lost then."""
+    chunk = vm.host.uv_info["conf_dump_storage_state_len"]
+    if gaddr % HPAGE_SIZE or not buff_len or buff_len % chunk:
+        rc.set(0, 0)
+        return -EINVAL
+    kbuf_len = min(buff_len, HPAGE_SIZE)
+    copied = bytearray()  # what reached the user buffer
+    kbuf = bytearray()
+    for _ in range(buff_len // chunk):
+        dump = vm.uv.dump_conf_stor_state(vm.pv.handle, gaddr)
+        rc.set(dump.rc, dump.rrc)
+        if dump.cc:
+            out[0] = bytes(copied)
+            return -EINVAL
+        kbuf += dump.data
+        gaddr += HPAGE_SIZE
+        if len(kbuf) >= kbuf_len:
+            copied += kbuf
+            kbuf.clear()
+    copied += kbuf
+    out[0] = bytes(copied)
+    out[1] = gaddr
+    return 0
 
 
 def _handle_pv_unknown(vm: Vm, rc: UvRc, data: dict[str, Any], out: list[Any]) -> int:

@@ -24,11 +24,17 @@ from typing import TYPE_CHECKING
 from . import _native
 from ._util import check_int
 from .constants import SZ_1M
+from .errors import EINTR
 from .host import register_copy_process
 
 if TYPE_CHECKING:
+    from .gmap import Gmap
     from .host import Host
     from .kvm import Vm
+
+# Pages per step of the stepped walk: one summary chunk (2 MiB), so each native call runs on the
+# calling thread and does at most one batch.
+_STEP_PAGES = 512
 
 # Signals whose default action does not end the process (ignore, stop, continue): not fatal.
 _NOT_FATAL = frozenset(
@@ -56,12 +62,15 @@ def register_kvm_create_vm(create: Callable[[Process, int, int], Vm]) -> None:
 
 class MmuNotifier:
     """struct mmu_notifier with its one op: ``release(mm)`` runs once, when the last user of the mm
-    goes (exit_mmap) or when the subscription is unregistered while the mm still lives."""
+    goes (exit_mmap) or when the subscription is unregistered while the mm still lives.
+    ``grabbed``: registration succeeded and took its mm_count reference (mmgrab), which
+    unregistering drops again (mmdrop)."""
 
-    __slots__ = ("release",)
+    __slots__ = ("grabbed", "release")
 
     def __init__(self, release: Callable[[AddressSpace], None]) -> None:
         self.release = release
+        self.grabbed = False
 
 
 class AddressSpace:
@@ -75,6 +84,7 @@ class AddressSpace:
         self.users = 1
         self.regions: list[_native.Region] = []
         self._notifiers: list[MmuNotifier] = []
+        self.gmaps: list[Gmap] = []  # the guest address spaces of this mm (gmap_create .. gmap_remove)
         self.dead = False
         self.teardown_stats: dict[str, int] = {}
 
@@ -106,19 +116,37 @@ class AddressSpace:
         return region
 
     # -- mmu notifiers --
-    def mmu_notifier_register(self, subscription: MmuNotifier) -> None:
+    def mmu_notifier_register(self, subscription: MmuNotifier, *, signal_pending: bool = False) -> int:
+        """__mmu_notifier_register: mm_take_all_locks first, which gives up with -EINTR when the
+        registering task has a signal pending; on success mmgrab and link. Returns 0 or -errno."""
+        if signal_pending:
+            return -EINTR
         with self._lock:
             self._notifiers.append(subscription)
+            subscription.grabbed = True
+        return 0
 
     def mmu_notifier_unregister(self, subscription: MmuNotifier) -> None:
-        """Unregister; a subscription still registered on a live mm gets its release call now."""
+        """Unregister; a subscription still registered on a live mm gets its release call now.
+        The mm_count reference registration took is dropped whatever happened: for a
+        subscription that was never registered that mmdrop has no mmgrab to match, and the mm is
+        freed while it is still in use (the bug "Fix incorrect usage of mmu_notifier_register()"
+        fixed, KASAN's use-after-free)."""
         with self._lock:
             registered = subscription in self._notifiers
             if registered:
                 self._notifiers.remove(subscription)
             live = not self.dead
+            grabbed, subscription.grabbed = subscription.grabbed, False
         if registered and live:
             subscription.release(self)
+        if not grabbed:
+            self.host.report(
+                "kasan",
+                "mmu_notifier_unregister",
+                "mmdrop of a subscription that was never registered: mm_count drops below its users "
+                "and the mm_struct is freed while still in use (use-after-free)",
+            )
 
     # -- mm_users --
     def mmget(self) -> None:
@@ -140,7 +168,10 @@ class AddressSpace:
             self.exit_mmap()
 
     def exit_mmap(self) -> None:
-        """Last user gone: every notifier's release, then page-table teardown."""
+        """Last user gone: every notifier's release, then page-table teardown: while the mm is
+        protected (protected_count != 0) each present PTE gets a destroy-page UVC, an export if
+        that fails (ptep_get_and_clear_full); then the page tables are freed, which unlinks
+        them from every gmap still attached (host_to_guest)."""
         with self._lock:
             subscriptions, self._notifiers = self._notifiers, []
         for subscription in subscriptions:
@@ -150,22 +181,71 @@ class AddressSpace:
             race.hit("mm_teardown", mm=self)
         destroyed = exported = 0
         if self.is_protected():
-            for region in self.regions:
-                res = self.uv.mm_teardown(region, all_present=True)  # one UVC per present PTE
-                destroyed += res.destroyed
-                exported += res.exported
+            if not self.host.uv_facility:
+                # The UVC instruction does not exist on this machine: operation exception in
+                # kernel mode. The exiting task dies; the page teardown goes on without UVCs.
+                self.host.report(
+                    "oops",
+                    "uv_destroy_owned_page",
+                    "operation exception: UVC 0x0202 (destroy secure storage) issued by "
+                    "ptep_get_and_clear_full on a machine without the Ultravisor facility "
+                    f"(protected_count {self.protected_count})",
+                )
+            else:
+                for region in self.regions:
+                    res = self.uv.mm_teardown(region, all_present=True)  # one UVC per present PTE
+                    destroyed += res.destroyed
+                    exported += res.exported
+        for gmap in list(self.gmaps):
+            gmap.unlink_host_mappings("exit_mmap")
         for region in self.regions:
             self.uv.release_region(region)
         self.regions.clear()
         self.teardown_stats = {"destroyed": destroyed, "exported": exported}
         self.dead = True
 
-    def destroy_range(self, cancel: _native.CancelToken | None) -> bool:
-        """s390_uv_destroy_range over the whole address space. Returns False if interrupted."""
-        for region in list(self.regions):
-            if self.uv.destroy_walk(region, 0, None, cancel).interrupted:
+    def destroy_range(
+        self,
+        cancel: _native.CancelToken | None,
+        region: _native.Region | None = None,
+        *,
+        export_refused: bool = False,
+    ) -> bool:
+        """__s390_uv_destroy_range: a destroy-page UVC on every present page of the whole address
+        space (``region=None``, the walk up to the gmap rewrite) or of one VM's memory
+        (``region``, gmap_pv_destroy_range); ``export_refused``: a refused destroy is followed by
+        an export. With ``cancel`` the walk is interruptible (PERFORM): it tests the fatal
+        signal after every batch. Returns False if interrupted."""
+        regions = [region] if region is not None else list(self.regions)
+        race = self.host.race
+        if cancel is not None and race.armed and race.is_armed("walk_batch"):
+            return all(self._stepped_walk(r, cancel, export_refused) for r in regions)
+        for r in regions:
+            if self.uv.destroy_walk(r, 0, None, cancel, export_refused=export_refused).interrupted:
                 return False
         return not (cancel is not None and cancel.is_set())
+
+    def _stepped_walk(self, region: _native.Region, cancel: _native.CancelToken, export_refused: bool) -> bool:
+        """The interruptible walk one batch at a time, on the calling thread, with the
+        ``walk_batch`` race point after each batch and then the fatal-signal test, as the
+        kernel's single-threaded walk does. (A walk given a token that is already set does
+        exactly one batch and says where to resume.)"""
+        one_batch = _native.CancelToken()
+        one_batch.set()
+        race = self.host.race
+        pos, end, batches = 0, region.pages, 0
+        while pos < end:
+            span_end = min(end, (pos // _STEP_PAGES + 1) * _STEP_PAGES)
+            res = self.uv.destroy_walk(region, pos, span_end, one_batch, export_refused=export_refused)
+            if not res.interrupted:  # nothing present in that span: no batch, no signal test
+                pos = span_end
+                continue
+            pos = res.resume_page
+            batches += 1
+            race.hit("walk_batch", mm=self, region=region, batch=batches, resume_page=pos)
+            if cancel.is_set():
+                return False
+        return True
 
 
 class File(abc.ABC):

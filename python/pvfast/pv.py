@@ -2,9 +2,10 @@
 the mmu-notifier release, and UNPACK.
 
 Function names follow the kernel (``kvm_s390_pv_`` prefix dropped; read at v6.2, commit
-f7866f582b1c, plus the later fixes noted in place). Every function takes the VM and an ``UvRc``
-standing for the ``u16 *rc, u16 *rrc`` pointers; callers that pass "dummy" pointers pass a fresh
-``UvRc()``.
+f7866f582b1c, and in the newest tree read, torvalds/linux 7bb6284aa7b3). Where they differ, the
+host's kernel profile decides (``vm.host.profile.<delta>``, see profiles.py). Every function takes
+the VM and an ``UvRc`` standing for the ``u16 *rc, u16 *rrc`` pointers; callers that pass
+"dummy" pointers pass a fresh ``UvRc()``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .fault import should_export_before_import
 from .mm import MmuNotifier
 
 if TYPE_CHECKING:
+    from . import _native
     from .kvm import Vcpu, Vm
 
 log = logging.getLogger("pvfast.kvm_uv")
@@ -88,11 +90,22 @@ class PvVmState:
         self.mmu_notifier: MmuNotifier | None = None  # registered on the mm by the first init_vm
 
     def clear_state(self) -> None:
-        """kvm_s390_clear_pv_state: handle, guest_len, stor_base, stor_var (not ``dumping``)."""
+        """The fields kvm_s390_clear_pv_state clears in every profile: handle, guest_len,
+        stor_base, stor_var (``clear_pv_state`` below adds the dump reset of the newest kernels)."""
         self.handle = 0
         self.guest_len = 0
         self.stor_base = 0
         self.stor_var = 0
+
+
+def clear_pv_state(vm: Vm) -> None:
+    """kvm_s390_clear_pv_state. The newest kernels also end a dump in progress there (unblock
+    the vCPUs, ``dumping`` false); before, ``dumping`` survived the PV state."""
+    vm.pv.clear_state()
+    if vm.host.profile.clear_pv_state_resets_dump and vm.pv.dumping:
+        for vcpu in vm.vcpu_list:
+            vcpu.sie_blocked = False
+        vm.pv.dumping = False
 
 
 def uv_event(vm: Vm, fmt: str, *args: object) -> None:
@@ -107,26 +120,38 @@ def uv_event(vm: Vm, fmt: str, *args: object) -> None:
 
 
 def destroy_cpu(vm: Vm, vcpu: Vcpu, rc: UvRc) -> int:
-    """kvm_s390_pv_destroy_cpu: UVC 0x0121; leak the donation on failure; always clear the state."""
-    cc = 0
+    """kvm_s390_pv_destroy_cpu: nothing without a CPU handle; else UVC 0x0121 (rc/rrc written),
+    leak the donation on failure, free the SIDA page and clear the vCPU's PV fields."""
+    if not vcpu.pv_handle:
+        return 0
     host = vm.host
-    if vcpu.pv_handle:
-        res = vm.uv.destroy_cpu(vcpu.pv_handle)
-        cc = res.cc
-        rc.set(res.rc, res.rrc)
-        uv_event(vm, "PROTVIRT DESTROY VCPU %d: rc %x rrc %x", vcpu.id, res.rc, res.rrc)
-        if cc:
-            log.warning("vm %s: destroying secure CPU %d failed: rc %x rrc %x", vm.name, vcpu.id, res.rc, res.rrc)
-            host.leak(vcpu.stor_base, vm, vcpu.pv_handle)
-    if not cc:
+    res = vm.uv.destroy_cpu(vcpu.pv_handle)
+    cc = res.cc
+    rc.set(res.rc, res.rrc)
+    uv_event(vm, "PROTVIRT DESTROY VCPU %d: rc %x rrc %x", vcpu.id, res.rc, res.rrc)
+    if cc:
+        log.warning("vm %s: destroying secure CPU %d failed: rc %x rrc %x", vm.name, vcpu.id, res.rc, res.rrc)
+        host.leak(vcpu.stor_base, vm, vcpu.pv_handle)
+    else:
         host.kfree(vcpu.stor_base)
     host.kfree(vcpu.sida)
     vcpu.clear_pv()
-    return EIO if cc else 0  # the kernel's quirk: a positive EIO; callers only test non-zero
+    # The newest kernels return -EIO, older ones a positive EIO; callers only test non-zero.
+    return -EIO if cc else 0
+
+
+def dispose_cpu(vm: Vm, vcpu: Vcpu) -> None:
+    """kvm_s390_pv_dispose_cpu(vcpu, true) of the newest kernels: free the CPU donation and the
+    SIDA page and clear the vCPU's PV fields, without a UVC."""
+    vm.host.kfree(vcpu.stor_base)
+    vm.host.kfree(vcpu.sida)
+    vcpu.clear_pv()
 
 
 def create_cpu(vm: Vm, vcpu: Vcpu, rc: UvRc) -> int:
-    """kvm_s390_pv_create_cpu: donate CPU storage and a SIDA page, UVC 0x0120."""
+    """kvm_s390_pv_create_cpu: donate CPU storage and a SIDA page, UVC 0x0120. On failure the
+    newest kernels dispose of both; before, kvm_s390_pv_destroy_cpu returned at once (no CPU
+    handle), so both stayed allocated, still pointed to by the vCPU, and leaked."""
     host = vm.host
     if vcpu.pv_handle:
         return -EINVAL
@@ -144,7 +169,10 @@ def create_cpu(vm: Vm, vcpu: Vcpu, rc: UvRc) -> int:
     uv_event(vm, "PROTVIRT CREATE VCPU: cpu %d handle %x rc %x rrc %x", vcpu.id, res.handle, res.rc, res.rrc)
     vcpu.pv_handle = res.handle if not res.cc else 0
     if res.cc:
-        destroy_cpu(vm, vcpu, UvRc())
+        if vm.host.profile.create_cpu_fail_frees:
+            dispose_cpu(vm, vcpu)
+        else:
+            destroy_cpu(vm, vcpu, UvRc())  # returns at once: no CPU handle
         return -EIO
     vcpu.pv_handle_config = vm.pv.handle
     vcpu.sdf = 2
@@ -152,16 +180,19 @@ def create_cpu(vm: Vm, vcpu: Vcpu, rc: UvRc) -> int:
 
 
 def cpus_from_pv(vm: Vm, rc: UvRc) -> int:
-    """kvm_s390_cpus_from_pv: destroy every secure CPU, report the first failure, never stop early."""
+    """kvm_s390_cpus_from_pv: destroy every secure CPU (each under its vcpu->mutex, so no guest
+    access is in progress on it), never stop early; the caller's rc/rrc get the values of the
+    first destroy that fails only (successful destroys write a local copy); then GISA is
+    re-enabled (when in use) whatever the destroys returned."""
     ret = 0
-    out = rc  # every CPU destroy writes rc/rrc until the first failure; later ones go to a dummy
     for vcpu in vm.vcpu_list:
+        local = UvRc()
         with vcpu.mutex:
-            err = destroy_cpu(vm, vcpu, out)
+            err = destroy_cpu(vm, vcpu, local)
         if err and not ret:
+            rc.set(local.rc, local.rrc)
             ret = -EIO
-            out = UvRc()
-    if not ret and vm.host.use_gisa:
+    if vm.host.use_gisa:
         vm.gisa_enabled = True
     return ret
 
@@ -188,12 +219,31 @@ def dealloc_vm(vm: Vm) -> None:
     """kvm_s390_pv_dealloc_vm: free both donations and clear the PV state."""
     vm.host.kfree(vm.pv.stor_base)
     vm.host.kfree(vm.pv.stor_var)
-    vm.pv.clear_state()
+    clear_pv_state(vm)
+
+
+def _register_notifier(vm: Vm) -> int:
+    """Register the mm-release notifier once per VM (the ops pointer is the "registered" mark).
+    mmu_notifier_register fails with -EINTR when the task has a signal pending."""
+    if vm.pv.mmu_notifier is not None:
+        return 0
+    notifier = MmuNotifier(lambda _mm: mmu_notifier_release(vm))
+    r = vm.mm.mmu_notifier_register(notifier, signal_pending=vm.process.fatal_signal.is_set())
+    if r and vm.host.profile.notifier_register_first:
+        return r  # ops reset to NULL: ENABLE fails before anything is allocated
+    vm.pv.mmu_notifier = notifier  # before the fix: ops set even when registering failed
+    return 0
 
 
 def init_vm(vm: Vm, rc: UvRc) -> int:
-    """kvm_s390_pv_init_vm: donations, Create Config; handle and counter set whatever the result."""
+    """kvm_s390_pv_init_vm: donations, Create Config; handle and counter set whatever the result.
+    The newest kernels register the mm notifier first and fail with its error; before, it was
+    registered after a successful Create Config and its error ignored."""
     host = vm.host
+    if host.profile.notifier_register_first:
+        r = _register_notifier(vm)
+        if r:
+            return r
     info = host.uv_info
     base_len = info["guest_base_stor_len"]
     base = host.kalloc("stor_base", base_len)
@@ -225,10 +275,10 @@ def init_vm(vm: Vm, rc: UvRc) -> int:
             vm.mm.protected_dec()
             dealloc_vm(vm)
         return -EIO
-    vm.gmap.guest_handle = handle
-    if vm.pv.mmu_notifier is None:
-        vm.pv.mmu_notifier = MmuNotifier(lambda _mm: mmu_notifier_release(vm))
-        vm.mm.mmu_notifier_register(vm.pv.mmu_notifier)
+    if not host.profile.no_guest_handle:
+        vm.gmap.guest_handle = handle
+    if not host.profile.notifier_register_first:
+        _register_notifier(vm)
     return 0
 
 
@@ -253,16 +303,21 @@ def deinit_vm(vm: Vm, rc: UvRc) -> int:
 
 
 def deinit_vm_fast(vm: Vm, rc: UvRc | None) -> int:
-    """kvm_s390_pv_deinit_vm_fast: Destroy-Fast (0x0102); the counter is left to the caller."""
+    """kvm_s390_pv_deinit_vm_fast: Destroy-Fast (0x0102); the counter is left to the caller.
+    WARN_ONCE on a failure; since b1e428615f15 not for rc 0x0104 (APQNs still bound)."""
     res = vm.uv.destroy_config_fast(vm.pv.handle)
     if rc is not None:
         rc.set(res.rc, res.rrc)
-    vm.gmap.guest_handle = 0  # v6.2: zeroed whatever the result
+    vm.gmap.guest_handle = 0  # up to the gmap rewrite: zeroed whatever the result
     if not res.cc:
         dealloc_vm(vm)
     uv_event(vm, "PROTVIRT DESTROY VM FAST: rc %x rrc %x", res.rc, res.rrc)
-    if res.cc and res.rc != UVC_RC_DESTROY_FAST_APQN:  # Δ6.6: no warning for APQNs still bound
-        log.warning("vm %s: Destroy-Fast failed: rc %x rrc %x", vm.name, res.rc, res.rrc)
+    if res.cc:
+        log.info("vm %s: Destroy-Fast failed: rc %x rrc %x", vm.name, res.rc, res.rrc)
+        if res.rc != UVC_RC_DESTROY_FAST_APQN or not vm.host.profile.fast_0x104_no_warn:
+            vm.host.warn_once(
+                "kvm_s390_pv_deinit_vm_fast", f"protvirt destroy vm fast failed rc {res.rc:x} rrc {res.rrc:x}"
+            )
     return -EIO if res.cc else 0
 
 
@@ -287,16 +342,28 @@ def dispose_one_leftover(vm: Vm, rec: AsideRecord, rc: UvRc) -> int:
 
 
 def destroy_lower_2g(vm: Vm) -> None:
-    """Synchronous, non-interruptible destroy of guest absolute [0, 2 GiB) (every memslot below 2 GiB)."""
+    """Synchronous, non-interruptible destroy of guest absolute [0, 2 GiB) (every memslot below
+    2 GiB; the newest kernels walk the gmap, with the export fallback)."""
     end_page = min(vm.memory_size, SZ_2G) // PAGE_SIZE
-    vm.uv.destroy_walk(vm.region, 0, end_page, None)
+    vm.uv.destroy_walk(vm.region, 0, end_page, None, export_refused=vm.host.profile.walk_export_fallback)
+
+
+def destroy_range(vm: Vm, cancel: _native.CancelToken | None) -> bool:
+    """The walk of PERFORM (interruptible: ``cancel``) and of cleanup-all's zap: the whole
+    address space up to the gmap rewrite (__s390_uv_destroy_range(mm, 0, TASK_SIZE)), the VM's
+    own memory since (gmap_pv_destroy_range, with the export fallback). False if interrupted."""
+    profile = vm.host.profile
+    return vm.mm.destroy_range(
+        cancel, vm.region if profile.walk_own_gmap else None, export_refused=profile.walk_export_fallback
+    )
 
 
 def set_aside(vm: Vm, rc: UvRc) -> int:
-    """kvm_s390_pv_set_aside (v6.2 + Δ6.4): keep the old VM for PERFORM; clean [0, 2 GiB) now."""
+    """kvm_s390_pv_set_aside: keep the old VM for PERFORM; clean [0, 2 GiB) now. Since
+    292a7d6fca33 a VM with a segment ASCE is refused, Destroy-Fast or not."""
     if vm.pv.set_aside is not None:
         return -EINVAL
-    if vm.gmap.asce_type == "segment":  # Δ6.4: a segment ASCE cannot be replaced
+    if vm.gmap.asce_type == "segment" and vm.host.profile.segment_asce_refused:
         return -EINVAL
     kaddr = vm.host.kalloc("aside_record", 64)
     if kaddr is None:
@@ -322,7 +389,7 @@ def set_aside(vm: Vm, rc: UvRc) -> int:
             vm.host.kfree(kaddr)
             return -ENOMEM
     destroy_lower_2g(vm)
-    vm.pv.clear_state()
+    clear_pv_state(vm)
     vm.pv.set_aside = rec
     rc.set(UVC_RC_EXECUTED, ASYNC_RRC)
     uv_event(vm, "PROTVIRT SET ASIDE: handle %x fast %d", rec.handle, int(rec.fast))
@@ -344,7 +411,7 @@ def deinit_aside_vm(vm: Vm, rc: UvRc) -> int:
         race = vm.host.race
         if race.armed:
             race.hit("perform_claimed", vm=vm, process=vm.process)
-        finished = vm.mm.destroy_range(vm.process.fatal_signal)
+        finished = destroy_range(vm, vm.process.fatal_signal)
         if finished:
             if dispose_one_leftover(vm, rec, rc):
                 ret = -EIO
@@ -361,10 +428,19 @@ def deinit_aside_vm(vm: Vm, rc: UvRc) -> int:
 
 
 def deinit_cleanup_all(vm: Vm, rc: UvRc) -> int:
-    """kvm_s390_pv_deinit_cleanup_all (Δ6.5): current VM, set-aside, leftovers, then the zap."""
+    """kvm_s390_pv_deinit_cleanup_all: current VM, set-aside, leftovers, then the zap. It holds a
+    protected_count reference meanwhile: since 5ff92181577a only if the count is not 0 (else it
+    returns at once); before, it raised the count from 0 too, so for its duration the mm looked
+    protected to a page-table teardown running in parallel."""
     mm = vm.mm
-    if not mm.protected_inc_not_zero():
-        return 0
+    if vm.host.profile.cleanup_all_skip_if_zero:
+        if not mm.protected_inc_not_zero():
+            return 0
+    else:
+        mm.protected_inc()
+    race = vm.host.race
+    if race.armed:
+        race.hit("cleanup_all_counted", vm=vm, process=vm.process)
     rc.rc = UVC_RC_EXECUTED
     cc = 0
     need_zap = False
@@ -383,8 +459,10 @@ def deinit_cleanup_all(vm: Vm, rc: UvRc) -> int:
             if rc.rc == UVC_RC_EXECUTED:  # first error wins; a failed current-VM destroy comes first
                 rc.set(tmp.rc, tmp.rrc)
         vm.host.kfree(rec.kaddr)
+    if race.armed:
+        race.hit("cleanup_all_before_zap", vm=vm, process=vm.process)
     if need_zap and mm.mmget_not_zero():
-        mm.destroy_range(None)
+        destroy_range(vm, None)
         mm.mmput()
     mm.protected_dec()
     return -EIO if cc else 0
@@ -393,6 +471,9 @@ def deinit_cleanup_all(vm: Vm, rc: UvRc) -> int:
 def mmu_notifier_release(vm: Vm) -> None:
     """kvm_s390_pv_mmu_notifier_release: CPUs gone, then Destroy-Fast if available; count untouched."""
     r = cpus_from_pv(vm, UvRc())
+    race = vm.host.race
+    if race.armed:
+        race.hit("notifier_release", vm=vm, process=vm.process)
     if not r and vm.host.destroy_fast_available and vm.pv.handle:
         deinit_vm_fast(vm, None)
 

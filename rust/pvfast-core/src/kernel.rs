@@ -143,8 +143,10 @@ fn owner_alive(uv: &Ultravisor, s: u32) -> bool {
         .is_some_and(|c| c.is_alive())
 }
 
-/// Host (or a non-protected guest) touches pages: pin shared, else export, for every
-/// secure/shared/orphaned page.
+/// Host (or a non-protected guest) touches pages: the secure-storage-access handler
+/// (`arch_make_page_accessible`: pin shared, else export) for every page the hardware refuses,
+/// i.e. secure and orphaned pages. A page its live owner has shared is host-accessible: no
+/// exception, no UVC.
 pub fn make_accessible_range(
     uv: &Ultravisor,
     region: &Region,
@@ -157,6 +159,10 @@ pub fn make_accessible_range(
     let failed = AtomicU64::new(0);
     let (pinned, exported) = walk::for_secure_pages(&uv.core, region, lo, hi, |ctx, idx| {
         let paddr = ctx.paddr(idx);
+        let s = ctx.mem.metas()[idx as usize].load(Ordering::Acquire);
+        if ps::kind(s) == ps::SHARED && owner_alive(uv, s) {
+            return (0, 0);
+        }
         if uv.pin_shared(paddr).is_ok() {
             (1, 0)
         } else if uv.convert_from_secure(paddr).is_ok() {
@@ -202,7 +208,38 @@ pub fn destroy_walk(
     walk::destroy_range(&uv.core, region, start, end, cancel)
 }
 
-/// KVM_PV_UNPACK's loop over `[addr, addr+size)` with tweak0 = tweak, tweak1 = offset.
+/// `destroy_walk` with `__kvm_s390_pv_destroy_page`'s fallback (the newest kernels): every page
+/// whose destroy the UV refused (its owner still has secure CPUs) gets an export UVC after the
+/// walk. Returns the walk's result and how many of those exports succeeded.
+pub fn destroy_walk_export(
+    uv: &Ultravisor,
+    region: &Region,
+    start: u64,
+    end: Option<u64>,
+    cancel: Option<&CancelToken>,
+) -> Result<(WalkResult, u64), CoreError> {
+    let w = destroy_walk(uv, region, start, end, cancel)?;
+    // The walk visited [start, resume_page); the pages it left secure there are the refused ones.
+    let hi = w.resume_page.min(region.pages());
+    let lo = start.min(hi);
+    let (exported, _) = walk::for_secure_pages(&uv.core, region, lo, hi, |ctx, idx| {
+        let s = ctx.mem.metas()[idx as usize].load(Ordering::Acquire);
+        let refused = uv
+            .core
+            .config_by_id(ps::owner(s))
+            .is_some_and(|c| c.refuses_destroy());
+        if refused && uv.convert_from_secure(ctx.paddr(idx)).is_ok() {
+            (1, 0)
+        } else {
+            (0, 0)
+        }
+    })?;
+    Ok((w, exported))
+}
+
+/// KVM_PV_UNPACK's loop over `[addr, addr+size)` with tweak0 = tweak, tweak1 = offset. A page
+/// that is not present yet gets no UVC: it is faulted in first (one export-before-import when
+/// due and one UNPACK_IMG per page).
 // The arguments are KVM_PV_UNPACK's (handle, addr, size, tweak) plus the emulator's context
 // (UV, region, export policy, fatal-signal flag); a struct for them would only rename them.
 #[allow(clippy::too_many_arguments)]
@@ -239,6 +276,18 @@ pub fn unpack_range(
             Some(g) if g < region.size() => g,
             _ => return Ok(result(UnpackStatus::Efault, last, done)),
         };
+        let present = region.with_mem(|mem| {
+            mem.metas()[(gaddr / page) as usize].load(Ordering::Acquire) & ps::PRESENT != 0
+        })?;
+        if !present {
+            // make_secure finds no (writable) PTE: -ENXIO without any UVC; the kernel faults
+            // the page in and retries (-EAGAIN: stop on a fatal signal).
+            region.touch(gaddr, page)?;
+            if cancel.is_some_and(|c| c.is_set()) {
+                return Ok(result(UnpackStatus::Eagain, last, done));
+            }
+            continue;
+        }
         if export_first {
             let _ = uv.convert_from_secure(region.base() + gaddr);
         }
