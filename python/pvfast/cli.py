@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from . import experiments
+from . import experiments, profiles
 from ._version import __version__
 from .errors import PvError
 from .experiments import HostOptions, format_size, parse_size
@@ -87,9 +87,16 @@ def format_uvcs(uvcs: dict[str, int]) -> str:
     return ", ".join(f"{name} {count:,}" for name, count in sorted(uvcs.items(), key=lambda kv: -kv[1])) or "none"
 
 
+def kernel_arg(text: str) -> str:
+    try:
+        return profiles.resolve(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("kernel: ")) from None
+
+
 def describe_host(options: HostOptions) -> str:
     return (
-        f"async_destroy={options.async_destroy}, "
+        f"kernel {options.kernel}, async_destroy={options.async_destroy}, "
         f"Destroy-Fast {'installed' if options.destroy_fast else 'not installed'}, "
         f"MISC {'on' if options.feature_misc else 'off'}"
     )
@@ -138,6 +145,14 @@ class ProgressBar:
 def build_parser() -> argparse.ArgumentParser:
     host = argparse.ArgumentParser(add_help=False)
     group = host.add_argument_group("emulated host (load-time settings)")
+    group.add_argument(
+        "--kernel",
+        type=kernel_arg,
+        default=profiles.DEFAULT,
+        metavar="NAME",
+        help=f"the kernel whose PV teardown code the host runs: {', '.join(profiles.PROFILES)} "
+        f"(default {profiles.DEFAULT}; 'pvfast info --kernel NAME' lists its deltas)",
+    )
     group.add_argument(
         "--async-destroy",
         type=async_destroy_arg,
@@ -207,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "sizes take binary suffixes K, M, G, T (8G = 8 GiB). examples:\n"
             "  pvfast info\n"
+            "  pvfast info --kernel 6.2\n"
             "  pvfast reboot --memory 64G --secure 8G --async\n"
             "  pvfast shutdown --memory 16G --secure 4G\n"
             "  pvfast compare --secure 1G,2G,4G --plot compare.png\n"
@@ -314,7 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def host_options(args: argparse.Namespace) -> HostOptions:
-    return HostOptions(async_destroy=args.async_destroy, destroy_fast=args.destroy_fast, feature_misc=args.feature_misc)
+    return HostOptions(
+        async_destroy=args.async_destroy,
+        destroy_fast=args.destroy_fast,
+        feature_misc=args.feature_misc,
+        kernel=args.kernel,
+    )
 
 
 def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
@@ -350,6 +371,11 @@ def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
         else:
             shown = f"{value:,}" if isinstance(value, int) else str(value)
         w(f"  {key:<38} {shown}\n")
+    kernel = info["kernel"]
+    w(f"\nkernel profile {kernel['profile']}: {kernel['description']}\n")
+    for delta in kernel["deltas"]:
+        mark = "yes" if delta["present"] else "no "
+        w(f"  {mark} {delta['delta']:<28} {delta['first']:<28} {delta['commit']}\n")
     return 0
 
 

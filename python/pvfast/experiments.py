@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import _native, vmm
+from . import _native, profiles, vmm
 from . import image as _image
 from .constants import PAGE_SIZE, SZ_2G, Cap, PvCmd
 from .host import Host
@@ -94,9 +94,15 @@ class HostOptions:
     async_destroy: int = 1
     destroy_fast: bool = True
     feature_misc: bool = True
+    kernel: str = profiles.DEFAULT
 
     def build(self) -> Host:
-        return Host(async_destroy=self.async_destroy, destroy_fast=self.destroy_fast, feature_misc=self.feature_misc)
+        return Host(
+            kernel=self.kernel,
+            async_destroy=self.async_destroy,
+            destroy_fast=self.destroy_fast,
+            feature_misc=self.feature_misc,
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -118,7 +124,18 @@ def host_info(options: HostOptions = HostOptions()) -> dict[str, Any]:
             "dump": host.dump_available,
             **{key: (list(value) if isinstance(value, tuple) else value) for key, value in uv.items()},
         },
+        "kernel": kernel_info(host.kernel),
         "build_profile": _build_profile(),
+    }
+
+
+def kernel_info(name: str) -> dict[str, Any]:
+    """A kernel profile: its name, what it stands for, and every delta with whether it has it."""
+    profile = profiles.profile(name)
+    return {
+        "profile": profile.name,
+        "description": profiles.DESCRIPTIONS[profile.name],
+        "deltas": profile.table(),
     }
 
 

@@ -614,6 +614,7 @@ class Model:
         self.imports_use_handle = latest  # no gmap->guest_handle
         self.clear_resets_dump = latest  # kvm_s390_clear_pv_state ends a dump in progress
         self.create_cpu_frees = latest  # a failed Create CPU frees its donation
+        self.notifier_first = latest  # the mm notifier is registered first in init_vm
         self.sec_parms_max = SEC_PARMS_MAX_LATEST if latest else SEC_PARMS_MAX
         self.async_destroy = int(async_destroy)
         self.prot_virt = bool(prot_virt)
@@ -1025,6 +1026,9 @@ class Model:
             return EINVAL, None
         # init_vm
         mm = vm.mm
+        if self.notifier_first and not vm.notifier_registered:
+            vm.notifier_registered = True  # Δlatest: registered before anything is allocated
+            mm.notifiers.append(vm.id)
         vm.guest_len = vm.memory_size
         base = self._alloc("base")
         var = self._alloc("var")

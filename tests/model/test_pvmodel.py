@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from .pvmodel import (
-    KERNELS,
     BATCH_PAGES,
     EFAULT,
     EINVAL,
@@ -17,6 +16,7 @@ from .pvmodel import (
     ENOMEM,
     ENOTTY,
     EXPORTED,
+    KERNELS,
     KVM_CAP_S390_PROTECTED,
     KVM_CAP_S390_PROTECTED_ASYNC_DISABLE,
     KVM_CAP_S390_PROTECTED_DUMP,

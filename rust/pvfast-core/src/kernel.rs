@@ -9,9 +9,9 @@ use crate::error::{invalid, CoreError};
 use crate::memory::ps;
 use crate::region::Region;
 use crate::ultravisor::Ultravisor;
-use crate::uvc::{rc, UvcStatus};
+use crate::uvc::{rc, Uvc, UvcStatus};
 use crate::walk::{self, CancelToken, WalkResult};
-use crate::PAGE_SIZE;
+use crate::{BATCH_PAGES, PAGE_SIZE};
 
 /// Result of `import_range`: UVCs issued per kind, and the failed imports.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -209,8 +209,10 @@ pub fn destroy_walk(
 }
 
 /// `destroy_walk` with `__kvm_s390_pv_destroy_page`'s fallback (the newest kernels): every page
-/// whose destroy the UV refused (its owner still has secure CPUs) gets an export UVC after the
-/// walk. Returns the walk's result and how many of those exports succeeded.
+/// whose destroy failed gets an export UVC. Without injected destroy failures the only failures
+/// are the UV's refusals (the owner still has secure CPUs): those pages are exported after the
+/// walk. With injected failures pending the walk goes page by page, each failed destroy
+/// followed by its export. Returns the walk's result and how many of those exports succeeded.
 pub fn destroy_walk_export(
     uv: &Ultravisor,
     region: &Region,
@@ -218,6 +220,10 @@ pub fn destroy_walk_export(
     end: Option<u64>,
     cancel: Option<&CancelToken>,
 ) -> Result<(WalkResult, u64), CoreError> {
+    uv.check_region(region)?;
+    if uv.core.inject.pending(Uvc::DestrSecStor) {
+        return destroy_walk_per_page(uv, region, start, end, cancel);
+    }
     let w = destroy_walk(uv, region, start, end, cancel)?;
     // The walk visited [start, resume_page); the pages it left secure there are the refused ones.
     let hi = w.resume_page.min(region.pages());
@@ -234,6 +240,54 @@ pub fn destroy_walk_export(
             (0, 0)
         }
     })?;
+    Ok((w, exported))
+}
+
+/// The export-fallback walk one page at a time (injected failures pending): destroy, export if
+/// that failed, the fatal-signal test after every `BATCH_PAGES` present pages and at the end.
+fn destroy_walk_per_page(
+    uv: &Ultravisor,
+    region: &Region,
+    start: u64,
+    end: Option<u64>,
+    cancel: Option<&CancelToken>,
+) -> Result<(WalkResult, u64), CoreError> {
+    let end = end.unwrap_or(region.pages()).min(region.pages());
+    let start = start.min(end);
+    let mut w = WalkResult {
+        visited: 0,
+        destroyed: 0,
+        interrupted: false,
+        resume_page: end,
+    };
+    let mut exported = 0;
+    let mut in_batch = 0;
+    for idx in start..end {
+        let s = region.with_mem(|mem| mem.metas()[idx as usize].load(Ordering::Acquire))?;
+        if s & ps::PRESENT == 0 {
+            continue;
+        }
+        let paddr = region.base() + idx * PAGE_SIZE as u64;
+        let st = uv.destroy_page(paddr);
+        w.visited += 1;
+        if st.is_ok() {
+            w.destroyed += u64::from(ps::is_secure(s));
+        } else if uv.convert_from_secure(paddr).is_ok() {
+            exported += 1;
+        }
+        in_batch += 1;
+        if in_batch == BATCH_PAGES {
+            in_batch = 0;
+            if cancel.is_some_and(|c| c.is_set()) {
+                w.interrupted = true;
+                w.resume_page = idx + 1;
+                return Ok((w, exported));
+            }
+        }
+    }
+    if in_batch != 0 && cancel.is_some_and(|c| c.is_set()) {
+        w.interrupted = true;
+    }
     Ok((w, exported))
 }
 

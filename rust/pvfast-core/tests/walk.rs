@@ -259,6 +259,16 @@ fn export_fallback_exports_what_the_uv_refused_to_destroy() {
         (10, 0),
         "no CPUs: destroyed, nothing to export"
     );
+    // An injected destroy failure is followed by an export too (page by page).
+    for p in 30..33 {
+        assert_eq!(uv.convert_to_secure(h, p * PAGE), ok());
+    }
+    uv.inject_failure(0x0202, 0x0003, 0, 1).unwrap();
+    uv.reset_stats();
+    let (w, exported) = kernel::destroy_walk_export(uv, r, 30, Some(33), None).unwrap();
+    assert_eq!((w.visited, w.destroyed, exported), (3, 2, 1));
+    assert_eq!(uv.stat(Uvc::ConvFromSecStor), 1);
+    assert_eq!(state(r, 30), ("exported", h));
 }
 
 #[test]
