@@ -41,6 +41,7 @@ import pvfast
 import pvfast.image
 from pvfast import PvCmd, PvError, Uvc, UvcError
 
+from .conftest import unexplained_leaks
 from .model import pvmodel as pm
 
 GiB = 1 << 30
@@ -971,8 +972,12 @@ class PvMachine(RuleBasedStateMachine):
             # invariant 9
             if any(v.vm.pv.set_aside is not None or v.vm.pv.need_cleanup for v in vms):
                 assert mm.protected_count > 0
+        # The sequential steps never run an mm teardown during a VM destroy, so the one kernel
+        # race that leaks (mm-release notifier vs kvm_arch_destroy_vm, docs/KERNEL.md) cannot
+        # happen here; if it did, its residue would be the only ledger entry allowed.
+        assert host.races() == [], host.races()
         if clean:
-            assert host.leaked() == [], "I12: leak ledger not empty without failures"
+            assert unexplained_leaks(host) == [], "I12: leak ledger not empty without failures"
             referenced = set()
             for v in self.vms:
                 pv = v.vm.pv
@@ -1012,10 +1017,10 @@ class PvMachine(RuleBasedStateMachine):
                     model.exit(p.pid)
             self._compare()
             if model.uv.injected_fired == 0:
-                # invariant 13: full teardown leaves nothing behind
+                # invariant 13: full teardown leaves nothing behind (but a race's residue)
                 assert host.uv.secure_pages() == 0
                 assert host.uv.config_handles() == set()
-                assert host.leaked() == []
+                assert unexplained_leaks(host) == []
         finally:
             for g in self.gates:
                 g.release.set()

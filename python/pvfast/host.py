@@ -219,6 +219,7 @@ class Host:
         self.ledger: dict[int, LeakEntry] = {}
         self.race = RacePoints()
         self._reports: list[KernelReport] = []
+        self._races: list[dict[str, Any]] = []
         self._warned: set[str] = set()
         object.__setattr__(self, "_frozen", True)
         _hosts.add(self)
@@ -290,6 +291,19 @@ class Host:
         task, or printed a memory-corruption report); empty on a healthy run."""
         with self._lock:
             return list(self._reports)
+
+    def note_race(self, race: str, function: str, vm: object, handle: int, leaked: list[int]) -> None:
+        """A known kernel race happened (docs/KERNEL.md): which, where it showed, the VM
+        (``id()``), the configuration handle, and the kernel addresses it left on the ledger."""
+        with self._lock:
+            self._races.append({"race": race, "function": function, "vm": id(vm), "handle": handle, "leaked": leaked})
+
+    def races(self) -> list[dict[str, Any]]:
+        """The known kernel races that happened on this host, each with what it left behind.
+        (The kernel itself only WARNs; pvfast keeps the record so tests can tell that residue
+        from a leak of their own.)"""
+        with self._lock:
+            return [dict(r, leaked=list(r["leaked"])) for r in self._races]
 
     def warn_once(self, site: str, message: str) -> None:
         """WARN_ONCE at ``site`` (a kernel function): logged at WARNING the first time only."""

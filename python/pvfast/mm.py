@@ -476,6 +476,9 @@ class Process:
         try:
             self.fatal_signal.set()  # the killing signal, or exit_group's SIGKILL to the other threads
             self._wait_idle()
+            race = self.host.race
+            if race.armed:
+                race.hit("exit_before_mmput", process=self, mm=self.mm)
             self.mm.mmput()  # exit_mm before exit_files
             with self._lock:
                 files, self._fds = self._fds, []

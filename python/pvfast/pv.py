@@ -284,7 +284,8 @@ def init_vm(vm: Vm, rc: UvRc) -> int:
 
 def deinit_vm(vm: Vm, rc: UvRc) -> int:
     """kvm_s390_pv_deinit_vm: Destroy Config of the current VM; no memory walk."""
-    res = vm.uv.destroy_config(vm.pv.handle)
+    handle = vm.pv.handle  # read here, as the kernel reads it for the UVC
+    res = vm.uv.destroy_config(handle)
     rc.set(res.rc, res.rrc)
     vm.gmap.guest_handle = 0
     if not res.cc:
@@ -292,20 +293,39 @@ def deinit_vm(vm: Vm, rc: UvRc) -> int:
         dealloc_vm(vm)
     else:
         # Intended leak: the UV may still use the donations and the top table.
+        leaked = [vm.pv.stor_base, vm.pv.stor_var, vm.gmap.table]
         vm.host.leak(vm.pv.stor_base, vm, vm.pv.handle)
         vm.host.leak(vm.pv.stor_var, vm, vm.pv.handle)
         old_table = vm.gmap.table
         vm.gmap.replace_asce()
         vm.host.leak(old_table, vm, vm.pv.handle)
         log.warning("vm %s: destroying the secure configuration failed: rc %x rrc %x", vm.name, res.rc, res.rrc)
+        _note_notifier_race(vm, handle, "kvm_s390_pv_deinit_vm", leaked)
     uv_event(vm, "PROTVIRT DESTROY VM: rc %x rrc %x", res.rc, res.rrc)
     return -EIO if res.cc else 0
+
+
+def _note_notifier_race(vm: Vm, handle: int, function: str, leaked: list[int]) -> None:
+    """A destroy of the current configuration failed because it was already gone: nothing but
+    the mm-release notifier's Destroy-Fast, which takes no lock, can have destroyed it meanwhile
+    (KERNEL.md, "the mm-release notifier races VM destroy"). The kernel only WARNs; the host
+    records it (``host.races()``) with what it left on the leak ledger."""
+    if handle and handle in vm.uv.config_handles():
+        return  # the configuration lives: an ordinary UV failure
+    vm.host.note_race(
+        "mmu_notifier_release vs kvm_arch_destroy_vm",
+        function,
+        vm,
+        handle,
+        [addr for addr in leaked if addr and vm.host.allocated(addr)],
+    )
 
 
 def deinit_vm_fast(vm: Vm, rc: UvRc | None) -> int:
     """kvm_s390_pv_deinit_vm_fast: Destroy-Fast (0x0102); the counter is left to the caller.
     WARN_ONCE on a failure; since b1e428615f15 not for rc 0x0104 (APQNs still bound)."""
-    res = vm.uv.destroy_config_fast(vm.pv.handle)
+    handle = vm.pv.handle
+    res = vm.uv.destroy_config_fast(handle)
     if rc is not None:
         rc.set(res.rc, res.rrc)
     vm.gmap.guest_handle = 0  # up to the gmap rewrite: zeroed whatever the result
@@ -314,6 +334,7 @@ def deinit_vm_fast(vm: Vm, rc: UvRc | None) -> int:
     uv_event(vm, "PROTVIRT DESTROY VM FAST: rc %x rrc %x", res.rc, res.rrc)
     if res.cc:
         log.info("vm %s: Destroy-Fast failed: rc %x rrc %x", vm.name, res.rc, res.rrc)
+        _note_notifier_race(vm, handle, "kvm_s390_pv_deinit_vm_fast", [])
         if res.rc != UVC_RC_DESTROY_FAST_APQN or not vm.host.profile.fast_0x104_no_warn:
             vm.host.warn_once(
                 "kvm_s390_pv_deinit_vm_fast", f"protvirt destroy vm fast failed rc {res.rc:x} rrc {res.rrc:x}"
@@ -445,6 +466,8 @@ def deinit_cleanup_all(vm: Vm, rc: UvRc) -> int:
     cc = 0
     need_zap = False
     if vm.pv.handle:
+        if race.armed:
+            race.hit("cleanup_all_deinit_vm", vm=vm, process=vm.process)
         cc = deinit_vm(vm, rc)
         need_zap = True
     if vm.pv.set_aside is not None:
@@ -471,11 +494,12 @@ def deinit_cleanup_all(vm: Vm, rc: UvRc) -> int:
 def mmu_notifier_release(vm: Vm) -> None:
     """kvm_s390_pv_mmu_notifier_release: CPUs gone, then Destroy-Fast if available; count untouched."""
     r = cpus_from_pv(vm, UvRc())
+    fast = not r and vm.host.destroy_fast_available and vm.pv.handle != 0
     race = vm.host.race
     if race.armed:
-        race.hit("notifier_release", vm=vm, process=vm.process)
-    if not r and vm.host.destroy_fast_available and vm.pv.handle:
-        deinit_vm_fast(vm, None)
+        race.hit("notifier_release", vm=vm, process=vm.process, fast=fast)
+    if fast:
+        deinit_vm_fast(vm, None)  # reads the handle again, as the kernel does
 
 
 # ---------------------------------------------------------------------------------------------

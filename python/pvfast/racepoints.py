@@ -44,11 +44,18 @@ POINTS: Mapping[str, str] = MappingProxyType(
             "kvm_s390_pv_deinit_cleanup_all after it took its protected_count reference, before the "
             "current configuration is destroyed"
         ),
+        "cleanup_all_deinit_vm": (
+            "kvm_s390_pv_deinit_cleanup_all found a current configuration and is about to destroy it: "
+            "kvm_s390_pv_deinit_vm reads the handle for its UVC next"
+        ),
         "cleanup_all_before_zap": (
             "kvm_s390_pv_deinit_cleanup_all after the leftovers are disposed of, before the zap of "
             "the address space (mmget_not_zero)"
         ),
-        "notifier_release": ("kvm_s390_pv_mmu_notifier_release after kvm_s390_cpus_from_pv, before Destroy-Fast"),
+        "notifier_release": (
+            "kvm_s390_pv_mmu_notifier_release after kvm_s390_cpus_from_pv and its test whether to "
+            "Destroy-Fast (context: fast), before kvm_s390_pv_deinit_vm_fast reads the handle"
+        ),
         "exit_before_mmput": (
             "process exit after the other threads' calls have returned, before the mm user is dropped (exit_mm)"
         ),
