@@ -19,7 +19,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "python" / "pvfast"
 LAYERS: list[set[str]] = [
     {"_native"},  # the Rust Ultravisor (the compiled extension; its stub is _native.pyi)
     {"constants", "errors", "_util", "_version"},
-    {"racepoints", "profiles"},  # race points (Host.race_point); kernel profiles and their deltas
+    {"interrupts", "racepoints", "profiles"},  # race points (Host.race_point); kernel profiles and their deltas
     {"host"},  # module params, UltravisorView, kernel memory ledger, process registry, atexit hook
     {"gmap"},  # arch/s390/mm/gmap.c
     {"mm"},  # mm_struct with mmu-notifier callbacks, processes, files (fdget/fput)

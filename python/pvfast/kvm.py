@@ -52,6 +52,7 @@ from .constants import (
 from .errors import EFAULT, EINVAL, EIO, ENOMEM, ENOTTY, PvError, UvcError
 from .fault import access_with_faults, guest_fault, host_fault
 from .gmap import Gmap
+from .interrupts import ENTRY_CODES, VCPU_RUN_CODES, Uninterruptible, on_stack
 from .mm import File, register_kvm_create_vm
 from .pv import PvVmState, UvRc
 
@@ -302,22 +303,42 @@ class Vm(File):
                 raise PvError(EINVAL, cmd, rc, rrc)
             if flags:
                 raise PvError(EINVAL, cmd, rc, rrc)
-            uvrc = UvRc(rc, rrc)
+            uvrc = _new_object(UvRc)  # UvRc(rc, rrc) without the __init__ call (hot path)
+            uvrc.rc = rc
+            uvrc.rrc = rrc
             out: list[Any] = [None, None]
             if handler is handle_pv_async_cleanup_perform:  # takes kvm->lock only for short moments
                 r = handler(self, uvrc, data, out)
             else:
                 lock = self.lock  # kvm->lock; acquire/release: cheaper than ``with`` (see Process.fdget)
-                lock.acquire()
-                try:
-                    r = handler(self, uvrc, data, out)
-                finally:
-                    lock.release()
+                if not lock.acquire(False) and not self._lock_contended(cmd, handler):
+                    r = handler(self, uvrc, data, out)  # INFO re-entered from a signal handler
+                else:
+                    try:
+                        r = handler(self, uvrc, data, out)
+                    finally:
+                        lock.release()
             if r:
                 raise PvError(-r, cmd, uvrc.rc, uvrc.rrc, out[0])
             return _pv_result(uvrc.rc, uvrc.rrc, out[0], out[1])
         finally:
             proc.fdput(self)
+
+    def _lock_contended(self, cmd: int, handler: PvHandler) -> bool:
+        """kvm->lock is taken. Normally another thread holds it: wait (True). If this thread holds
+        it, a signal handler (or callback) re-entered the ioctl it interrupted; the kernel would
+        run the handler after that ioctl returned. INFO depends on nothing that ioctl changes,
+        so it runs now without the lock (False); any other command raises ValueError."""
+        if not on_stack((Vm.pv_command.__code__,), lambda loc: loc.get("self") is self and "lock" in loc, skip=3):
+            self.lock.acquire()
+            return True
+        if handler is handle_pv_info:
+            return False
+        raise ValueError(
+            f"cmd: {_cmd_name(cmd)} issued on this thread while it is inside a KVM_S390_PV_COMMAND of "
+            "this VM (from a signal handler that interrupted it?); the kernel runs such a handler only "
+            "after the interrupted ioctl returned: issue it then"
+        )
 
     # -- guest and host memory (faults resolved as in fault.py) --
     def _page_range(self, gaddr: object, size: object) -> tuple[int, int]:
@@ -353,7 +374,13 @@ class Vm(File):
         configuration the guest runs as on it, 0 if it runs as a normal guest. A vCPU runs
         protected only with a secure CPU (sdf 2): after a PREPARE or DISABLE that destroyed the
         CPUs, the configuration may still exist but the guest runs non-protected."""
-        run.mutex.acquire()
+        if not run.mutex.acquire(False):
+            if on_stack(VCPU_RUN_CODES, lambda loc: loc.get("run") is run, skip=3):
+                raise ValueError(
+                    f"vcpu: vCPU {run.id} already runs a guest access on this thread (a signal handler "
+                    "that interrupted it?); use another vCPU or wait until that access returned"
+                )
+            run.mutex.acquire()
         handle = self.pv.handle if run.pv_handle else 0
         race = self.host.race
         if race.armed:
@@ -488,23 +515,45 @@ class Vm(File):
             return
         self._destroyed = True
         self.closed = True
-        rc = UvRc()
-        for vcpu in self.vcpu_list:  # kvm_arch_vcpu_destroy: no vcpu->mutex, nothing runs any more
-            _pv.destroy_cpu(self, vcpu, rc)
-        self.vcpu_list = []
-        self.host.kfree(self.sca)
-        race = self.host.race
-        if race.armed:
-            race.hit("vm_destroy_vcpus_gone", vm=self, process=self.process)
-        _pv.deinit_cleanup_all(self, rc)
-        notifier = self.pv.mmu_notifier
-        if notifier is not None:
-            self.pv.mmu_notifier = None
-            self.mm.mmu_notifier_unregister(notifier)
-        self.gmap.free()
+        with Uninterruptible():  # kvm_arch_destroy_vm runs to the end
+            rc = UvRc()
+            for vcpu in self.vcpu_list:  # kvm_arch_vcpu_destroy: no vcpu->mutex, nothing runs any more
+                _pv.destroy_cpu(self, vcpu, rc)
+            self.vcpu_list = []
+            self.host.kfree(self.sca)
+            race = self.host.race
+            if race.armed:
+                race.hit("vm_destroy_vcpus_gone", vm=self, process=self.process)
+            _pv.deinit_cleanup_all(self, rc)
+            notifier = self.pv.mmu_notifier
+            if notifier is not None:
+                self.pv.mmu_notifier = None
+                self.mm.mmu_notifier_unregister(notifier)
+            self.gmap.free()
 
 
 register_kvm_create_vm(Vm)
+ENTRY_CODES.update(
+    f.__code__
+    for f in (
+        Vm.pv_command,
+        Vm.create_vcpu,
+        Vm.guest_access,
+        Vm.guest_write,
+        Vm.guest_read,
+        Vm.guest_share,
+        Vm.host_read,
+        Vm.host_write,
+    )
+)
+VCPU_RUN_CODES.update(f.__code__ for f in (Vm.guest_access, Vm.guest_write, Vm.guest_read, Vm.guest_share))
+
+
+def _cmd_name(cmd: int) -> str:
+    try:
+        return f"KVM_PV_{PvCmd(cmd).name}"
+    except ValueError:
+        return str(cmd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -546,18 +595,19 @@ def handle_pv_enable(vm: Vm, rc: UvRc, data: dict[str, Any], out: list[Any]) -> 
     """KVM_PV_ENABLE: create the configuration, then a secure CPU for every vCPU."""
     if vm.pv.handle:
         return -EINVAL
-    race = vm.host.race
-    if race.armed:
-        race.hit("enable_start", vm=vm, process=vm.process)
-    # the prelude (extended SCA and KSM off; in the newest kernels adapters unmapped, THP and
-    # COW sharing off) has no state pvfast models
-    r = _pv.init_vm(vm, rc)
-    if r:
-        return r
-    r = _pv.cpus_to_pv(vm, rc)
-    if r:
-        _pv.deinit_vm(vm, UvRc())
-    vm.service_irq_masked = True  # set even when cpus_to_pv failed
+    with Uninterruptible():
+        race = vm.host.race
+        if race.armed:
+            race.hit("enable_start", vm=vm, process=vm.process)
+        # the prelude (extended SCA and KSM off; in the newest kernels adapters unmapped, THP and
+        # COW sharing off) has no state pvfast models
+        r = _pv.init_vm(vm, rc)
+        if r:
+            return r
+        r = _pv.cpus_to_pv(vm, rc)
+        if r:
+            _pv.deinit_vm(vm, UvRc())
+        vm.service_irq_masked = True  # set even when cpus_to_pv failed
     return r
 
 
@@ -565,11 +615,12 @@ def handle_pv_disable(vm: Vm, rc: UvRc, data: dict[str, Any], out: list[Any]) ->
     """KVM_PV_DISABLE: secure CPUs gone, then cleanup-all (current, set-aside and leftovers)."""
     if not vm.pv.handle:
         return -EINVAL
-    r = _pv.cpus_from_pv(vm, rc)
-    if r:
-        return r
-    r = _pv.deinit_cleanup_all(vm, rc)
-    vm.service_irq_masked = False
+    with Uninterruptible():
+        r = _pv.cpus_from_pv(vm, rc)
+        if r:
+            return r
+        r = _pv.deinit_cleanup_all(vm, rc)
+        vm.service_irq_masked = False
     return r
 
 
@@ -577,11 +628,12 @@ def handle_pv_async_cleanup_prepare(vm: Vm, rc: UvRc, data: dict[str, Any], out:
     """KVM_PV_ASYNC_CLEANUP_PREPARE: secure CPUs gone, then set the configuration aside."""
     if not vm.host.async_destroy or not vm.pv.handle:
         return -EINVAL
-    r = _pv.cpus_from_pv(vm, rc)
-    if r:
-        return r
-    r = _pv.set_aside(vm, rc)
-    vm.service_irq_masked = False
+    with Uninterruptible():
+        r = _pv.cpus_from_pv(vm, rc)
+        if r:
+            return r
+        r = _pv.set_aside(vm, rc)
+        vm.service_irq_masked = False
     return r
 
 

@@ -26,6 +26,7 @@ from ._util import check_int
 from .constants import SZ_1M
 from .errors import EINTR
 from .host import register_copy_process
+from .interrupts import ENTRY_CODES, Uninterruptible, keep_or_raise, native, on_stack
 
 if TYPE_CHECKING:
     from .gmap import Gmap
@@ -193,13 +194,13 @@ class AddressSpace:
                 )
             else:
                 for region in self.regions:
-                    res = self.uv.mm_teardown(region, all_present=True)  # one UVC per present PTE
+                    res = native(self.uv.mm_teardown, region, all_present=True)  # one UVC per present PTE
                     destroyed += res.destroyed
                     exported += res.exported
         for gmap in list(self.gmaps):
             gmap.unlink_host_mappings("exit_mmap")
         for region in self.regions:
-            self.uv.release_region(region)
+            native(self.uv.release_region, region)
         self.regions.clear()
         self.teardown_stats = {"destroyed": destroyed, "exported": exported}
         self.dead = True
@@ -221,7 +222,7 @@ class AddressSpace:
         if cancel is not None and race.armed and race.is_armed("walk_batch"):
             return all(self._stepped_walk(r, cancel, export_refused) for r in regions)
         for r in regions:
-            if self.uv.destroy_walk(r, 0, None, cancel, export_refused=export_refused).interrupted:
+            if native(self.uv.destroy_walk, r, 0, None, cancel, export_refused=export_refused).interrupted:
                 return False
         return not (cancel is not None and cancel.is_set())
 
@@ -236,7 +237,7 @@ class AddressSpace:
         pos, end, batches = 0, region.pages, 0
         while pos < end:
             span_end = min(end, (pos // _STEP_PAGES + 1) * _STEP_PAGES)
-            res = self.uv.destroy_walk(region, pos, span_end, one_batch, export_refused=export_refused)
+            res = native(self.uv.destroy_walk, region, pos, span_end, one_batch, export_refused=export_refused)
             if not res.interrupted:  # nothing present in that span: no batch, no signal test
                 pos = span_end
                 continue
@@ -305,11 +306,16 @@ class Process:
             self._inflight -= 1
 
     def _wait_idle(self) -> None:
+        """Wait for the calls in flight (exit waits for the other threads); an interrupt that
+        lands meanwhile is kept by the exit, which the kernel does not interrupt."""
         while True:
             with self._lock:
                 if self._inflight == 0:
                     return
-            time.sleep(0.0005)  # releases the GIL; in-flight calls stop within one walk batch
+            try:
+                time.sleep(0.0005)  # releases the GIL; in-flight calls stop within one walk batch
+            except BaseException as exc:  # noqa: BLE001 - held and re-raised when the exit is done
+                keep_or_raise(exc)
 
     # -- files: fdget/fput and close --
     # fdget/fdput run on every call into the kernel: explicit acquire/release is about half the
@@ -371,7 +377,7 @@ class Process:
             self._fds = [f for f in self._fds if f is not file]
             last = self.exit_with_last_vm and not self._fds and not self._exiting
         if last:
-            self.exit()
+            self._do_group_exit(0)
 
     # -- public API --
     def create_vm(self, memory_size: int, vcpus: int = 1, *, memory_limit: int | None = None) -> Vm:
@@ -422,7 +428,7 @@ class Process:
         then destroy/export of every present page), then the VM fds close (each VM is destroyed
         as by ``Vm.close()``). Records ``exit_status`` = ``status & 0xff``; returns when done."""
         check_int("status", status, bits=32, signed=True)
-        self._do_group_exit((status & 0xFF) << 8)
+        self._end((status & 0xFF) << 8)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """A fatal signal ``sig`` (default SIGKILL; any signal whose default action ends the
@@ -432,7 +438,20 @@ class Process:
         check_int("sig", sig, bits=32, signed=True)
         if not 0 < sig < signal.NSIG or sig in _NOT_FATAL:
             raise ValueError(f"sig: {sig} is not a signal whose default action ends the process")
-        self._do_group_exit(int(sig))
+        self._end(int(sig))
+
+    def _end(self, wait_status: int) -> None:
+        """exit()/kill(). Called on a thread that is inside a call of this process (a signal
+        handler that interrupted it, say), the kernel's order is: the interrupted call returns,
+        then the process ends. The teardown then runs in a thread of its own, which waits for
+        that call like any exit waits for the other threads, and this returns at once."""
+        if on_stack(ENTRY_CODES, lambda loc: _in_process(loc.get("self"), self)):
+            self.fatal_signal.set()
+            threading.Thread(
+                target=self._do_group_exit, args=(wait_status,), name=f"exit/{self.pid}", daemon=True
+            ).start()
+            return
+        self._do_group_exit(wait_status)
 
     @property
     def wait_status(self) -> int | None:
@@ -474,22 +493,30 @@ class Process:
             return
         start = time.perf_counter()
         try:
-            self.fatal_signal.set()  # the killing signal, or exit_group's SIGKILL to the other threads
-            self._wait_idle()
-            race = self.host.race
-            if race.armed:
-                race.hit("exit_before_mmput", process=self, mm=self.mm)
-            self.mm.mmput()  # exit_mm before exit_files
-            with self._lock:
-                files, self._fds = self._fds, []
-            for file in files:  # close_files: nothing is in flight any more, so each fput releases
-                file.closed = True
-                file.release_pending = False
-                file.release()
-            self.alive = False
-            self.exit_seconds = time.perf_counter() - start
+            with Uninterruptible():  # do_exit: an interrupt is held until the teardown is done
+                self.fatal_signal.set()  # the killing signal, or exit_group's SIGKILL to the other threads
+                self._wait_idle()
+                race = self.host.race
+                if race.armed:
+                    race.hit("exit_before_mmput", process=self, mm=self.mm)
+                self.mm.mmput()  # exit_mm before exit_files
+                with self._lock:
+                    files, self._fds = self._fds, []
+                for file in files:  # close_files: nothing is in flight any more, so each fput releases
+                    file.closed = True
+                    file.release_pending = False
+                    file.release()
+                self.alive = False
+                self.exit_seconds = time.perf_counter() - start
         finally:
             self._exited.set()
+
+
+def _in_process(obj: object, proc: Process) -> bool:
+    return obj is proc or getattr(obj, "process", None) is proc
+
+
+ENTRY_CODES.update({Process.create_vm.__code__, Process.clone_vm.__code__})
 
 
 def _copy_process(host: Host, name: str) -> Process:

@@ -11,6 +11,7 @@ the VM and an ``UvRc`` standing for the ``u16 *rc, u16 *rrc`` pointers; callers 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,7 @@ from .constants import (
 )
 from .errors import EAGAIN, EFAULT, EINTR, EINVAL, EIO, ENOMEM
 from .fault import should_export_before_import
+from .interrupts import VCPU_RUN_CODES, Uninterruptible, native, on_stack
 from .mm import MmuNotifier
 
 if TYPE_CHECKING:
@@ -125,7 +127,7 @@ def destroy_cpu(vm: Vm, vcpu: Vcpu, rc: UvRc) -> int:
     if not vcpu.pv_handle:
         return 0
     host = vm.host
-    res = vm.uv.destroy_cpu(vcpu.pv_handle)
+    res = native(vm.uv.destroy_cpu, vcpu.pv_handle)
     cc = res.cc
     rc.set(res.rc, res.rrc)
     uv_event(vm, "PROTVIRT DESTROY VCPU %d: rc %x rrc %x", vcpu.id, res.rc, res.rrc)
@@ -164,7 +166,7 @@ def create_cpu(vm: Vm, vcpu: Vcpu, rc: UvRc) -> int:
         return -ENOMEM
     vcpu.stor_base = stor
     vcpu.sida = sida
-    res = vm.uv.create_cpu(vm.pv.handle, num=vcpu.id, stor_len=vm.host.uv_info["guest_cpu_stor_len"])
+    res = native(vm.uv.create_cpu, vm.pv.handle, num=vcpu.id, stor_len=vm.host.uv_info["guest_cpu_stor_len"])
     rc.set(res.rc, res.rrc)
     uv_event(vm, "PROTVIRT CREATE VCPU: cpu %d handle %x rc %x rrc %x", vcpu.id, res.handle, res.rc, res.rrc)
     vcpu.pv_handle = res.handle if not res.cc else 0
@@ -184,6 +186,14 @@ def cpus_from_pv(vm: Vm, rc: UvRc) -> int:
     access is in progress on it), never stop early; the caller's rc/rrc get the values of the
     first destroy that fails only (successful destroys write a local copy); then GISA is
     re-enabled (when in use) whatever the destroys returned."""
+    for vcpu in vm.vcpu_list:
+        if vcpu.mutex.locked() and on_stack(VCPU_RUN_CODES, _runs_on(vcpu)):
+            # A signal handler on the thread whose guest access it interrupted: that vCPU runs
+            # on this very thread (the kernel would run the handler after KVM_RUN returned).
+            raise ValueError(
+                f"vcpu: vCPU {vcpu.id} is running a guest access on this thread; destroy its secure CPU "
+                "after that access returns (not from a signal handler that interrupted it)"
+            )
     ret = 0
     for vcpu in vm.vcpu_list:
         local = UvRc()
@@ -195,6 +205,10 @@ def cpus_from_pv(vm: Vm, rc: UvRc) -> int:
     if vm.host.use_gisa:
         vm.gisa_enabled = True
     return ret
+
+
+def _runs_on(vcpu: Vcpu) -> Callable[[Mapping[str, object]], bool]:
+    return lambda loc: loc.get("run") is vcpu
 
 
 def cpus_to_pv(vm: Vm, rc: UvRc) -> int:
@@ -260,8 +274,14 @@ def init_vm(vm: Vm, rc: UvRc) -> int:
     vm.pv.stor_base = base
     vm.pv.stor_var = var
     vm.pv.guest_len = guest_len
-    res = vm.uv.create_config(
-        vm.region, guest_len=guest_len, asce=vm.gmap.asce, sca=vm.sca, base_stor_len=base_len, var_stor_len=vlen
+    res = native(
+        vm.uv.create_config,
+        vm.region,
+        guest_len=guest_len,
+        asce=vm.gmap.asce,
+        sca=vm.sca,
+        base_stor_len=base_len,
+        var_stor_len=vlen,
     )
     rc.set(res.rc, res.rrc)
     handle = res.handle
@@ -285,7 +305,7 @@ def init_vm(vm: Vm, rc: UvRc) -> int:
 def deinit_vm(vm: Vm, rc: UvRc) -> int:
     """kvm_s390_pv_deinit_vm: Destroy Config of the current VM; no memory walk."""
     handle = vm.pv.handle  # read here, as the kernel reads it for the UVC
-    res = vm.uv.destroy_config(handle)
+    res = native(vm.uv.destroy_config, handle)
     rc.set(res.rc, res.rrc)
     vm.gmap.guest_handle = 0
     if not res.cc:
@@ -325,7 +345,7 @@ def deinit_vm_fast(vm: Vm, rc: UvRc | None) -> int:
     """kvm_s390_pv_deinit_vm_fast: Destroy-Fast (0x0102); the counter is left to the caller.
     WARN_ONCE on a failure; since b1e428615f15 not for rc 0x0104 (APQNs still bound)."""
     handle = vm.pv.handle
-    res = vm.uv.destroy_config_fast(handle)
+    res = native(vm.uv.destroy_config_fast, handle)
     if rc is not None:
         rc.set(res.rc, res.rrc)
     vm.gmap.guest_handle = 0  # up to the gmap rewrite: zeroed whatever the result
@@ -347,7 +367,7 @@ def dispose_one_leftover(vm: Vm, rec: AsideRecord, rc: UvRc) -> int:
     if rec.fast:
         vm.mm.protected_dec()
         return 0
-    res = vm.uv.destroy_config(rec.handle)
+    res = native(vm.uv.destroy_config, rec.handle)
     rc.set(res.rc, res.rrc)
     uv_event(vm, "PROTVIRT DESTROY LEFTOVER VM: handle %x rc %x rrc %x", rec.handle, res.rc, res.rrc)
     if res.cc:
@@ -366,7 +386,7 @@ def destroy_lower_2g(vm: Vm) -> None:
     """Synchronous, non-interruptible destroy of guest absolute [0, 2 GiB) (every memslot below
     2 GiB; the newest kernels walk the gmap, with the export fallback)."""
     end_page = min(vm.memory_size, SZ_2G) // PAGE_SIZE
-    vm.uv.destroy_walk(vm.region, 0, end_page, None, export_refused=vm.host.profile.walk_export_fallback)
+    native(vm.uv.destroy_walk, vm.region, 0, end_page, None, export_refused=vm.host.profile.walk_export_fallback)
 
 
 def destroy_range(vm: Vm, cancel: _native.CancelToken | None) -> bool:
@@ -428,24 +448,37 @@ def deinit_aside_vm(vm: Vm, rc: UvRc) -> int:
         return -EINVAL
     ret = 0
     try:
-        vm.perform_started.set()
-        race = vm.host.race
-        if race.armed:
-            race.hit("perform_claimed", vm=vm, process=vm.process)
-        finished = destroy_range(vm, vm.process.fatal_signal)
+        try:
+            vm.perform_started.set()
+            race = vm.host.race
+            if race.armed:
+                race.hit("perform_claimed", vm=vm, process=vm.process)
+            finished = destroy_range(vm, vm.process.fatal_signal)
+        except BaseException:
+            # A Python-level interrupt (Ctrl-C, a handler's exception) in the interruptible part:
+            # unwind as a fatal signal would, the record goes to need_cleanup; then re-raise.
+            finished = False
+            _queue_leftover(vm, rec)
+            raise
         if finished:
-            if dispose_one_leftover(vm, rec, rc):
-                ret = -EIO
-            vm.host.kfree(rec.kaddr)
+            with Uninterruptible():  # the dispose of a walked record is not interrupted
+                if dispose_one_leftover(vm, rec, rc):
+                    ret = -EIO
+                vm.host.kfree(rec.kaddr)
             return ret
-        with vm.lock:
-            vm.pv.need_cleanup.insert(0, rec)  # list_add: at the head
+        _queue_leftover(vm, rec)
         rc.set(UVC_RC_EXECUTED, ASYNC_RRC)
-        uv_event(vm, "PROTVIRT ASYNC CLEANUP interrupted: handle %x queued as leftover", rec.handle)
         return 0
     finally:
         with vm.lock:
             vm.pv.performing -= 1
+
+
+def _queue_leftover(vm: Vm, rec: AsideRecord) -> None:
+    """An interrupted PERFORM: the claimed record goes to the head of need_cleanup (list_add)."""
+    with vm.lock:
+        vm.pv.need_cleanup.insert(0, rec)
+    uv_event(vm, "PROTVIRT ASYNC CLEANUP interrupted: handle %x queued as leftover", rec.handle)
 
 
 def deinit_cleanup_all(vm: Vm, rc: UvRc) -> int:

@@ -18,6 +18,7 @@ from types import MappingProxyType
 from typing import Any
 
 from ._util import check_bool
+from .interrupts import keep_or_raise
 
 #: The points, and where they are. Kernel function names are those of arch/s390/kvm and mm/.
 POINTS: Mapping[str, str] = MappingProxyType(
@@ -281,10 +282,13 @@ class RacePoints:
         with self._lock:
             points = [p for p in self._points.get(name, ()) if p.matches(context)]
             gates = [g for g in self._gates.get(name, ()) if g.predicate(context)]
-        for gate in gates:
-            gate.event.wait()
-        if points:
-            context["thread"] = threading.get_ident()
-            context["point"] = name
-            for point in points:
-                point._arrive(context)
+        try:
+            for gate in gates:
+                gate.event.wait()
+            if points:
+                context["thread"] = threading.get_ident()
+                context["point"] = name
+                for point in points:
+                    point._arrive(context)
+        except BaseException as exc:  # noqa: BLE001 - an interrupt landing at the point
+            keep_or_raise(exc)  # held by an uninterruptible kernel step, else raised here

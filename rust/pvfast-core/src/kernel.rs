@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{invalid, CoreError};
-use crate::memory::ps;
+use crate::memory::{ps, summary_counts, CHUNK_PAGES};
 use crate::region::Region;
 use crate::ultravisor::Ultravisor;
 use crate::uvc::{rc, Uvc, UvcStatus};
@@ -228,6 +228,14 @@ pub fn destroy_walk_export(
     // The walk visited [start, resume_page); the pages it left secure there are the refused ones.
     let hi = w.resume_page.min(region.pages());
     let lo = start.min(hi);
+    let any_secure = region.with_mem(|mem| {
+        let sums = &mem.summaries()[(lo / CHUNK_PAGES) as usize..hi.div_ceil(CHUNK_PAGES) as usize];
+        sums.iter()
+            .any(|s| summary_counts(s.load(Ordering::Relaxed)).1 != 0)
+    })?;
+    if !any_secure {
+        return Ok((w, 0)); // the common case (nothing refused): no second pass
+    }
     let (exported, _) = walk::for_secure_pages(&uv.core, region, lo, hi, |ctx, idx| {
         let s = ctx.mem.metas()[idx as usize].load(Ordering::Acquire);
         let refused = uv
