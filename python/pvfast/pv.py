@@ -457,7 +457,6 @@ def deinit_aside_vm(vm: Vm, rc: UvRc) -> int:
         except BaseException:
             # A Python-level interrupt (Ctrl-C, a handler's exception) in the interruptible part:
             # unwind as a fatal signal would, the record goes to need_cleanup; then re-raise.
-            finished = False
             _queue_leftover(vm, rec)
             raise
         if finished:
