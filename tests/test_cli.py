@@ -120,6 +120,8 @@ def test_python_dash_m():
         (["calibrate", "--measure", "disable:8G=1", "--fit", "uvc.QUI.per_page_ns"], "no per-page work in QUI"),
         (["reboot", "--sync", "--async"], "not allowed with argument"),
         (["info", "--async-destroy", "2"], "expected 0 or 1"),
+        (["info", "--kernel", "6.3"], "unknown kernel profile '6.3'; the profiles are 6.2, 6.4, 6.5, 6.6, latest"),
+        (["reboot", "--kernel", "5.15"], "unknown kernel profile '5.15'"),
         (["reboot", "--vcpus", "0"], "invalid vCPU count"),
         (["compare", "--repeat", "0"], "invalid repeat count"),
         (["reboot", "--bogus"], "unrecognized arguments: --bogus"),
@@ -159,7 +161,43 @@ def test_info_json_follows_host_options():
     assert not info0["uv"]["feature_misc"]
 
 
+def test_info_shows_the_kernel_profile_and_its_deltas():
+    code, out, _ = run("info", "--kernel", "6.2")
+    assert code == 0
+    assert "kernel 6.2," in out
+    assert "kernel profile 6.2: v6.2.0 to v6.2.15" in out
+    assert "no  segment_asce_refused" in out
+    code, out, _ = run("info")
+    assert "kernel profile latest" in out
+    assert "yes segment_asce_refused" in out
+    doc = run_json("info", "--kernel", "6.5")
+    assert doc["host"]["kernel"] == "6.5"
+    kernel = doc["kernel"]
+    assert kernel["profile"] == "6.5"
+    present = {d["delta"] for d in kernel["deltas"] if d["present"]}
+    assert present == {"segment_asce_refused", "cleanup_all_skip_if_zero"}
+    assert {d["delta"]: d["commit"] for d in kernel["deltas"]}["cleanup_all_skip_if_zero"] == "5ff92181577a"
+    assert run_json("info", "--kernel", "mainline")["kernel"]["profile"] == "latest"
+
+
+@pytest.mark.parametrize("command", ["info", "reboot", "shutdown", "compare"])
+def test_every_command_takes_kernel(capsys, command):
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"], out=io.StringIO(), err=io.StringIO())
+    assert "--kernel NAME" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------ reboot
+
+
+def test_reboot_kernel_6_2_json():
+    """6.2's PERFORM ignores the destroys the UV refuses: the rebooted guest's image stays secure."""
+    r = run_json("reboot", *SMALL, "--async", "--kernel", "6.2")
+    assert r["host"]["kernel"] == "6.2"
+    assert r["mode"] == "async"
+    assert r["secure_pages_left"] == 0
+    assert r["secure_pages_now"] > 0
+    assert r["uvcs"].get("CONV_FROM_SEC_STOR", 0) == 0
 
 
 def test_reboot_async_json():
@@ -168,7 +206,9 @@ def test_reboot_async_json():
     assert "error" not in r["perform"]  # rc 0 with Destroy-Fast (nothing left to destroy), 1 without
     assert r["secure_pages_before"] >= SMALL_PAGES
     assert r["secure_pages_left"] == 0
-    assert r["secure_pages_now"] > 0  # the rebooted guest's image is secure again
+    # the rebooted guest's image is secure again, unless the newest kernels' PERFORM, which walks
+    # the same gmap, exported it meanwhile (the guest imports it back when it touches it)
+    assert r["secure_pages_now"] > 0 or r["uvcs"].get("CONV_FROM_SEC_STOR", 0) > 0
     assert r["uvcs"]["DESTR_SEC_STOR"] >= SMALL_PAGES
     assert r["uvcs_unprotect"].get("DESTROY_SEC_CONF_FAST") == 1
     assert "DESTR_SEC_STOR" not in r["uvcs_unprotect"] or r["uvcs_unprotect"]["DESTR_SEC_STOR"] < SMALL_PAGES

@@ -19,6 +19,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "python" / "pvfast"
 LAYERS: list[set[str]] = [
     {"_native"},  # the Rust Ultravisor (the compiled extension; its stub is _native.pyi)
     {"constants", "errors", "_util", "_version"},
+    {"interrupts", "racepoints", "profiles"},  # race points (Host.race_point); kernel profiles and their deltas
     {"costs"},  # the cost model (TOML, defaults, the fit)
     {"accounting"},  # per-thread/process/VM accounts and the binding mm._fdget uses
     {"clock"},  # the modelled clock: waits, joins, the kernel mutex

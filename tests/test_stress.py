@@ -28,6 +28,8 @@ import pytest
 import pvfast
 from pvfast import PvCmd, PvError, Uvc, UvcError, vmm
 
+from .conftest import race_residue_bytes, unexplained_leaks
+
 GiB = 1 << 30
 MiB = 1 << 20
 PAGE = 4096
@@ -237,10 +239,13 @@ def run_stress(destroy_fast: bool, misc: bool, inject: bool, seconds: float) -> 
         if not inject:
             assert host.uv.secure_pages() == 0, "secure or orphaned pages left after every process exited"
             assert host.uv.config_handles() == set(), "configurations left after every process exited"
-            assert host.leaked() == [], "leak ledger not empty without injected failures"
-            assert host.kernel_memory() == 0, "kernel memory still allocated"
+            # the one kernel race that leaks (mm-release notifier vs VM destroy, docs/KERNEL.md)
+            # leaves a top table per occurrence; anything else on the ledger is a bug
+            assert unexplained_leaks(host) == [], "leak ledger not empty without injected failures"
+            assert host.kernel_memory() == race_residue_bytes(host), "kernel memory still allocated"
             assert host.uv.donated_bytes() == 0
-        ops = sum(v for k, v in stats.items() if k != "errors")
+        stats["notifier_races"] = len(host.races())
+        ops = sum(v for k, v in stats.items() if k not in ("errors", "notifier_races"))
         stats["ops"] = ops
         stats["seconds_x1000"] = int(took * 1000)
         line = (
@@ -249,6 +254,7 @@ def run_stress(destroy_fast: bool, misc: bool, inject: bool, seconds: float) -> 
             f"(finished {stats['perform_done']}, "
             f"interrupted {stats['perform_interrupted']}), unprotect {stats['unprotect']}, "
             f"kills {stats['kill']}, expected errors {stats['errors']}, "
+            f"notifier/VM-destroy races {stats['notifier_races']}, "
             f"DESTR_SEC_STOR {host.uv.stats().get('DESTR_SEC_STOR', 0)}"
         )
         print(line)

@@ -8,7 +8,7 @@ clock -> host -> gmap -> mm -> fault -> pv -> kvm -> vmm/image/trace/timeline/ex
 
 from __future__ import annotations
 
-from . import _native, image, vmm
+from . import _native, image, racepoints, vmm
 from ._version import __version__
 from .accounting import AccountingSnapshot, ThreadUsage, Usage
 from .constants import (
@@ -42,6 +42,7 @@ from .errors import ClosedFdError, PvError, UvcError
 from .host import Host, KernelWarning, LeakEntry, UltravisorView, UvInfo
 from .kvm import PvResult, PvState, Vm
 from .mm import AddressSpace, Process
+from .racepoints import RacePoint, RaceTimeout
 
 build_profile: str = _native.build_profile
 
@@ -80,6 +81,8 @@ __all__ = [
     "PvInfoId",
     "PvResult",
     "PvState",
+    "RacePoint",
+    "RaceTimeout",
     "ThreadUsage",
     "UltravisorView",
     "Usage",
@@ -90,5 +93,6 @@ __all__ = [
     "__version__",
     "build_profile",
     "image",
+    "racepoints",
     "vmm",
 ]

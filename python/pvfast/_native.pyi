@@ -498,7 +498,13 @@ class Ultravisor:
         for any byte string."""
     # ---- kernel-side range helpers (one call per range, GIL released) ----
     def destroy_walk(
-        self, region: Region, start_page: int = 0, end_page: int | None = None, cancel: CancelToken | None = None
+        self,
+        region: Region,
+        start_page: int = 0,
+        end_page: int | None = None,
+        cancel: CancelToken | None = None,
+        *,
+        export_refused: bool = False,
     ) -> WalkResult:
         """__s390_uv_destroy_range: issue destroy-page (counted) on every *present* page of
         [start, end), results ignored, in parallel batches of BATCH_PAGES present pages; skips
@@ -506,7 +512,9 @@ class Ultravisor:
         UVCs). With cancel: checked after every batch; when set, stop and return interrupted.
         Returns visited (present pages), destroyed, interrupted, resume_page. end_page is
         clamped to region.pages (and start_page to end_page). Every page below resume_page is done;
-        resume_page == end when not interrupted."""
+        resume_page == end when not interrupted. export_refused: afterwards, every page of
+        [start, resume_page) whose destroy was refused (owner with secure CPUs) gets an export
+        UVC (__kvm_s390_pv_destroy_page of the newest kernels)."""
     def import_range(
         self, handle: int, region: Region, start_page: int, npages: int, *, export_first: bool
     ) -> ImportResult:
@@ -520,8 +528,9 @@ class Ultravisor:
         the UVCs issued (as in stats()), failed_pages the imports that failed; a page whose import
         failed is left as it was and the walk goes on. first_failure_rc is 0 if none failed."""
     def make_accessible_range(self, region: Region, start_page: int, npages: int) -> AccessResult:
-        """Host or a non-protected guest touches pages: for each SECURE/SHARED/ORPHANED page,
-        pin-shared (0x0341) and if that fails export (0x0201). Returns pinned, exported, failed:
+        """Host or a non-protected guest touches pages: for each SECURE/ORPHANED page (and SHARED
+        page whose owner is gone; a live owner's shared page is host-accessible and gets no
+        UVC), pin-shared (0x0341) and if that fails export (0x0201). Returns pinned, exported, failed:
         the successful UVCs, and the pages that stay secure because both failed. GIL released."""
     def unpack_range(
         self,
@@ -535,7 +544,8 @@ class Ultravisor:
         cancel: CancelToken | None = None,
     ) -> UnpackResult:
         """KVM_PV_UNPACK's loop: per page 0x0301 with tweak0=tweak, tweak1=offset (export first
-        if asked). rc 0x010a -> fault the page in; if cancel is set return "eagain"; else retry.
+        if asked). A page not present yet gets no UVC: it is faulted in, then (cancel set ->
+        "eagain") retried. rc 0x010a -> fault the page in; if cancel is set return "eagain"; else retry.
         Other UV error -> "einval". addr not page aligned, size 0 or unaligned -> "einval" with no
         UVC; a page beyond the region -> "efault". Returns status "ok"|"eagain"|"einval"|"efault",
         rc, rrc of the last unpack UVC (0, 0 if none), pages_done. rcs: docs/UV.md."""

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from . import experiments
+from . import experiments, profiles
 from ._version import __version__
 from .costs import CostModel
 from .errors import PvError
@@ -126,10 +126,17 @@ def format_uvcs(uvcs: dict[str, int]) -> str:
     return ", ".join(f"{name} {count:,}" for name, count in sorted(uvcs.items(), key=lambda kv: -kv[1])) or "none"
 
 
+def kernel_arg(text: str) -> str:
+    try:
+        return profiles.resolve(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("kernel: ")) from None
+
+
 def describe_host(host: Mapping[str, Any]) -> str:
     """One line for the ``host`` section of a result (``HostOptions.as_dict()``)."""
     text = (
-        f"async_destroy={host['async_destroy']}, "
+        f"kernel {host.get('kernel', profiles.DEFAULT)}, async_destroy={host['async_destroy']}, "
         f"Destroy-Fast {'installed' if host['destroy_fast'] else 'not installed'}, "
         f"MISC {'on' if host['feature_misc'] else 'off'}"
     )
@@ -220,6 +227,14 @@ class ProgressBar:
 def build_parser() -> argparse.ArgumentParser:
     host = argparse.ArgumentParser(add_help=False)
     group = host.add_argument_group("emulated host (load-time settings)")
+    group.add_argument(
+        "--kernel",
+        type=kernel_arg,
+        default=profiles.DEFAULT,
+        metavar="NAME",
+        help=f"the kernel whose PV teardown code the host runs: {', '.join(profiles.PROFILES)} "
+        f"(default {profiles.DEFAULT}; 'pvfast info --kernel NAME' lists its deltas)",
+    )
     group.add_argument(
         "--async-destroy",
         type=async_destroy_arg,
@@ -322,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "sizes take binary suffixes K, M, G, T (8G = 8 GiB). examples:\n"
             "  pvfast info\n"
+            "  pvfast info --kernel 6.2\n"
             "  pvfast reboot --memory 64G --secure 8G --async\n"
             "  pvfast shutdown --memory 16G --secure 4G\n"
             "  pvfast compare --secure 1G,2G,4G --plot compare.png\n"
@@ -491,6 +507,7 @@ def host_options(args: argparse.Namespace) -> HostOptions:
         guest_memory=getattr(args, "guest_memory", "real"),
         walk_threads=getattr(args, "walk_threads", 0),
         costs=getattr(args, "costs", None),
+        kernel=args.kernel,
     )
 
 
@@ -528,6 +545,11 @@ def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
         else:
             shown = f"{value:,}" if isinstance(value, int) else str(value)
         w(f"  {key:<38} {shown}\n")
+    kernel = info["kernel"]
+    w(f"\nkernel profile {kernel['profile']}: {kernel['description']}\n")
+    for delta in kernel["deltas"]:
+        mark = "yes" if delta["present"] else "no "
+        w(f"  {mark} {delta['delta']:<28} {delta['first']:<28} {delta['commit']}\n")
     return 0
 
 

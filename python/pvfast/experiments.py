@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import _native, clock, vmm
+from . import _native, clock, profiles, vmm
 from . import image as _image
 from .accounting import AccountingSnapshot, ThreadUsage, Usage
 from .constants import PAGE_SIZE, SZ_2G, Cap, PvCmd
@@ -115,6 +115,7 @@ class HostOptions:
     guest_memory: str = "real"
     walk_threads: int = 0
     costs: CostModel | None = field(default=None, compare=False)
+    kernel: str = profiles.DEFAULT
 
     def __post_init__(self) -> None:
         if self.guest_memory not in GUEST_MEMORY_MODES:
@@ -124,6 +125,7 @@ class HostOptions:
 
     def build(self) -> Host:
         return Host(
+            kernel=self.kernel,
             async_destroy=self.async_destroy,
             destroy_fast=self.destroy_fast,
             feature_misc=self.feature_misc,
@@ -138,6 +140,7 @@ class HostOptions:
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "kernel": self.kernel,
             "async_destroy": self.async_destroy,
             "destroy_fast": self.destroy_fast,
             "feature_misc": self.feature_misc,
@@ -163,7 +166,18 @@ def host_info(options: HostOptions = HostOptions()) -> dict[str, Any]:
             "dump": host.dump_available,
             **{key: (list(value) if isinstance(value, tuple) else value) for key, value in uv.items()},
         },
+        "kernel": kernel_info(host.kernel),
         "build_profile": _build_profile(),
+    }
+
+
+def kernel_info(name: str) -> dict[str, Any]:
+    """A kernel profile: its name, what it stands for, and every delta with whether it has it."""
+    profile = profiles.profile(name)
+    return {
+        "profile": profile.name,
+        "description": profiles.DESCRIPTIONS[profile.name],
+        "deltas": profile.table(),
     }
 
 
@@ -337,8 +351,11 @@ def _reboot(
     timeline = MemoryTimeline(host, proc.mm, [old_handle], interval=SAMPLE_SECONDS, tracer=tracer) if sample else None
 
     thread = None
-    # The async_cleanup thread waits for this until the unprotect's own UVCs are counted, so its
-    # PERFORM never lands in stats_unprotect (it starts a few µs later than it would in QEMU).
+    # The async_cleanup thread enters PERFORM once the new guest runs: its work never lands in
+    # the unprotect's or the boot's counters, and what its walk meets (the new guest's pages,
+    # which the newest kernels export) is the same in every run, so modelled times are
+    # deterministic. It starts a few ms later on the wall clock than it would in QEMU; its
+    # modelled clock starts where the unprotect left the main thread, as QEMU's thread would.
     counted = threading.Event()
     acc0 = host.accounting.snapshot()
     m0 = clock.now_ps()
@@ -356,7 +373,6 @@ def _reboot(
     acc1 = host.accounting.snapshot()
     if timeline is not None:
         timeline.mark("unprotect returned")
-    counted.set()
     # vmm.protect(vm, image) split in its two parts, so each gets its own time
     with _span(tracer, "IPL loads the image (host_write)"):
         for comp in boot_image().components:
@@ -370,6 +386,7 @@ def _reboot(
     acc2 = host.accounting.snapshot()
     if timeline is not None:
         timeline.mark("guest running again")
+    counted.set()
     _counters(tracer, host, stats0)
 
     perform: dict[str, Any] | None = None

@@ -79,13 +79,15 @@ def do_non_secure_storage_access(gmap: Gmap, handle: int, first: int, npages: in
         raise UvcError(EFAULT, f"guest fault: CONV_TO_SEC_STOR on {failed} page(s)", first_rc)
 
 
-def guest_fault(gmap: Gmap, first: int, npages: int, *, secure_handle: int) -> int:
+def guest_fault(gmap: Gmap, first: int, npages: int, *, secure_handle: int, import_handle: int | None = None) -> int:
     """The guest touches [first, first + npages). ``secure_handle`` is the configuration it runs as
-    (0: it runs as a normal guest). A protected guest takes 0x3e/0x3f; a normal guest takes 0x3d on
-    secure pages and ordinary first-touch faults. Returns the configuration whose view the access
-    then has (0 for the host's view)."""
+    (0: it runs as a normal guest). A protected guest takes 0x3e/0x3f, importing with
+    ``import_handle`` (default: ``secure_handle``; gmap->guest_handle in the kernels that had it,
+    0 after a failed destroy, so the import fails); a normal guest takes 0x3d on secure pages and
+    ordinary first-touch faults. Returns the configuration whose view the access then has (0 for
+    the host's view)."""
     if secure_handle:
-        do_non_secure_storage_access(gmap, secure_handle, first, npages)
+        do_non_secure_storage_access(gmap, secure_handle if import_handle is None else import_handle, first, npages)
         return secure_handle
     do_secure_storage_access(gmap, first, npages)
     gmap.region.touch(first * PAGE_SIZE, npages * PAGE_SIZE)

@@ -17,9 +17,9 @@ import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
-from . import _native
+from . import _native, profiles
 from ._util import check_bool, check_int
 from .accounting import Accounting
 from .constants import (
@@ -39,6 +39,7 @@ from .constants import (
     test_bit_inv,
 )
 from .costs import CostModel
+from .racepoints import RacePoint, RacePoints
 
 if TYPE_CHECKING:
     from .kvm import Vm
@@ -129,6 +130,16 @@ class KernelWarning:
 
 #: ``host.warnings()`` keeps the latest this many warnings.
 MAX_WARNINGS = 10_000
+
+
+class KernelReport(TypedDict):
+    """A report the emulated kernel printed with a stack trace: ``kind`` is "oops" (the kernel
+    crashed in that task, e.g. an operation exception) or "kasan" (a memory-safety violation
+    KASAN reports), ``function`` where, ``message`` what."""
+
+    kind: str
+    function: str
+    message: str
 
 
 class LeakEntry(TypedDict):
@@ -245,7 +256,9 @@ class UltravisorView:
 
 
 class Host:
-    """One booted machine: a kvm module loaded with ``async_destroy`` and a UV with its features.
+    """One booted machine: a kernel of profile ``kernel`` (``pvfast.profiles.PROFILES``; the
+    newest by default) with the kvm module loaded with ``async_destroy``, and a UV with its
+    features.
 
     The keywords are load-time settings (read-only afterwards): the kvm module parameter
     ``async_destroy``, whether the host booted with PV support (``prot_virt``), the UV's
@@ -254,16 +267,22 @@ class Host:
     ``guest_memory``: ``"real"`` (every page a guest touches is host memory) or ``"state"`` (a
     touched page costs only its 4-byte state until it holds data; for guests of many TiB).
     ``costs``: the ``CostModel`` of the modelled clock (None: the documented defaults).
+    ``uv_facility=False`` is a machine without the Ultravisor-call facility (then ``prot_virt``
+    must be False): a UVC the kernel issues there is an operation exception, which the emulated
+    kernel reports as an oops (``oopses()``).
 
-    Attributes: ``uv`` (UltravisorView), ``uv_info`` (UvInfo, as QUI reported it at boot),
-    ``processes`` (the live processes of this host), ``async_destroy``, ``prot_virt``,
-    ``use_gisa``, ``destroy_fast_available``, ``feature_misc``, ``feature_aiv``, ``dump_available``,
-    ``accounting`` (where the UV work landed, per emulated thread, process and VM).
+    Attributes: ``kernel`` (the profile's name), ``profile`` (its precomputed deltas), ``uv``
+    (UltravisorView), ``uv_info`` (UvInfo, as QUI reported it at boot), ``processes`` (the live
+    processes of this host), ``async_destroy``, ``prot_virt``, ``use_gisa``,
+    ``destroy_fast_available``, ``feature_misc``, ``feature_aiv``, ``dump_available``,
+    ``accounting`` (where the UV work landed, per emulated thread, process and VM), ``race``
+    (the race points).
     """
 
     def __init__(
         self,
         *,
+        kernel: str = profiles.DEFAULT,
         async_destroy: int = 1,
         prot_virt: bool = True,
         destroy_fast: bool = True,
@@ -271,10 +290,12 @@ class Host:
         feature_aiv: bool = True,
         dump: bool = True,
         use_gisa: bool = True,
+        uv_facility: bool = True,
         walk_threads: int = 0,
         guest_memory: str = "real",
         costs: CostModel | None = None,
     ) -> None:
+        profile = profiles.profile(kernel)
         if isinstance(async_destroy, bool):
             async_destroy = int(async_destroy)
         async_destroy = check_int("async_destroy", async_destroy, bits=32, signed=True)
@@ -284,6 +305,9 @@ class Host:
         feature_aiv = check_bool("feature_aiv", feature_aiv)
         dump = check_bool("dump", dump)
         use_gisa = check_bool("use_gisa", use_gisa)
+        uv_facility = check_bool("uv_facility", uv_facility)
+        if prot_virt and not uv_facility:
+            raise ValueError("uv_facility: a host without the Ultravisor facility cannot boot with prot_virt")
         walk_threads = check_int("walk_threads", walk_threads, bits=16)
         if not isinstance(guest_memory, str):
             raise TypeError(f"guest_memory: expected str, got {type(guest_memory).__name__}")
@@ -301,6 +325,9 @@ class Host:
             threads=walk_threads,
         )
         object.__setattr__(self, "_frozen", False)
+        self.profile = profile
+        self.kernel = profile.name
+        self.uv_facility = bool(uv_facility)
         self.uv = UltravisorView(native)
         self.guest_memory = guest_memory  # how guest memory is backed: "real" pages or "state" words only
         self.costs = costs  # the cost model of the modelled clock
@@ -333,6 +360,10 @@ class Host:
         self._warnings: collections.deque[KernelWarning] = collections.deque(maxlen=MAX_WARNINGS)
         self.processes: list[Process] = []
         self._ledger: dict[int, LeakEntry] = {}
+        self.race = RacePoints()
+        self._reports: list[KernelReport] = []
+        self._races: list[dict[str, Any]] = []
+        self._warned: set[str] = set()
         object.__setattr__(self, "_frozen", True)
         _hosts.add(self)
 
@@ -347,7 +378,7 @@ class Host:
         raise PermissionError("kvm module parameters are 0444: set them when creating the Host")
 
     def __setattr__(self, name: str, value: object) -> None:
-        if name in ("async_destroy", "prot_virt") and getattr(self, "_frozen", False):
+        if name in ("async_destroy", "prot_virt", "kernel", "profile") and getattr(self, "_frozen", False):
             raise PermissionError(f"{name} is a load-time setting of the emulated host")
         object.__setattr__(self, name, value)
 
@@ -390,6 +421,76 @@ class Host:
         if cap == Cap.S390_PROTECTED_ASYNC_DISABLE:
             return int(bool(self.async_destroy) and self.prot_virt)
         return 0
+
+    # -- what the kernel prints with a stack trace --
+    def report(self, kind: str, function: str, message: str) -> None:
+        """The emulated kernel hit an oops or a KASAN report (logged at ERROR on pvfast.host)."""
+        with self._lock:
+            self._reports.append(KernelReport(kind=kind, function=function, message=message))
+        label = "BUG: KASAN" if kind == "kasan" else "Oops"
+        log.error("%s in %s: %s (kernel %s)", label, function, message, self.kernel)
+
+    def oopses(self) -> list[KernelReport]:
+        """Every oops and KASAN report of this host so far (a real kernel would have crashed the
+        task, or printed a memory-corruption report); empty on a healthy run."""
+        with self._lock:
+            return list(self._reports)
+
+    def note_race(self, race: str, function: str, vm: object, handle: int, leaked: list[int]) -> None:
+        """A known kernel race happened (docs/KERNEL.md): which, where it showed, the VM
+        (``id()``), the configuration handle, and the kernel addresses it left on the ledger."""
+        with self._lock:
+            self._races.append({"race": race, "function": function, "vm": id(vm), "handle": handle, "leaked": leaked})
+
+    def races(self) -> list[dict[str, Any]]:
+        """The known kernel races that happened on this host, each with what it left behind.
+        (The kernel itself only WARNs; pvfast keeps the record so tests can tell that residue
+        from a leak of their own.)"""
+        with self._lock:
+            return [dict(r, leaked=list(r["leaked"])) for r in self._races]
+
+    def warn_once(self, site: str, message: str) -> None:
+        """WARN_ONCE at ``site`` (a kernel function): logged at WARNING the first time only."""
+        with self._lock:
+            if site in self._warned:
+                return
+            self._warned.add(site)
+        log.warning("WARNING: at %s: %s", site, message)
+
+    # -- deterministic interleaving --
+    def race_point(
+        self,
+        name: str,
+        *,
+        vm: object | None = None,
+        process: object | None = None,
+        pause: bool = True,
+        count: int | None = 1,
+        timeout: float = 10.0,
+        action: Callable[[dict[str, Any]], object] | None = None,
+        raises: type[BaseException] | BaseException | None = None,
+    ) -> RacePoint:
+        """Arm the race point ``name`` (``pvfast.racepoints.POINTS`` lists them and where they are).
+
+        A thread of this host that reaches it (only for that ``vm`` / ``process`` if given)
+        pauses there, holding what the kernel holds at that place, until ``release()``; the
+        first ``count`` hits pause (None: all), later ones pass. ``pause=False`` only records
+        hits. ``action(context)`` runs in that thread when it goes on; ``raises`` makes it raise
+        that exception there (e.g. KeyboardInterrupt, to replay a Ctrl-C at that point).
+        ``wait()`` returns the next hit's context. Every wait gives up after ``timeout``
+        seconds with ``RaceTimeout`` (a paused thread that is never released goes on by itself
+        and the point's ``close()`` / ``with`` exit raises it). Use as a context manager::
+
+            with host.race_point("perform_claimed", vm=vm) as point:
+                t = threading.Thread(target=vm.pv_command, args=(PvCmd.ASYNC_CLEANUP_PERFORM,))
+                t.start()
+                point.wait()      # PERFORM holds the record and has not walked yet
+                ...               # whatever must happen in that window
+                point.release()
+            t.join()
+        """
+        match = {k: v for k, v in (("vm", vm), ("process", process)) if v is not None}
+        return self.race.arm(name, pause=pause, count=count, timeout=timeout, action=action, raises=raises, **match)
 
     # -- processes --
     def spawn_process(self, name: str = "qemu") -> Process:
@@ -455,6 +556,11 @@ class Host:
         self._next_kaddr += max(size, PAGE_SIZE) + PAGE_SIZE  # a guard page between allocations
         self._kmem[addr] = (kind, size)
         return addr
+
+    def allocated(self, addr: int) -> bool:
+        """Whether ``addr`` is a live kernel allocation (not freed yet)."""
+        with self._lock:
+            return addr in self._kmem
 
     def _kfree(self, addr: int) -> None:
         if addr:

@@ -43,6 +43,7 @@ from .constants import (
     PV_INFO_HEADER_LEN,
     PV_INFO_VM_LEN,
     SEC_PARMS_MAX_LEN,
+    SZ_1M,
     AsceType,
     Cap,
     PvCmd,
@@ -54,6 +55,7 @@ from .errors import EFAULT, EINVAL, EIO, ENOMEM, ENOTTY, ClosedFdError, PvError,
 from .fault import access_with_faults, guest_fault, host_fault
 from .gmap import Gmap
 from .host import LeakEntry
+from .interrupts import ENTRY_CODES, VCPU_RUN_CODES, Uninterruptible, on_stack
 from .mm import File, register_kvm_create_vm
 from .pv import PvVmState, UvRc
 
@@ -176,6 +178,8 @@ class PvState:
     * ``user_cpu_state_ctrl``: user space controls the CPU state (set by every PV command).
     * ``guest_handle``: the gmap's copy of the handle that the fault handlers read (v6.2).
     * ``asce``: the guest ASCE: top-level table origin, designation type, table length.
+    * ``gisa_enabled``: the guest interruption state area is in use (disabled while vCPUs are
+      protected on a UV without AIV; cpus_from_pv re-enables it when ``use_gisa`` is set).
     """
 
     handle: int
@@ -194,6 +198,7 @@ class PvState:
     asce: int
     mm_users: int
     leaks: tuple[LeakEntry, ...] = field(default=(), repr=False)
+    gisa_enabled: bool = True
 
 
 class Vcpu:
@@ -332,6 +337,7 @@ class Vm(File):
             asce=self.gmap.asce,
             mm_users=self.mm.users,
             leaks=leaks,
+            gisa_enabled=self.gisa_enabled,
         )
 
     # -- KVM_S390_PV_COMMAND --
@@ -446,22 +452,42 @@ class Vm(File):
                 raise PvError(EINVAL, cmd, rc, rrc)
             if flags:
                 raise PvError(EINVAL, cmd, rc, rrc)
-            uvrc = UvRc(rc, rrc)
+            uvrc = _new_object(UvRc)  # UvRc(rc, rrc) without the __init__ call (hot path)
+            uvrc.rc = rc
+            uvrc.rrc = rrc
             out: list[Any] = [None, None]
             if handler is handle_pv_async_cleanup_perform:  # takes kvm->lock only for short moments
                 r = handler(self, uvrc, data, out)
             else:
-                lock = self.lock  # kvm->lock; acquire/release: cheaper than ``with`` (see Process._fdget)
-                lock.acquire()
-                try:
-                    r = handler(self, uvrc, data, out)
-                finally:
-                    lock.release()
+                lock = self.lock  # kvm->lock; acquire/release: cheaper than ``with`` (see Process.fdget)
+                if not lock.acquire(False) and not self._lock_contended(cmd, handler):
+                    r = handler(self, uvrc, data, out)  # INFO re-entered from a signal handler
+                else:
+                    try:
+                        r = handler(self, uvrc, data, out)
+                    finally:
+                        lock.release()
             if r:
                 raise PvError(-r, cmd, uvrc.rc, uvrc.rrc, out[0])
             return _pv_result(uvrc.rc, uvrc.rrc, out[0], out[1])
         finally:
             proc._fdput(self)
+
+    def _lock_contended(self, cmd: int, handler: PvHandler) -> bool:
+        """kvm->lock is taken. Normally another thread holds it: wait (True). If this thread holds
+        it, a signal handler (or callback) re-entered the ioctl it interrupted; the kernel would
+        run the handler after that ioctl returned. INFO depends on nothing that ioctl changes,
+        so it runs now without the lock (False); any other command raises ValueError."""
+        if not on_stack((Vm.pv_command.__code__,), lambda loc: loc.get("self") is self and "lock" in loc, skip=3):
+            self.lock.acquire()
+            return True
+        if handler is handle_pv_info:
+            return False
+        raise ValueError(
+            f"cmd: {_cmd_name(cmd)} issued on this thread while it is inside a KVM_S390_PV_COMMAND of "
+            "this VM (from a signal handler that interrupted it?); the kernel runs such a handler only "
+            "after the interrupted ioctl returned: issue it then"
+        )
 
     # -- guest and host memory (faults resolved as in fault.py) --
     def _page_range(self, gaddr: object, size: object) -> tuple[int, int]:
@@ -477,67 +503,126 @@ class Vm(File):
         last = (start + length - 1) // PAGE_SIZE
         return first, last - first + 1
 
-    def _secure_handle(self) -> int:
-        """The configuration the guest runs as, 0 if it runs as a normal guest: it runs protected
-        only on vCPUs with a secure CPU (sdf 2); after a failed PREPARE the configuration still
-        exists but the vCPUs run non-protected."""
-        handle = self.pv.handle
-        return handle if handle and any(v.pv_handle for v in self.vcpu_list) else 0
+    # A guest touches memory only while one of its vCPUs runs (KVM_RUN), and the run loop holds
+    # that vCPU's mutex; kvm_s390_cpus_from_pv takes each vcpu->mutex before destroying the
+    # secure CPU. So a guest-side call runs on a vCPU (``vcpu=``, default 0) and holds its mutex
+    # for its whole duration: no teardown path can destroy the secure CPU, and with it the
+    # configuration the access runs as, while the access is in progress.
 
-    def _guest_fault(self, first: int, npages: int) -> int:
-        return guest_fault(self.gmap, first, npages, secure_handle=self._secure_handle())
+    def _vcpu(self, vcpu: object) -> Vcpu:
+        index = check_int("vcpu", vcpu, bits=16)
+        vcpus = self.vcpu_list
+        if index < len(vcpus):
+            return vcpus[index]
+        if not vcpus:
+            raise ValueError("vcpu: the VM has no vCPU, and a guest runs only on a vCPU (KVM_RUN)")
+        raise ValueError(f"vcpu: no vCPU {index} (the VM has {len(vcpus)})")
 
-    def guest_access(self, gaddr: int, size: int = PAGE_SIZE, *, write: bool = True) -> None:
-        """The running guest touches [gaddr, gaddr+size) (faults resolved as the kernel does)."""
+    def _run(self, run: Vcpu) -> int:
+        """Enter KVM_RUN on ``run`` (the caller holds the file): take vcpu->mutex and return the
+        configuration the guest runs as on it, 0 if it runs as a normal guest. A vCPU runs
+        protected only with a secure CPU (sdf 2): after a PREPARE or DISABLE that destroyed the
+        CPUs, the configuration may still exist but the guest runs non-protected."""
+        if not run.mutex.acquire(False):
+            if on_stack(VCPU_RUN_CODES, lambda loc: loc.get("run") is run, skip=3):
+                raise ValueError(
+                    f"vcpu: vCPU {run.id} already runs a guest access on this thread (a signal handler "
+                    "that interrupted it?); use another vCPU or wait until that access returned"
+                )
+            run.mutex.acquire()
+        handle = self.pv.handle if run.pv_handle else 0
+        race = self.host.race
+        if race.armed:
+            try:
+                race.hit("guest_access", vm=self, process=self.process, vcpu=run.id, handle=handle)
+            except BaseException:
+                run.mutex.release()
+                raise
+        return handle
+
+    def _fault(self, first: int, npages: int, handle: int) -> int:
+        """The guest running as ``handle`` touches pages (fault.guest_fault). Up to the gmap
+        rewrite the non-secure-storage handler imports with gmap->guest_handle, which every
+        configuration-destroy attempt zeroes; the newest kernels use kvm->arch.pv.handle."""
+        imports = handle if self.host.profile.no_guest_handle or not handle else self.gmap.guest_handle
+        return guest_fault(self.gmap, first, npages, secure_handle=handle, import_handle=imports)
+
+    def guest_access(self, gaddr: int, size: int = PAGE_SIZE, *, write: bool = True, vcpu: int = 0) -> None:
+        """The guest, running on ``vcpu``, touches [gaddr, gaddr+size) (faults resolved as the
+        kernel does). A VM without vCPUs has no running guest: ValueError naming ``vcpu``."""
         first, npages = self._page_range(gaddr, size)
-        self.process._fdget(self)
+        proc = self.process
+        proc._fdget(self)
         try:
-            self._guest_fault(first, npages)
+            run = self._vcpu(vcpu)
+            handle = self._run(run)
+            try:
+                self._fault(first, npages, handle)
+            finally:
+                run.mutex.release()
         finally:
-            self.process._fdput(self)
+            proc._fdput(self)
 
-    def guest_write(self, gaddr: int, data: bytes) -> None:
-        """The guest writes its own memory (plaintext in its view)."""
+    def guest_write(self, gaddr: int, data: bytes, *, vcpu: int = 0) -> None:
+        """The guest, running on ``vcpu``, writes its own memory (plaintext in its view)."""
         payload = check_bytes("data", data)
         first, npages = self._page_range(gaddr, len(payload))
-        self.process._fdget(self)
+        proc = self.process
+        proc._fdget(self)
         try:
-            access_with_faults(
-                lambda: self._guest_fault(first, npages),
-                lambda view: self.region.write(gaddr, payload, as_config=view),
-                "guest_write",
-            )
+            run = self._vcpu(vcpu)
+            handle = self._run(run)
+            try:
+                access_with_faults(
+                    lambda: self._fault(first, npages, handle),
+                    lambda view: self.region.write(gaddr, payload, as_config=view),
+                    "guest_write",
+                )
+            finally:
+                run.mutex.release()
         finally:
-            self.process._fdput(self)
+            proc._fdput(self)
 
-    def guest_read(self, gaddr: int, size: int) -> bytes:
-        """The guest reads its own memory (plaintext in its view)."""
+    def guest_read(self, gaddr: int, size: int, *, vcpu: int = 0) -> bytes:
+        """The guest, running on ``vcpu``, reads its own memory (plaintext in its view)."""
         first, npages = self._page_range(gaddr, size)
-        self.process._fdget(self)
+        proc = self.process
+        proc._fdget(self)
         try:
-            return access_with_faults(
-                lambda: self._guest_fault(first, npages),
-                lambda view: self.region.read(gaddr, size, as_config=view),
-                "guest_read",
-            )
+            run = self._vcpu(vcpu)
+            handle = self._run(run)
+            try:
+                return access_with_faults(
+                    lambda: self._fault(first, npages, handle),
+                    lambda view: self.region.read(gaddr, size, as_config=view),
+                    "guest_read",
+                )
+            finally:
+                run.mutex.release()
         finally:
-            self.process._fdput(self)
+            proc._fdput(self)
 
-    def guest_share(self, gaddr: int, size: int = PAGE_SIZE) -> None:
-        """The protected guest makes pages shared (SET_SHARED_ACCESS, guest-side UVC 0x1000)."""
+    def guest_share(self, gaddr: int, size: int = PAGE_SIZE, *, vcpu: int = 0) -> None:
+        """The protected guest, running on ``vcpu``, makes pages shared (SET_SHARED_ACCESS,
+        guest-side UVC 0x1000). ValueError if the guest does not run protected on that vCPU."""
         first, npages = self._page_range(gaddr, size)
-        self.process._fdget(self)
+        proc = self.process
+        proc._fdget(self)
         try:
-            handle = self._secure_handle()
-            if not handle:
-                raise ValueError("guest_share: the guest is not protected")
-            guest_fault(self.gmap, first, npages, secure_handle=handle)
-            for page in range(first, first + npages):
-                res = self.uv.set_shared_access(handle, page * PAGE_SIZE)
-                if res.cc:
-                    raise UvcError(EIO, f"SET_SHARED_ACCESS at {page * PAGE_SIZE:#x}", res.rc, res.rrc)
+            run = self._vcpu(vcpu)
+            handle = self._run(run)
+            try:
+                if not handle:
+                    raise ValueError("guest_share: the guest is not protected")
+                self._fault(first, npages, handle)
+                for page in range(first, first + npages):
+                    res = self.uv.set_shared_access(handle, page * PAGE_SIZE)
+                    if res.cc:
+                        raise UvcError(EIO, f"SET_SHARED_ACCESS at {page * PAGE_SIZE:#x}", res.rc, res.rrc)
+            finally:
+                run.mutex.release()
         finally:
-            self.process._fdput(self)
+            proc._fdput(self)
 
     def host_read(self, gaddr: int, size: int) -> bytes:
         """The VMM reads guest memory: secure pages are pinned (shared) or exported first, so the
@@ -581,23 +666,45 @@ class Vm(File):
             return
         self._destroyed = True
         self.closed = True
-        rc = UvRc()
-        for vcpu in self.vcpu_list:
-            if vcpu.pv_handle:
+        with Uninterruptible():  # kvm_arch_destroy_vm runs to the end
+            rc = UvRc()
+            for vcpu in self.vcpu_list:  # kvm_arch_vcpu_destroy: no vcpu->mutex, nothing runs any more
                 _pv.destroy_cpu(self, vcpu, rc)
-            else:
-                self.host._kfree(vcpu.sida)
-        self.vcpu_list = []
-        self.host._kfree(self.sca)
-        _pv.deinit_cleanup_all(self, rc)
-        notifier = self.pv.mmu_notifier
-        if notifier is not None:
-            self.pv.mmu_notifier = None
-            self.mm._mmu_notifier_unregister(notifier)
-        self.gmap.free()
+            self.vcpu_list = []
+            self.host._kfree(self.sca)
+            race = self.host.race
+            if race.armed:
+                race.hit("vm_destroy_vcpus_gone", vm=self, process=self.process)
+            _pv.deinit_cleanup_all(self, rc)
+            notifier = self.pv.mmu_notifier
+            if notifier is not None:
+                self.pv.mmu_notifier = None
+                self.mm._mmu_notifier_unregister(notifier)
+            self.gmap.free()
 
 
 register_kvm_create_vm(Vm)
+ENTRY_CODES.update(
+    f.__code__
+    for f in (
+        Vm.pv_command,
+        Vm.create_vcpu,
+        Vm.guest_access,
+        Vm.guest_write,
+        Vm.guest_read,
+        Vm.guest_share,
+        Vm.host_read,
+        Vm.host_write,
+    )
+)
+VCPU_RUN_CODES.update(f.__code__ for f in (Vm.guest_access, Vm.guest_write, Vm.guest_read, Vm.guest_share))
+
+
+def _cmd_name(cmd: int) -> str:
+    try:
+        return f"KVM_PV_{PvCmd(cmd).name}"
+    except ValueError:
+        return str(cmd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -654,14 +761,19 @@ def handle_pv_enable(vm: Vm, rc: UvRc, data: dict[str, Any], out: list[Any]) -> 
     """KVM_PV_ENABLE: create the configuration, then a secure CPU for every vCPU."""
     if vm.pv.handle:
         return -EINVAL
-    # extended SCA and KSM-off are host-side steps without failure modes here
-    r = _pv.init_vm(vm, rc)
-    if r:
-        return r
-    r = _pv.cpus_to_pv(vm, rc)
-    if r:
-        _pv.deinit_vm(vm, UvRc())
-    vm.service_irq_masked = True  # set even when cpus_to_pv failed
+    with Uninterruptible():
+        race = vm.host.race
+        if race.armed:
+            race.hit("enable_start", vm=vm, process=vm.process)
+        # the prelude (extended SCA and KSM off; in the newest kernels adapters unmapped, THP and
+        # COW sharing off) has no state pvfast models
+        r = _pv.init_vm(vm, rc)
+        if r:
+            return r
+        r = _pv.cpus_to_pv(vm, rc)
+        if r:
+            _pv.deinit_vm(vm, UvRc())
+        vm.service_irq_masked = True  # set even when cpus_to_pv failed
     return r
 
 
@@ -669,11 +781,12 @@ def handle_pv_disable(vm: Vm, rc: UvRc, data: dict[str, Any], out: list[Any]) ->
     """KVM_PV_DISABLE: secure CPUs gone, then cleanup-all (current, set-aside and leftovers)."""
     if not vm.pv.handle:
         return -EINVAL
-    r = _pv.cpus_from_pv(vm, rc)
-    if r:
-        return r
-    r = _pv.deinit_cleanup_all(vm, rc)
-    vm.service_irq_masked = False
+    with Uninterruptible():
+        r = _pv.cpus_from_pv(vm, rc)
+        if r:
+            return r
+        r = _pv.deinit_cleanup_all(vm, rc)
+        vm.service_irq_masked = False
     return r
 
 
@@ -681,11 +794,12 @@ def handle_pv_async_cleanup_prepare(vm: Vm, rc: UvRc, data: dict[str, Any], out:
     """KVM_PV_ASYNC_CLEANUP_PREPARE: secure CPUs gone, then set the configuration aside."""
     if not vm.host.async_destroy or not vm.pv.handle:
         return -EINVAL
-    r = _pv.cpus_from_pv(vm, rc)
-    if r:
-        return r
-    r = _pv.set_aside(vm, rc)
-    vm.service_irq_masked = False
+    with Uninterruptible():
+        r = _pv.cpus_from_pv(vm, rc)
+        if r:
+            return r
+        r = _pv.set_aside(vm, rc)
+        vm.service_irq_masked = False
     return r
 
 
@@ -697,14 +811,15 @@ def handle_pv_async_cleanup_perform(vm: Vm, rc: UvRc, data: dict[str, Any], out:
 
 
 def handle_pv_set_sec_parms(vm: Vm, rc: UvRc, data: dict[str, Any], out: list[Any]) -> int:
-    """KVM_PV_SET_SEC_PARMS: copy the SE header in and hand it to the UV (0x0300)."""
+    """KVM_PV_SET_SEC_PARMS: copy the SE header in and hand it to the UV (0x0300). Headers up to
+    8 KiB (PAGE_SIZE * 2); the newest kernels take up to 1 MiB."""
     if not vm.pv.handle:
         return -EINVAL
     if "header" not in data:
         return -EFAULT
     header = check_bytes("header", data["header"])
     length = check_int("length", data.get("length", len(header)))
-    if length > SEC_PARMS_MAX_LEN:
+    if length > (SZ_1M if vm.host.profile.se_header_1m else SEC_PARMS_MAX_LEN):
         return -EINVAL
     if length == 0:
         return -ENOMEM  # vmalloc(0) returns NULL
@@ -803,21 +918,9 @@ def pv_dmp(vm: Vm, rc: UvRc, data: dict[str, Any], out: list[Any]) -> int:
         vm.pv.dumping = True
         return 0
     if subcmd == PvDumpSubcmd.CONFIG_STOR_STATE:
-        chunk = ui["conf_dump_storage_state_len"]
-        if not vm.pv.dumping or gaddr % HPAGE_SIZE or not buff_len or buff_len % chunk:
-            return -EINVAL
-        buf = bytearray()
-        for _ in range(buff_len // chunk):
-            dump = vm.uv.dump_conf_stor_state(handle, gaddr)
-            rc.set(dump.rc, dump.rrc)
-            if dump.cc:
-                out[0] = bytes(buf)  # what was copied before the failure stays in the user buffer
-                return -EINVAL
-            buf += dump.data
-            gaddr += HPAGE_SIZE
-        out[0] = bytes(buf)
-        out[1] = gaddr
-        return 0
+        if not vm.pv.dumping:
+            return -EINVAL  # kvm_s390_pv_dmp: rc/rrc untouched
+        return dump_stor_state(vm, rc, buff_len, gaddr, out)
     if subcmd == PvDumpSubcmd.COMPLETE:
         if not vm.pv.dumping or buff_len < ui["conf_dump_finalize_len"]:
             return -EINVAL
@@ -832,6 +935,36 @@ def pv_dmp(vm: Vm, rc: UvRc, data: dict[str, Any], out: list[Any]) -> int:
         out[0] = dump.data
         return 0
     return -ENOTTY
+
+
+def dump_stor_state(vm: Vm, rc: UvRc, buff_len: int, gaddr: int, out: list[Any]) -> int:
+    """kvm_s390_pv_dump_stor_state: one UVC 0x0401 per 1 MiB of guest memory into a kernel buffer
+    of min(buff_len, 1 MiB); the buffer goes to the user each time it is full and at the end.
+    Every error leaves through the exit that copies the UVC header, so an argument error (gaddr
+    not 1 MiB aligned, buff_len 0 or not a multiple of the per-MiB length) or -ENOMEM gives
+    rc = rrc = 0, a UVC failure that UVC's rc/rrc; output since the last flush is lost then."""
+    chunk = vm.host.uv_info["conf_dump_storage_state_len"]
+    if gaddr % HPAGE_SIZE or not buff_len or buff_len % chunk:
+        rc.set(0, 0)
+        return -EINVAL
+    kbuf_len = min(buff_len, HPAGE_SIZE)
+    copied = bytearray()  # what reached the user buffer
+    kbuf = bytearray()
+    for _ in range(buff_len // chunk):
+        dump = vm.uv.dump_conf_stor_state(vm.pv.handle, gaddr)
+        rc.set(dump.rc, dump.rrc)
+        if dump.cc:
+            out[0] = bytes(copied)
+            return -EINVAL
+        kbuf += dump.data
+        gaddr += HPAGE_SIZE
+        if len(kbuf) >= kbuf_len:
+            copied += kbuf
+            kbuf.clear()
+    copied += kbuf
+    out[0] = bytes(copied)
+    out[1] = gaddr
+    return 0
 
 
 def _handle_pv_unknown(vm: Vm, rc: UvRc, data: dict[str, Any], out: list[Any]) -> int:

@@ -27,12 +27,18 @@ from ._util import check_int
 from .accounting import bind as _bind_account
 from .accounting import current as _accounting_context
 from .clock import join_process
-from .errors import ENOMEM, ClosedFdError
+from .errors import EINTR, ENOMEM, ClosedFdError
 from .host import check_vm_args, register_copy_process
+from .interrupts import ENTRY_CODES, Uninterruptible, keep_or_raise, native, on_stack
 
 if TYPE_CHECKING:
+    from .gmap import Gmap
     from .host import Host
     from .kvm import Vm
+
+# Pages per step of the stepped walk: one summary chunk (2 MiB), so each native call runs on the
+# calling thread and does at most one batch.
+_STEP_PAGES = 512
 
 # Signals whose default action does not end the process (ignore, stop, continue): not fatal.
 _NOT_FATAL = frozenset(
@@ -60,12 +66,15 @@ def register_kvm_create_vm(create: Callable[[Process, int, int], Vm]) -> None:
 
 class MmuNotifier:
     """struct mmu_notifier with its one op: ``release(mm)`` runs once, when the last user of the mm
-    goes (exit_mmap) or when the subscription is unregistered while the mm still lives."""
+    goes (exit_mmap) or when the subscription is unregistered while the mm still lives.
+    ``grabbed``: registration succeeded and took its mm_count reference (mmgrab), which
+    unregistering drops again (mmdrop)."""
 
-    __slots__ = ("release",)
+    __slots__ = ("grabbed", "release")
 
     def __init__(self, release: Callable[[AddressSpace], None]) -> None:
         self.release = release
+        self.grabbed = False
 
 
 class AddressSpace:
@@ -84,6 +93,7 @@ class AddressSpace:
         self.users = 1
         self.regions: list[_native.Region] = []
         self._notifiers: list[MmuNotifier] = []
+        self.gmaps: list[Gmap] = []  # the guest address spaces of this mm (gmap_create .. gmap_remove)
         self.dead = False
         self.teardown_stats: dict[str, int] = {}
 
@@ -122,19 +132,37 @@ class AddressSpace:
         return region
 
     # -- mmu notifiers --
-    def _mmu_notifier_register(self, subscription: MmuNotifier) -> None:
+    def _mmu_notifier_register(self, subscription: MmuNotifier, *, signal_pending: bool = False) -> int:
+        """__mmu_notifier_register: mm_take_all_locks first, which gives up with -EINTR when the
+        registering task has a signal pending; on success mmgrab and link. Returns 0 or -errno."""
+        if signal_pending:
+            return -EINTR
         with self._lock:
             self._notifiers.append(subscription)
+            subscription.grabbed = True
+        return 0
 
     def _mmu_notifier_unregister(self, subscription: MmuNotifier) -> None:
-        """Unregister; a subscription still registered on a live mm gets its release call now."""
+        """Unregister; a subscription still registered on a live mm gets its release call now.
+        The mm_count reference registration took is dropped whatever happened: for a
+        subscription that was never registered that mmdrop has no mmgrab to match, and the mm is
+        freed while it is still in use (the bug "Fix incorrect usage of mmu_notifier_register()"
+        fixed, KASAN's use-after-free)."""
         with self._lock:
             registered = subscription in self._notifiers
             if registered:
                 self._notifiers.remove(subscription)
             live = not self.dead
+            grabbed, subscription.grabbed = subscription.grabbed, False
         if registered and live:
             subscription.release(self)
+        if not grabbed:
+            self.host.report(
+                "kasan",
+                "mmu_notifier_unregister",
+                "mmdrop of a subscription that was never registered: mm_count drops below its users "
+                "and the mm_struct is freed while still in use (use-after-free)",
+            )
 
     # -- mm_users --
     def _mmget(self) -> None:
@@ -156,29 +184,84 @@ class AddressSpace:
             self._exit_mmap()
 
     def _exit_mmap(self) -> None:
-        """Last user gone: every notifier's release, then page-table teardown."""
+        """Last user gone: every notifier's release, then page-table teardown: while the mm is
+        protected (protected_count != 0) each present PTE gets a destroy-page UVC, an export if
+        that fails (ptep_get_and_clear_full); then the page tables are freed, which unlinks
+        them from every gmap still attached (host_to_guest)."""
         with self._lock:
             subscriptions, self._notifiers = self._notifiers, []
         for subscription in subscriptions:
             subscription.release(self)
+        race = self.host.race
+        if race.armed:
+            race.hit("mm_teardown", mm=self)
         destroyed = exported = 0
         if self.is_protected():
-            for region in self.regions:
-                res = self.uv.mm_teardown(region, all_present=True)  # one UVC per present PTE
-                destroyed += res.destroyed
-                exported += res.exported
+            if not self.host.uv_facility:
+                # The UVC instruction does not exist on this machine: operation exception in
+                # kernel mode. The exiting task dies; the page teardown goes on without UVCs.
+                self.host.report(
+                    "oops",
+                    "uv_destroy_owned_page",
+                    "operation exception: UVC 0x0202 (destroy secure storage) issued by "
+                    "ptep_get_and_clear_full on a machine without the Ultravisor facility "
+                    f"(protected_count {self.protected_count})",
+                )
+            else:
+                for region in self.regions:
+                    res = native(self.uv.mm_teardown, region, all_present=True)  # one UVC per present PTE
+                    destroyed += res.destroyed
+                    exported += res.exported
+        for gmap in list(self.gmaps):
+            gmap.unlink_host_mappings("exit_mmap")
         for region in self.regions:
-            self.uv.release_region(region)
+            native(self.uv.release_region, region)
         self.regions.clear()
         self.teardown_stats = {"destroyed": destroyed, "exported": exported}
         self.dead = True
 
-    def _destroy_range(self, cancel: _native.CancelToken | None) -> bool:
-        """s390_uv_destroy_range over the whole address space. Returns False if interrupted."""
-        for region in list(self.regions):
-            if self.uv.destroy_walk(region, 0, None, cancel).interrupted:
+    def _destroy_range(
+        self,
+        cancel: _native.CancelToken | None,
+        region: _native.Region | None = None,
+        *,
+        export_refused: bool = False,
+    ) -> bool:
+        """__s390_uv_destroy_range: a destroy-page UVC on every present page of the whole address
+        space (``region=None``, the walk up to the gmap rewrite) or of one VM's memory
+        (``region``, gmap_pv_destroy_range); ``export_refused``: a refused destroy is followed by
+        an export. With ``cancel`` the walk is interruptible (PERFORM): it tests the fatal
+        signal after every batch. Returns False if interrupted."""
+        regions = [region] if region is not None else list(self.regions)
+        race = self.host.race
+        if cancel is not None and race.armed and race.is_armed("walk_batch"):
+            return all(self._stepped_walk(r, cancel, export_refused) for r in regions)
+        for r in regions:
+            if native(self.uv.destroy_walk, r, 0, None, cancel, export_refused=export_refused).interrupted:
                 return False
         return not (cancel is not None and cancel.is_set())
+
+    def _stepped_walk(self, region: _native.Region, cancel: _native.CancelToken, export_refused: bool) -> bool:
+        """The interruptible walk one batch at a time, on the calling thread, with the
+        ``walk_batch`` race point after each batch and then the fatal-signal test, as the
+        kernel's single-threaded walk does. (A walk given a token that is already set does
+        exactly one batch and says where to resume.)"""
+        one_batch = _native.CancelToken()
+        one_batch.set()
+        race = self.host.race
+        pos, end, batches = 0, region.pages, 0
+        while pos < end:
+            span_end = min(end, (pos // _STEP_PAGES + 1) * _STEP_PAGES)
+            res = native(self.uv.destroy_walk, region, pos, span_end, one_batch, export_refused=export_refused)
+            if not res.interrupted:  # nothing present in that span: no batch, no signal test
+                pos = span_end
+                continue
+            pos = res.resume_page
+            batches += 1
+            race.hit("walk_batch", mm=self, region=region, batch=batches, resume_page=pos)
+            if cancel.is_set():
+                return False
+        return True
 
 
 class File(abc.ABC):
@@ -241,11 +324,16 @@ class Process:
             self._inflight -= 1
 
     def _wait_idle(self) -> None:
+        """Wait for the calls in flight (exit waits for the other threads); an interrupt that
+        lands meanwhile is kept by the exit, which the kernel does not interrupt."""
         while True:
             with self._lock:
                 if self._inflight == 0:
                     return
-            time.sleep(0.0005)  # releases the GIL; in-flight calls stop within one walk batch
+            try:
+                time.sleep(0.0005)  # releases the GIL; in-flight calls stop within one walk batch
+            except BaseException as exc:  # noqa: BLE001 - held and re-raised when the exit is done
+                keep_or_raise(exc)
 
     # -- files: fdget/fput and close --
     # fdget/fdput run on every call into the kernel: explicit acquire/release is about half the
@@ -312,7 +400,7 @@ class Process:
             self._fds = [f for f in self._fds if f is not file]
             last = self.exit_with_last_vm and not self._fds and not self._exiting
         if last:
-            self.exit()
+            self._do_group_exit(0)
 
     # -- public API --
     def create_vm(self, memory_size: int, vcpus: int = 1, *, memory_limit: int | None = None) -> Vm:
@@ -359,7 +447,7 @@ class Process:
         then destroy/export of every present page), then the VM fds close (each VM is destroyed
         as by ``Vm.close()``). Records ``exit_status`` = ``status & 0xff``; returns when done."""
         status = check_int("status", status, bits=32, signed=True)
-        self._do_group_exit((status & 0xFF) << 8)
+        self._end((status & 0xFF) << 8)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """A fatal signal ``sig`` (default SIGKILL; any signal whose default action ends the
@@ -369,7 +457,20 @@ class Process:
         sig = check_int("sig", sig, bits=32, signed=True)
         if not 0 < sig < signal.NSIG or sig in _NOT_FATAL:
             raise ValueError(f"sig: {sig} is not a signal whose default action ends the process")
-        self._do_group_exit(int(sig))
+        self._end(int(sig))
+
+    def _end(self, wait_status: int) -> None:
+        """exit()/kill(). Called on a thread that is inside a call of this process (a signal
+        handler that interrupted it, say), the kernel's order is: the interrupted call returns,
+        then the process ends. The teardown then runs in a thread of its own, which waits for
+        that call like any exit waits for the other threads, and this returns at once."""
+        if on_stack(ENTRY_CODES, lambda loc: _in_process(loc.get("self"), self)):
+            self.fatal_signal.set()
+            threading.Thread(
+                target=self._do_group_exit, args=(wait_status,), name=f"exit/{self.pid}", daemon=True
+            ).start()
+            return
+        self._do_group_exit(wait_status)
 
     @property
     def wait_status(self) -> int | None:
@@ -411,26 +512,37 @@ class Process:
             return
         start = time.perf_counter()
         try:
-            _bind_account(self, None)
-            self.fatal_signal.set()  # the killing signal, or exit_group's SIGKILL to the other threads
-            self._wait_idle()
-            join_process(self)  # modelled clock: the exit waits for every thread of the process
-            parent = self.helper_of
-            if parent is not None and not parent.alive:
-                join_process(parent)  # a CLONE_VM helper exits once its parent is gone
-            self.mm._mmput()  # exit_mm before exit_files
-            with self._lock:
-                files, self._fds = self._fds, []
-            for file in files:  # close_files: nothing is in flight any more, so each fput releases
-                file.closed = True
-                file.release_pending = False
-                _bind_account(self, file)
-                file._release()
-            self.alive = False
-            self.host._remove_process(self)
-            self.exit_seconds = time.perf_counter() - start
+            with Uninterruptible():  # do_exit: an interrupt is held until the teardown is done
+                _bind_account(self, None)
+                self.fatal_signal.set()  # the killing signal, or exit_group's SIGKILL to the other threads
+                self._wait_idle()
+                join_process(self)  # modelled clock: the exit waits for every thread of the process
+                parent = self.helper_of
+                if parent is not None and not parent.alive:
+                    join_process(parent)  # a CLONE_VM helper exits once its parent is gone
+                race = self.host.race
+                if race.armed:
+                    race.hit("exit_before_mmput", process=self, mm=self.mm)
+                self.mm._mmput()  # exit_mm before exit_files
+                with self._lock:
+                    files, self._fds = self._fds, []
+                for file in files:  # close_files: nothing is in flight any more, so each fput releases
+                    file.closed = True
+                    file.release_pending = False
+                    _bind_account(self, file)
+                    file._release()
+                self.alive = False
+                self.host._remove_process(self)
+                self.exit_seconds = time.perf_counter() - start
         finally:
             self._exited.set()
+
+
+def _in_process(obj: object, proc: Process) -> bool:
+    return obj is proc or getattr(obj, "process", None) is proc
+
+
+ENTRY_CODES.update({Process.create_vm.__code__, Process.clone_vm.__code__})
 
 
 def _copy_process(host: Host, name: str) -> Process:

@@ -34,7 +34,11 @@ def _check_hold(hold: object) -> None:
 
 
 class AsyncCleanupThread(threading.Thread):
-    """QEMU's detached ``async_cleanup`` thread: one PERFORM; on failure QEMU exits (status 1)."""
+    """QEMU's detached ``async_cleanup`` thread: one PERFORM; on failure QEMU exits (status 1).
+
+    It passes the race point ``async_cleanup_start`` ("thread created, ioctl not yet entered",
+    the double-reboot window) before its ioctl; a ``hold`` event is a gate there that keeps this
+    thread waiting until the event is set."""
 
     def __init__(self, vm: Vm, *, hold: threading.Event | None, exit_on_error: bool) -> None:
         super().__init__(name="async_cleanup", daemon=True)
@@ -45,13 +49,21 @@ class AsyncCleanupThread(threading.Thread):
         self.error: PvError | None = None
         self.entered = threading.Event()
         self.clock_start = clock.now_ps()  # modelled clock: the thread starts where its creator is
+        race = vm.host.race
+        self._gate = race.gate("async_cleanup_start", lambda ctx: ctx.get("thread_obj") is self, hold) if hold else None
 
     def run(self) -> None:
-        """Wait for ``hold``, issue PERFORM; on failure log QEMU's line and, with
-        ``exit_on_error``, exit the VMM with status 1. ``result``/``error`` keep the outcome."""
+        """Wait for ``hold`` (a gate at the ``async_cleanup_start`` race point), issue PERFORM; on
+        failure log QEMU's line and, with ``exit_on_error``, exit the VMM with status 1.
+        ``result``/``error`` keep the outcome."""
         clock.inherit(self.clock_start)
-        if self.hold is not None:
-            self.hold.wait()  # "thread created, ioctl not yet entered": the double-reboot window
+        race = self.vm.host.race
+        try:
+            if race.armed:
+                race.hit("async_cleanup_start", vm=self.vm, process=self.vm.process, thread_obj=self)
+        finally:
+            if self._gate is not None:
+                race.ungate("async_cleanup_start", self._gate)
         self.entered.set()
         try:
             self.result = self.vm.pv_command(PvCmd.ASYNC_CLEANUP_PERFORM)
@@ -87,9 +99,10 @@ def try_disable_async(
 def unprotect(vm: Vm, *, hold: threading.Event | None = None, exit_on_error: bool = True) -> AsyncCleanupThread | None:
     """s390_machine_unprotect: async teardown when possible (returns the thread), else DISABLE.
 
-    ``hold``: the async_cleanup thread waits for this event before entering the ioctl, which makes
-    QEMU's double-reboot race reproducible (see docs/EXAMPLES.md). ``exit_on_error``: a failing
-    PERFORM or DISABLE exits the VMM process, as QEMU does.
+    ``hold``: the async_cleanup thread waits for this event before entering the ioctl (a gate at
+    the race point ``async_cleanup_start``, see ``Host.race_point``), which makes QEMU's
+    double-reboot race reproducible. ``exit_on_error``: a failing PERFORM or DISABLE exits the
+    VMM process, as QEMU does.
     """
     _check_vm(vm)
     _check_hold(hold)

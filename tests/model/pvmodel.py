@@ -1,7 +1,12 @@
 """Reference model of KVM s390 PV teardown + the Ultravisor, written only from the spec.
 
-Sources: shared/spec/kernel-pv-teardown.md (profile "v6.6+" = v6.2 + Δ6.4 + Δ6.5 + Δ6.6) and
-shared/API.md.  Section numbers in comments ("§4.5") refer to kernel-pv-teardown.md.
+Sources: shared/spec/kernel-pv-teardown.md and shared/API.md.  Section numbers in comments
+("§4.5") refer to kernel-pv-teardown.md.  Two kernel profiles: ``Model(kernel="latest")`` (the
+default: the spec's "v6.6+" plus its [Δlatest] items: walks over the VM's own memory with an
+export when a destroy is refused, imports with the VM's handle, 1 MiB SE headers, the dump reset
+in kvm_s390_clear_pv_state) and ``Model(kernel="6.2")`` (v6.2 as merged: segment-ASCE VMs may
+PREPARE, walks over the whole address space with refusals ignored, imports with
+gmap->guest_handle, 8 KiB SE headers, ``dumping`` survives the PV state).
 This file must never import pvfast: it is the independent oracle the implementation is checked
 against.  It is deliberately slow and literal: one Python statement per kernel step.  For the same
 reason it defines its own constants (errnos, UVC codes and rcs, sizes) instead of taking pvfast's
@@ -50,7 +55,9 @@ SZ_1M = 1 << 20
 SZ_2G = 1 << 31
 BATCH_PAGES = 32  # GATHER_GET_PAGES, §1.5
 LOW_PAGES = SZ_2G // PAGE_SIZE  # PREPARE destroys guest pages [0, 2 GiB) synchronously
-SEC_PARMS_MAX = 2 * PAGE_SIZE  # 8 KiB in v6.2..v6.6 (1 MiB only in Δlatest)
+SEC_PARMS_MAX = 2 * PAGE_SIZE  # 8 KiB in v6.2..v6.6
+SEC_PARMS_MAX_LATEST = 1 << 20  # 1 MiB in Δlatest
+KERNELS = ("6.2", "latest")
 DUMP_BUFF_LEN = SZ_1M
 
 KVM_PV_ENABLE = 0
@@ -285,12 +292,7 @@ class Ultravisor:
         return self.pages.get(key, (NONSECURE, 0))
 
     def installed_calls(self):
-        """The host's list: the guest-only share calls (bits 8, 9) are not indicated to a host
-        (kvm-unit-tests s390x/uv-host.c test_invalid)."""
-        guest_only = ("SET_SHARED_ACCESS", "REMOVE_SHARED_ACCESS")
-        names = [
-            n for n in UVC_INSTALLED_BITS if n not in guest_only and (n != "DESTROY_SEC_CONF_FAST" or self.destroy_fast)
-        ]
+        names = [n for n in UVC_INSTALLED_BITS if n != "DESTROY_SEC_CONF_FAST" or self.destroy_fast]
         return msb0_words(UVC_INSTALLED_BITS[n] for n in names)
 
     def feature_indications(self):
@@ -557,6 +559,7 @@ class Vm:
     need_cleanup: list = field(default_factory=list)
     inflight: int = 0  # PERFORM calls holding a claimed record
     service_irq_masked: bool = False
+    guest_handle: int = 0  # 6.2: gmap->guest_handle, the fault handlers' copy of the handle
     user_cpu_state_ctrl: bool = False
     gisa_disabled: bool = False
     notifier_registered: bool = False  # registered once per VM (v6.2)
@@ -585,7 +588,8 @@ class PerformToken:
 
 
 class Model:
-    """Kernel (KVM s390 PV, profile v6.6+) plus Ultravisor, as one sequential state machine."""
+    """Kernel (KVM s390 PV, profile ``kernel``: "6.2" or "latest") plus Ultravisor, as one
+    sequential state machine."""
 
     def __init__(
         self,
@@ -595,10 +599,23 @@ class Model:
         feature_misc=True,
         feature_aiv=True,
         *,
+        kernel="latest",
         unmap_on_close=False,
         conf_dump_storage_state_len=4096,
         conf_dump_finalize_len=4096,
     ):
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel: the model knows {KERNELS}, not {kernel!r}")
+        self.kernel = kernel
+        latest = kernel == "latest"
+        self.segment_refused = latest  # Δ6.4 (292a7d6fca33) is in every profile after 6.2
+        self.own_memory_walks = latest  # walks over the VM's own gmap, not the whole mm
+        self.export_refused = latest  # a refused destroy in those walks is followed by an export
+        self.imports_use_handle = latest  # no gmap->guest_handle
+        self.clear_resets_dump = latest  # kvm_s390_clear_pv_state ends a dump in progress
+        self.create_cpu_frees = latest  # a failed Create CPU frees its donation
+        self.notifier_first = latest  # the mm notifier is registered first in init_vm
+        self.sec_parms_max = SEC_PARMS_MAX_LATEST if latest else SEC_PARMS_MAX
         self.async_destroy = int(async_destroy)
         self.prot_virt = bool(prot_virt)
         self.destroy_fast = bool(destroy_fast)
@@ -742,6 +759,7 @@ class Model:
             "need_cleanup": len(vm.need_cleanup),
             "protected_count": vm.mm.protected_count,
             "dumping": vm.dumping,
+            "gisa_enabled": not vm.gisa_disabled,
             "leaked": len(vm.ledger),
             "vcpu_protected": [vcpu.handle != 0 for vcpu in vm.vcpus],
             "service_irq_masked": vm.service_irq_masked,
@@ -789,8 +807,11 @@ class Model:
         if cc:
             if vcpu.handle:  # the partial CPU is destroyed
                 self._destroy_cpu(vm, vcpu, Cmd())
-            else:  # nothing was created: the donation just goes back
+            elif self.create_cpu_frees:  # nothing was created: the donation just goes back
                 self._free(vm, stor)
+                vcpu.stor = None
+            else:  # 6.2: destroy_cpu returns at once without a CPU handle: kernel memory leaked
+                self.resources[stor].state = "stray"
                 vcpu.stor = None
             return EIO
         return 0
@@ -805,8 +826,15 @@ class Model:
                 return ret
         return 0
 
-    def _guest_protected(self, vm):
-        return any(vcpu.handle for vcpu in vm.vcpus)
+    def _guest_protected(self, vm, vcpu=0):
+        """The guest runs protected on ``vcpu`` iff that vCPU has a secure CPU (sdf 2)."""
+        return bool(self._vcpu(vm, vcpu).handle)
+
+    def _vcpu(self, vm, vcpu):
+        """A guest runs only on a vCPU (KVM_RUN, which holds vcpu->mutex for the access)."""
+        if not 0 <= vcpu < len(vm.vcpus):
+            raise ValueError(f"vcpu: no vCPU {vcpu} (the VM has {len(vm.vcpus)})")
+        return vm.vcpus[vcpu]
 
     # ---- gmap table helpers (§4.6) ----
     def _unlist_old_asce(self, vm):
@@ -819,24 +847,31 @@ class Model:
     def _replace_asce(self, vm):
         """s390_replace_asce: unlist, [Δ6.4] refuse segment ASCE, install a copy."""
         unlisted = self._unlist_old_asce(vm)
-        if vm.asce_type == "segment":
+        if vm.asce_type == "segment" and self.segment_refused:
             return EINVAL, unlisted
         vm.table = self._alloc("table")
         vm.table_listed = True
         return 0, unlisted
 
     # ---- teardown machinery (§4) ----
+    def _clear_pv_state(self, vm):
+        """kvm_s390_clear_pv_state (Δlatest also ends a dump in progress)."""
+        vm.handle = 0
+        vm.guest_len = 0
+        vm.stor_base = vm.stor_var = None
+        if self.clear_resets_dump:
+            vm.dumping = False
+
     def _deinit_vm(self, vm, out):
         """§4.1: Destroy Config of the current VM, no memory walk."""
         cc, rc, rrc, _ = self.uv.destroy_conf(vm.handle)
         out.set(rc, rrc)
+        vm.guest_handle = 0  # zeroed whatever the result
         if cc == 0:
             vm.mm.protected_count -= 1
             self._free(vm, vm.stor_base)
             self._free(vm, vm.stor_var)
-            vm.handle = 0
-            vm.guest_len = 0
-            vm.stor_base = vm.stor_var = None
+            self._clear_pv_state(vm)
             return 0
         self._leak(vm, vm.stor_base)
         self._leak(vm, vm.stor_var)
@@ -850,13 +885,12 @@ class Model:
         """§4.3: Destroy-Fast of the current VM.  protected_count is not touched."""
         cc, rc, rrc, _ = self.uv.destroy_conf_fast(vm.handle)
         out.set(rc, rrc)
+        vm.guest_handle = 0  # zeroed whatever the result
         if cc:
             return EIO
         self._free(vm, vm.stor_base)
         self._free(vm, vm.stor_var)
-        vm.handle = 0
-        vm.guest_len = 0
-        vm.stor_base = vm.stor_var = None
+        self._clear_pv_state(vm)
         return 0
 
     def _dispose_one_leftover(self, vm, rec, out):
@@ -884,9 +918,16 @@ class Model:
         )
 
     def _destroy_range(self, keys, reason):
-        """__s390_uv_destroy_range body: one destroy per present page, results ignored."""
+        """__s390_uv_destroy_range body: one destroy per present page, results ignored (6.2);
+        Δlatest (gmap_pv_destroy_range): a refused destroy is followed by an export."""
         for key in keys:
-            self.uv.destroy_page(key, reason)
+            cc, _, _, _ = self.uv.destroy_page(key, reason)
+            if cc and self.export_refused:
+                self.uv.export_page(key, reason)
+
+    def _range_keys(self, vm):
+        """The pages PERFORM and the zap walk: the whole mm (6.2), the VM's own memory (Δlatest)."""
+        return self._walk_keys(vm.mm, vm if self.own_memory_walks else None)
 
     def _deinit_cleanup_all(self, vm, out):
         """§4.5 with the Δ6.5 zero check."""
@@ -913,7 +954,7 @@ class Model:
                     out.set(local.rc, local.rrc)
             vm.need_cleanup.pop(0)
         if need_zap and mm.alive:
-            self._destroy_range(self._walk_keys(mm), "cleanup-all")
+            self._destroy_range(self._range_keys(vm), "cleanup-all")
         mm.protected_count -= 1
         return ret
 
@@ -921,7 +962,7 @@ class Model:
         """§3.8 step 2 (v6.2 + Δ6.4)."""
         if vm.set_aside is not None:
             return EINVAL
-        if vm.asce_type == "segment":
+        if vm.asce_type == "segment" and self.segment_refused:
             return EINVAL
         old_handle = vm.handle
         if self.destroy_fast:
@@ -930,6 +971,7 @@ class Model:
             rec = Record()
         else:
             rec = Record(vm.handle, vm.stor_base, vm.stor_var, vm.table)
+            vm.guest_handle = 0
             ret, _ = self._replace_asce(vm)  # the old table is held by the record
             if ret:
                 return ENOMEM
@@ -941,9 +983,7 @@ class Model:
         ]
         if left and not self.uv.injected_fired:
             self.violations.append(f"I2: PREPARE left {len(left)} old pages below 2 GiB")
-        vm.handle = 0
-        vm.guest_len = 0
-        vm.stor_base = vm.stor_var = None
+        self._clear_pv_state(vm)
         vm.set_aside = rec
         out.set(UVC_RC_EXECUTED, RRC_KVM_SYNTHETIC)
         return 0
@@ -986,6 +1026,9 @@ class Model:
             return EINVAL, None
         # init_vm
         mm = vm.mm
+        if self.notifier_first and not vm.notifier_registered:
+            vm.notifier_registered = True  # Δlatest: registered before anything is allocated
+            mm.notifiers.append(vm.id)
         vm.guest_len = vm.memory_size
         base = self._alloc("base")
         var = self._alloc("var")
@@ -1004,10 +1047,10 @@ class Model:
                 mm.protected_count -= 1
                 self._free(vm, base)
                 self._free(vm, var)
-                vm.handle = 0
-                vm.guest_len = 0
-                vm.stor_base = vm.stor_var = None
+                self._clear_pv_state(vm)
             return EIO, None
+        if not self.imports_use_handle:
+            vm.guest_handle = handle
         if not vm.notifier_registered:
             vm.notifier_registered = True
             mm.notifiers.append(vm.id)
@@ -1037,7 +1080,7 @@ class Model:
             length = data["length"]
         else:
             return EFAULT, None
-        if length > SEC_PARMS_MAX:
+        if length > self.sec_parms_max:
             return EINVAL, None
         if length == 0:
             return ENOMEM, None  # the allocator returns NULL for 0 bytes
@@ -1055,7 +1098,9 @@ class Model:
         rule = self._should_export_before_import(vm.mm)
         if rule:
             self.uv.export_page(key, "ebi")  # result ignored
-        cc, rc, rrc, _ = self.uv.import_page(name, vm.handle, key, rule)
+        # UNPACK uses the VM's handle; 6.2's fault handler imports with gmap->guest_handle
+        handle = vm.handle if name == "UNPACK_IMG" or self.imports_use_handle else vm.guest_handle
+        cc, rc, rrc, _ = self.uv.import_page(name, handle, key, rule)
         out.set(rc, rrc)
         return EINVAL if cc else 0
 
@@ -1141,7 +1186,10 @@ class Model:
             return 0, None
         if subcmd == KVM_PV_DUMP_CONFIG_STOR_STATE:
             state_len = self.conf_dump_storage_state_len
-            if not vm.dumping or gaddr % SZ_1M or buff_len == 0 or buff_len % state_len:
+            if not vm.dumping:
+                return EINVAL, None
+            if gaddr % SZ_1M or buff_len == 0 or buff_len % state_len:
+                out.set(0, 0)  # the error exit copies the (zero) UVC header back
                 return EINVAL, None
             written = 0
             while written < buff_len:
@@ -1194,8 +1242,7 @@ class Model:
         ``batches`` batches of 32 present pages (the check also runs after the last batch)."""
         token = self.tokens.pop(token_id)
         vm = token.vm
-        mm = vm.mm
-        keys = self._walk_keys(mm)
+        keys = self._range_keys(vm)
         out = Cmd(token.rc_in, token.rrc_in)
         if interrupted:
             self._destroy_range(keys[: batches * BATCH_PAGES], "perform")
@@ -1254,11 +1301,12 @@ class Model:
                 return EFAULT
         return 0
 
-    def guest_access(self, vm_id, page, n=1, write=True):
-        """The running guest touches pages ``page .. page+n-1``.  Returns 0 or an errno."""
+    def guest_access(self, vm_id, page, n=1, write=True, vcpu=0):
+        """The guest running on ``vcpu`` touches pages ``page .. page+n-1``.  Returns 0 or an
+        errno; ValueError if the VM has no such vCPU."""
         vm = self._open_vm(vm_id)
         self._check_range(vm, page, n)
-        protected = self._guest_protected(vm)
+        protected = self._guest_protected(vm, vcpu)
         for p in range(page, page + n):
             key = (vm.id, p)
             vm.mm.present.add(key)
@@ -1283,14 +1331,14 @@ class Model:
                 return EINVAL
         return 0
 
-    def guest_share(self, vm_id, page, n=1):
-        """The protected guest makes pages shared (guest-side SET_SHARED_ACCESS per page)."""
+    def guest_share(self, vm_id, page, n=1, vcpu=0):
+        """The guest protected on ``vcpu`` makes pages shared (guest-side SET_SHARED_ACCESS per page)."""
         vm = self._open_vm(vm_id)
         self._check_range(vm, page, n)
-        if not self._guest_protected(vm):
+        if not self._guest_protected(vm, vcpu):
             return EINVAL
         for p in range(page, page + n):
-            ret = self.guest_access(vm_id, p, 1)
+            ret = self.guest_access(vm_id, p, 1, vcpu=vcpu)
             if ret:
                 return ret
             cc, _, _, _ = self.uv.set_shared(vm.handle, (vm.id, p))

@@ -16,6 +16,7 @@ from .pvmodel import (
     ENOMEM,
     ENOTTY,
     EXPORTED,
+    KERNELS,
     KVM_CAP_S390_PROTECTED,
     KVM_CAP_S390_PROTECTED_ASYNC_DISABLE,
     KVM_CAP_S390_PROTECTED_DUMP,
@@ -363,8 +364,11 @@ def test_interrupted_late_signal_still_reports_need_cleanup():
     clean(m)
 
 
-def test_perform_does_not_touch_running_vm():
-    m, _, vm = protected_vm(destroy_fast=True)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_perform_and_the_running_vm(kernel):
+    """PERFORM's walk meets the rebooted guest's pages: the UV refuses to destroy them (the owner
+    has CPUs); 6.2 ignores that, Δlatest exports them."""
+    m, _, vm = protected_vm(destroy_fast=True, kernel=kernel)
     m.guest_access(vm, LOW_PAGES, 10)
     assert m.pv_command(vm, PREPARE) == (0, 1, 42)
     assert m.pv_command(vm, KVM_PV_ENABLE) == (0, 1, 0)
@@ -373,10 +377,16 @@ def test_perform_does_not_touch_running_vm():
     m.guest_access(vm, 0, 3)
     trace_start = len(m.uv.trace)
     assert m.pv_command(vm, PERFORM) == (0, 0, 0)
-    assert m.uv.secure_pages(new) == 10
     refused = [e for e in m.uv.trace[trace_start:] if e.name == "DESTR_SEC_STOR" and e.cc]
     assert len(refused) == 10  # destroy refused: the owner has CPUs
-    assert m.uv.secure_pages() == 10
+    exports = [e for e in m.uv.trace[trace_start:] if e.name == "CONV_FROM_SEC_STOR"]
+    if kernel == "6.2":
+        assert m.uv.secure_pages(new) == 10
+        assert m.uv.secure_pages() == 10
+        assert exports == []
+    else:
+        assert m.uv.secure_pages() == 0
+        assert len(exports) == 10
     clean(m)
 
 
@@ -576,10 +586,13 @@ def test_enable_twice_einval():
     assert m.pv_command(vm, KVM_PV_ENABLE, rc_in=3, rrc_in=3) == (EINVAL, 3, 3)
 
 
-def test_set_sec_parms():
-    m, _, vm = protected_vm()
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_set_sec_parms(kernel):
+    m, _, vm = protected_vm(kernel=kernel)
     assert m.pv_command(vm, KVM_PV_SET_SEC_PARMS) == (EFAULT, 0, 0)
-    assert m.pv_command(vm, KVM_PV_SET_SEC_PARMS, length=8193) == (EINVAL, 0, 0)
+    limit = 8192 if kernel == "6.2" else 1 << 20
+    assert m.pv_command(vm, KVM_PV_SET_SEC_PARMS, length=limit + 1) == (EINVAL, 0, 0)
+    assert m.pv_command(vm, KVM_PV_SET_SEC_PARMS, length=limit).err == 0
     assert m.pv_command(vm, KVM_PV_SET_SEC_PARMS, header=b"") == (ENOMEM, 0, 0)
     assert m.pv_command(vm, KVM_PV_SET_SEC_PARMS, header=b"h" * 8192) == (0, 1, 0)
     bad = m.pv_command(vm, KVM_PV_SET_SEC_PARMS, header=b"h", valid=False)
@@ -670,7 +683,7 @@ def test_dump_sequence():
 
 
 def test_dumping_survives_disable_literal():
-    m, _, vm = protected_vm()
+    m, _, vm = protected_vm(kernel="6.2")
     assert m.pv_command(vm, KVM_PV_DUMP, subcmd=KVM_PV_DUMP_INIT) == (0, 1, 0)
     assert m.pv_command(vm, KVM_PV_DISABLE) == (0, 1, 0)
     assert m.pv_state(vm)["dumping"]  # kvm_s390_clear_pv_state does not reset it (§3.7)
@@ -678,6 +691,15 @@ def test_dumping_survives_disable_literal():
     assert m.pv_command(vm, KVM_PV_DUMP, subcmd=KVM_PV_DUMP_INIT).err == EINVAL
     assert m.pv_command(vm, PREPARE) == (0, 1, 42)
     assert m.pv_state(vm)["dumping"]
+
+
+def test_dumping_ends_with_the_pv_state_latest():
+    m, _, vm = protected_vm(kernel="latest")
+    assert m.pv_command(vm, KVM_PV_DUMP, subcmd=KVM_PV_DUMP_INIT) == (0, 1, 0)
+    assert m.pv_command(vm, KVM_PV_DISABLE) == (0, 1, 0)
+    assert not m.pv_state(vm)["dumping"]  # Δlatest: kvm_s390_clear_pv_state ends the dump
+    assert m.pv_command(vm, KVM_PV_ENABLE) == (0, 1, 0)
+    assert m.pv_command(vm, KVM_PV_DUMP, subcmd=KVM_PV_DUMP_INIT) == (0, 1, 0)
 
 
 def test_capabilities():
@@ -946,7 +968,10 @@ class ModelMachine(RuleBasedStateMachine):
         page = min(page, self.pages - 2)
         n = data.draw(st.integers(1, 2))
         kind = data.draw(st.sampled_from(["guest", "host", "share", "unpack"]))
-        if kind == "guest":
+        if kind in ("guest", "share") and not self.model.vms[self.vm].vcpus:
+            with pytest.raises(ValueError, match="vcpu"):  # a guest runs only on a vCPU
+                self.model.guest_access(self.vm, page, n)
+        elif kind == "guest":
             self.model.guest_access(self.vm, page, n)
         elif kind == "host":
             self.model.host_access(self.vm, page, n)

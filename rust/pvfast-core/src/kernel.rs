@@ -7,13 +7,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::config::Config;
 use crate::error::{invalid, CoreError};
-use crate::memory::{ps, RegionMem, CHUNK_PAGES};
+use crate::memory::{ps, summary_counts, RegionMem, CHUNK_PAGES};
 use crate::pages::PageCtx;
 use crate::region::Region;
 use crate::ultravisor::Ultravisor;
 use crate::uvc::{rc, Uvc, UvcStatus};
 use crate::walk::{self, CancelToken, WalkResult};
-use crate::PAGE_SIZE;
+use crate::{BATCH_PAGES, PAGE_SIZE};
 
 /// Result of `import_range`: UVCs issued per kind, and the failed imports.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -208,8 +208,10 @@ fn owner_alive(uv: &Ultravisor, s: u32) -> bool {
         .is_some_and(|c| c.is_alive())
 }
 
-/// Host (or a non-protected guest) touches pages: pin shared, else export, for every
-/// secure/shared/orphaned page.
+/// Host (or a non-protected guest) touches pages: the secure-storage-access handler
+/// (`arch_make_page_accessible`: pin shared, else export) for every page the hardware refuses,
+/// i.e. secure and orphaned pages. A page its live owner has shared is host-accessible: no
+/// exception, no UVC.
 pub fn make_accessible_range(
     uv: &Ultravisor,
     region: &Region,
@@ -222,6 +224,10 @@ pub fn make_accessible_range(
     let failed = AtomicU64::new(0);
     let (pinned, exported) = walk::for_secure_pages(&uv.core, region, lo, hi, |ctx, idx| {
         let paddr = ctx.paddr(idx);
+        let s = ctx.mem.metas()[idx as usize].load(Ordering::Acquire);
+        if ps::kind(s) == ps::SHARED && owner_alive(uv, s) {
+            return (0, 0);
+        }
         if uv.pin_shared(paddr).is_ok() {
             (1, 0)
         } else if uv.convert_from_secure(paddr).is_ok() {
@@ -267,7 +273,100 @@ pub fn destroy_walk(
     walk::destroy_range(&uv.core, region, start, end, cancel)
 }
 
-/// KVM_PV_UNPACK's loop over `[addr, addr+size)` with tweak0 = tweak, tweak1 = offset.
+/// `destroy_walk` with `__kvm_s390_pv_destroy_page`'s fallback (the newest kernels): every page
+/// whose destroy failed gets an export UVC. Without injected destroy failures the only failures
+/// are the UV's refusals (the owner still has secure CPUs): those pages are exported after the
+/// walk. With injected failures pending the walk goes page by page, each failed destroy
+/// followed by its export. Returns the walk's result and how many of those exports succeeded.
+pub fn destroy_walk_export(
+    uv: &Ultravisor,
+    region: &Region,
+    start: u64,
+    end: Option<u64>,
+    cancel: Option<&CancelToken>,
+) -> Result<(WalkResult, u64), CoreError> {
+    uv.check_region(region)?;
+    if uv.core.inject.pending(Uvc::DestrSecStor) {
+        return destroy_walk_per_page(uv, region, start, end, cancel);
+    }
+    let w = destroy_walk(uv, region, start, end, cancel)?;
+    // The walk visited [start, resume_page); the pages it left secure there are the refused ones.
+    let hi = w.resume_page.min(region.pages());
+    let lo = start.min(hi);
+    let any_secure = region.with_mem(|mem| {
+        let sums = &mem.summaries()[(lo / CHUNK_PAGES) as usize..hi.div_ceil(CHUNK_PAGES) as usize];
+        sums.iter()
+            .any(|s| summary_counts(s.load(Ordering::Relaxed)).1 != 0)
+    })?;
+    if !any_secure {
+        return Ok((w, 0)); // the common case (nothing refused): no second pass
+    }
+    let (exported, _) = walk::for_secure_pages(&uv.core, region, lo, hi, |ctx, idx| {
+        let s = ctx.mem.metas()[idx as usize].load(Ordering::Acquire);
+        let refused = uv
+            .core
+            .config_by_id(ps::owner(s))
+            .is_some_and(|c| c.refuses_destroy());
+        if refused && uv.convert_from_secure(ctx.paddr(idx)).is_ok() {
+            (1, 0)
+        } else {
+            (0, 0)
+        }
+    })?;
+    Ok((w, exported))
+}
+
+/// The export-fallback walk one page at a time (injected failures pending): destroy, export if
+/// that failed, the fatal-signal test after every `BATCH_PAGES` present pages and at the end.
+fn destroy_walk_per_page(
+    uv: &Ultravisor,
+    region: &Region,
+    start: u64,
+    end: Option<u64>,
+    cancel: Option<&CancelToken>,
+) -> Result<(WalkResult, u64), CoreError> {
+    let end = end.unwrap_or(region.pages()).min(region.pages());
+    let start = start.min(end);
+    let mut w = WalkResult {
+        visited: 0,
+        destroyed: 0,
+        interrupted: false,
+        resume_page: end,
+    };
+    let mut exported = 0;
+    let mut in_batch = 0;
+    for idx in start..end {
+        let s = region.with_mem(|mem| mem.metas()[idx as usize].load(Ordering::Acquire))?;
+        if s & ps::PRESENT == 0 {
+            continue;
+        }
+        let paddr = region.base() + idx * PAGE_SIZE as u64;
+        let st = uv.destroy_page(paddr);
+        w.visited += 1;
+        if st.is_ok() {
+            w.destroyed += u64::from(ps::is_secure(s));
+        } else if uv.convert_from_secure(paddr).is_ok() {
+            exported += 1;
+        }
+        in_batch += 1;
+        if in_batch == BATCH_PAGES {
+            in_batch = 0;
+            if cancel.is_some_and(|c| c.is_set()) {
+                w.interrupted = true;
+                w.resume_page = idx + 1;
+                return Ok((w, exported));
+            }
+        }
+    }
+    if in_batch != 0 && cancel.is_some_and(|c| c.is_set()) {
+        w.interrupted = true;
+    }
+    Ok((w, exported))
+}
+
+/// KVM_PV_UNPACK's loop over `[addr, addr+size)` with tweak0 = tweak, tweak1 = offset. A page
+/// that is not present yet gets no UVC: it is faulted in first (one export-before-import when
+/// due and one UNPACK_IMG per page).
 // The arguments are KVM_PV_UNPACK's (handle, addr, size, tweak) plus the emulator's context
 // (UV, region, export policy, fatal-signal flag); a struct for them would only rename them.
 #[allow(clippy::too_many_arguments)]
@@ -305,6 +404,18 @@ pub fn unpack_range(
             Some(g) if g < region.size() => g,
             _ => return Ok(result(UnpackStatus::Efault, last, done)),
         };
+        let present = region.with_mem(|mem| {
+            mem.metas()[(gaddr / page) as usize].load(Ordering::Acquire) & ps::PRESENT != 0
+        })?;
+        if !present {
+            // make_secure finds no (writable) PTE: -ENXIO without any UVC; the kernel faults
+            // the page in and retries (-EAGAIN: stop on a fatal signal).
+            region.touch(gaddr, page)?;
+            if cancel.is_some_and(|c| c.is_set()) {
+                return Ok(result(UnpackStatus::Eagain, last, done));
+            }
+            continue;
+        }
         if export_first {
             let _ = uv.convert_from_secure(region.base() + gaddr);
         }

@@ -188,12 +188,21 @@ struct WalkShared<'a> {
     destroyed: AtomicU64,
     interrupted: AtomicBool,
     resume: AtomicU64,
+    /// Taken by the first worker that sees the fatal signal: the kernel's walk is one thread
+    /// and finishes at most the one batch it is in, so only that worker's batch counts.
+    last_batch: AtomicBool,
 }
 
 impl WalkShared<'_> {
     #[inline]
     fn cancelled(&self) -> bool {
         self.cancel.is_some_and(|c| c.is_set())
+    }
+
+    /// A worker that found the signal set after a batch: true if that batch may stand (it is
+    /// the one batch the kernel would finish), false if another worker's already did.
+    fn claim_last_batch(&self) -> bool {
+        !self.last_batch.swap(true, Ordering::AcqRel)
     }
 
     /// Stop: everything below `page` that this task owns is done.
@@ -219,8 +228,10 @@ impl WalkShared<'_> {
     /// and publishes. Phase 2 does no locked RMW (no atomics at all): on x86 a locked
     /// instruction, like the fence, waits for all earlier streaming stores to drain, so there
     /// is one drain per chunk instead of one per batch. Pages of a cancelled walk's unstarted
-    /// batches are unlocked unchanged. Returns (present pages visited, destroyed, resume page
-    /// if cancelled).
+    /// batches are unlocked unchanged, and so are those of the batch in progress unless it is
+    /// the walk's one batch after the signal (`claim_last_batch`): those pages were zeroed but
+    /// stay secure, owned by a configuration being destroyed, whose contents nobody reads
+    /// again. Returns (present pages visited, destroyed, resume page if cancelled).
     fn walk_secure_chunk(
         &self,
         chunk: u64,
@@ -274,9 +285,10 @@ impl WalkShared<'_> {
                     unsafe { zero_page_nt(self.mem.page_ptr(present[i])) };
                 }
             }
+            let before = pos;
             pos = end;
             if self.cancelled() {
-                done = pos;
+                done = if self.claim_last_batch() { pos } else { before };
                 cancelled = true;
                 break;
             }
@@ -412,7 +424,12 @@ impl WalkShared<'_> {
             if present != 0 && secure == 0 && !injecting {
                 // Nothing to destroy: the UVCs are no-ops; count them and move on.
                 if self.cancelled() {
-                    // Keep the batch granularity: one more batch of no-ops, then stop.
+                    // Keep the batch granularity: one more batch of no-ops (if no other
+                    // worker did it), then stop.
+                    if !self.claim_last_batch() {
+                        self.stop_at(chunk_lo);
+                        return false;
+                    }
                     let (n, next) = self.first_present(chunk_lo, chunk_hi, BATCH_PAGES as u64);
                     self.visited.fetch_add(n, Ordering::Relaxed);
                     self.core.count_batch(Uvc::DestrSecStor, n);
@@ -516,7 +533,9 @@ pub(crate) fn destroy_range(
     let binding = account::current();
     // Interruptible (PERFORM) walks get their own workers, so foreground UV work of other
     // threads never queues behind them; a walk of one task's size runs on the caller.
-    let inline = end - start <= TASK_CHUNKS * CHUNK_PAGES;
+    // With injected DESTR_SEC_STOR failures pending (per-page UVCs that cannot be undone) the
+    // walk is sequential, so a signal stops it after at most one batch, as in the kernel.
+    let inline = end - start <= TASK_CHUNKS * CHUNK_PAGES || core.inject.pending(Uvc::DestrSecStor);
     let pool = if inline {
         None
     } else if cancel.is_some() {
@@ -534,6 +553,7 @@ pub(crate) fn destroy_range(
             destroyed: AtomicU64::new(0),
             interrupted: AtomicBool::new(false),
             resume: AtomicU64::new(end),
+            last_batch: AtomicBool::new(false),
         };
         let body = || {
             task_ranges(start, end).for_each_init(

@@ -141,7 +141,7 @@ fn concurrent_walk_and_import() {
 }
 
 #[test]
-fn cancelled_walk_stops_within_one_batch_per_worker() {
+fn cancelled_walk_stops_within_one_batch_in_all() {
     let threads = 2u64;
     let vm = vm_with(
         UvOptions {
@@ -154,16 +154,23 @@ fn cancelled_walk_stops_within_one_batch_per_worker() {
     let (uv, r, h) = (&vm.uv, &vm.region, vm.handle);
     kernel::import_range(uv, h, r, 0, r.pages(), false).unwrap();
     assert_eq!(uv.secure_pages(Some(h)), r.pages());
-    // Already set: every worker does at most one batch.
+    // Already set: the walk does at most one batch in all (the kernel's walk is one thread),
+    // however many workers started one.
     let cancel = CancelToken::new();
     cancel.set();
     uv.reset_stats();
     let w = kernel::destroy_walk(uv, r, 0, None, Some(&cancel)).unwrap();
     assert!(w.interrupted);
+    assert!(w.visited <= BATCH_PAGES as u64, "visited {}", w.visited);
     assert!(
-        w.visited <= threads * BATCH_PAGES as u64,
-        "visited {}",
-        w.visited
+        w.destroyed <= BATCH_PAGES as u64,
+        "destroyed {}",
+        w.destroyed
+    );
+    assert_eq!(
+        uv.secure_pages(Some(h)),
+        r.pages() - w.destroyed,
+        "{threads} workers: only one batch stands"
     );
     assert_eq!(uv.stat(Uvc::DestrSecStor), w.visited);
     // Resume: everything below resume_page is done.
@@ -222,6 +229,46 @@ fn cancel_after_last_batch_still_reports_interrupted() {
     assert!(w.interrupted);
     let w = kernel::destroy_walk(&vm.uv, &vm.region, 1, Some(1), Some(&cancel)).unwrap();
     assert!(!w.interrupted, "empty range: no batch, no check");
+}
+
+#[test]
+fn export_fallback_exports_what_the_uv_refused_to_destroy() {
+    let vm = vm(8 * MIB, MIB);
+    let (uv, r, h) = (&vm.uv, &vm.region, vm.handle);
+    for p in 0..20 {
+        assert_eq!(uv.convert_to_secure(h, p * PAGE), ok());
+    }
+    let c = cpu(uv, h, 0);
+    uv.reset_stats();
+    let w = kernel::destroy_walk(uv, r, 0, None, None).unwrap();
+    assert_eq!(
+        (w.visited, w.destroyed),
+        (256, 0),
+        "owner has CPUs: every destroy refused"
+    );
+    assert_eq!(uv.secure_pages(Some(h)), 20);
+    let (w, exported) = kernel::destroy_walk_export(uv, r, 0, Some(10), None).unwrap();
+    assert_eq!((w.visited, w.destroyed, exported), (10, 0, 10));
+    assert_eq!(uv.stat(Uvc::ConvFromSecStor), 10);
+    assert_eq!(state(r, 9), ("exported", h));
+    assert_eq!(state(r, 10), ("secure", h));
+    assert_eq!(uv.destroy_cpu(c), ok());
+    let (w, exported) = kernel::destroy_walk_export(uv, r, 0, None, None).unwrap();
+    assert_eq!(
+        (w.destroyed, exported),
+        (10, 0),
+        "no CPUs: destroyed, nothing to export"
+    );
+    // An injected destroy failure is followed by an export too (page by page).
+    for p in 30..33 {
+        assert_eq!(uv.convert_to_secure(h, p * PAGE), ok());
+    }
+    uv.inject_failure(0x0202, 0x0003, 0, 1).unwrap();
+    uv.reset_stats();
+    let (w, exported) = kernel::destroy_walk_export(uv, r, 30, Some(33), None).unwrap();
+    assert_eq!((w.visited, w.destroyed, exported), (3, 2, 1));
+    assert_eq!(uv.stat(Uvc::ConvFromSecStor), 1);
+    assert_eq!(state(r, 30), ("exported", h));
 }
 
 #[test]
@@ -289,14 +336,21 @@ fn make_accessible_and_mm_teardown() {
     }
     assert_eq!(uv.set_shared_access(h, 0), ok());
     assert_eq!(uv.set_shared_access(h, PAGE), ok());
+    // The live owner's shared pages are host-accessible: no exception, no UVC.
     assert_eq!(
         kernel::make_accessible_range(uv, r, 0, 4).unwrap(),
         AccessResult {
-            pinned: 2,
+            pinned: 0,
             exported: 2,
             failed: 0
         }
     );
+    assert_eq!(
+        uv.stat(Uvc::PinPageShared),
+        2,
+        "pin tried (and refused) on the two secure pages only"
+    );
+    assert_eq!(state(r, 0), ("shared", h));
     assert_eq!(state(r, 2), ("exported", h));
     let c = cpu(uv, h, 0);
     // Owner has CPUs: destroys fail, teardown exports (shared pages too).
@@ -394,13 +448,17 @@ fn unpack_range_loop() {
     assert_eq!(uv.set_sec_parms(h, &hdr), ok());
     let bad = kernel::unpack_range(uv, h, r, 0x20001, 4 * PAGE, 0x99, false, None).unwrap();
     assert_eq!(bad.status, UnpackStatus::Einval);
-    // Pages not present: a set cancel token makes the first 0x010a return -EAGAIN.
+    // Pages not present: no UVC, the page is faulted in; a set cancel token makes that -EAGAIN.
     let cancel = CancelToken::new();
     cancel.set();
-    let u = kernel::unpack_range(uv, h, r, 0x20000, 4 * PAGE, 0x99, false, Some(&cancel)).unwrap();
+    let before = uv.stat(Uvc::UnpackImg);
+    let u = kernel::unpack_range(uv, h, r, 0x20000, 4 * PAGE, 0x99, true, Some(&cancel)).unwrap();
+    assert_eq!((u.status, u.rc, u.pages_done), (UnpackStatus::Eagain, 0, 0));
+    assert_eq!(uv.stat(Uvc::UnpackImg), before, "no UVC for an absent page");
     assert_eq!(
-        (u.status, u.rc, u.pages_done),
-        (UnpackStatus::Eagain, rc::PAGE_NOT_ACCESSIBLE, 0)
+        uv.stat(Uvc::ConvFromSecStor),
+        0,
+        "no export before the page is there"
     );
     // The faulted-in page now holds garbage; reload the ciphertext, then unpack for real.
     r.write(0x20000, &enc[0], 0).unwrap();
@@ -408,6 +466,16 @@ fn unpack_range_loop() {
     assert_eq!(
         (u.status, u.rc, u.pages_done),
         (UnpackStatus::Ok, rc::EXECUTED, 4)
+    );
+    assert_eq!(
+        uv.stat(Uvc::UnpackImg),
+        before + 4,
+        "one UNPACK_IMG per page"
+    );
+    assert_eq!(
+        uv.stat(Uvc::ConvFromSecStor),
+        4,
+        "one export-before-import per page"
     );
     assert_eq!(uv.verify(h), ok());
     let u = kernel::unpack_range(uv, h, r, 4 * MIB - PAGE, 2 * PAGE, 0x99, false, None).unwrap();

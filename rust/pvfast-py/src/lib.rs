@@ -656,7 +656,7 @@ impl Ultravisor {
     }
 
     // ---- kernel-side range helpers
-    #[pyo3(signature = (region, start_page = 0, end_page = None, cancel = None))]
+    #[pyo3(signature = (region, start_page = 0, end_page = None, cancel = None, *, export_refused = false))]
     fn destroy_walk(
         &self,
         py: Python<'_>,
@@ -664,11 +664,23 @@ impl Ultravisor {
         #[pyo3(from_py_with = a_start_page)] start_page: u64,
         #[pyo3(from_py_with = a_end_page)] end_page: Option<u64>,
         cancel: Option<PyRef<'_, CancelToken>>,
+        export_refused: bool,
     ) -> R<WalkResult> {
         let r = Arc::clone(&region.inner);
         let c = token(&cancel);
         let w = py.detach(|| {
-            core_::kernel::destroy_walk(&self.inner, &r, start_page, end_page, c.as_ref())
+            if export_refused {
+                core_::kernel::destroy_walk_export(
+                    &self.inner,
+                    &r,
+                    start_page,
+                    end_page,
+                    c.as_ref(),
+                )
+                .map(|(w, _)| w)
+            } else {
+                core_::kernel::destroy_walk(&self.inner, &r, start_page, end_page, c.as_ref())
+            }
         })?;
         Ok(w.into())
     }
