@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write the seed corpora of the two fuzz targets (spec §1.4 UVCB layouts, big-endian).
+"""Write the seed corpora of the two fuzz targets (UVCB layouts of arch/s390/include/asm/uv.h at v6.2, big-endian).
 
 uv_dispatch: one block per input, every UVC with its expected length (docs/UV.md), some with
 plausible fields. uv_sequence: `[len(2)] block` sequences with the placeholders of

@@ -1,4 +1,6 @@
-"""Asynchronous destroy: PREPARE (§3.8), PERFORM (§3.9), cleanup-all (§4.5), signals, exit (§4.7-4.8)."""
+"""Asynchronous destroy: PREPARE (kvm_s390_pv_set_aside), PERFORM (kvm_s390_pv_deinit_aside_vm),
+cleanup-all (kvm_s390_pv_deinit_cleanup_all; arch/s390/kvm/pv.c @ f7866f582b1c), signals, and
+process exit (the mm-release notifier, page-table teardown, VM destroy)."""
 
 from __future__ import annotations
 
@@ -64,7 +66,7 @@ def test_prepare_success_state(any_host):
     assert st.set_aside
     assert not any(st.vcpu_handles)
     assert not st.service_irq_masked
-    assert st.protected_count == 1  # the set-aside VM still counts (spec §3.8 g)
+    assert st.protected_count == 1  # the set-aside VM still counts until it is disposed of (invariant 8)
     assert st.set_aside_fast == host.destroy_fast_available
     # [0, 2 GiB) is clean now; the high pages still belong to the old configuration
     assert host.uv.secure_pages(old) == 8 * MiB // 4096
@@ -174,7 +176,8 @@ def test_prepare_slow_path_enomem_leaks_old_table():
     with raises_errno(errno.ENOMEM):
         vm.pv_command(PREPARE)
     assert vm.pv_state().leaked == 0
-    # the record succeeds, the new top table does not: the unlisted old table leaks (spec §2.6)
+    # the record succeeds, the new top table does not: s390_replace_asce has already unlisted the old
+    # table, which nobody frees any more (it leaks, as in the kernel)
     orig = host._kalloc
     host._kalloc = lambda kind, size: None if kind == "crst" else orig(kind, size)  # type: ignore[method-assign]
     try:

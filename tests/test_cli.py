@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import json
+import logging
+import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+import pvfast
 from pvfast import cli, experiments
 from pvfast.experiments import GiB, KiB, MiB, TiB
 
@@ -112,7 +118,7 @@ def test_python_dash_m():
         (["compare", "--secure", "4G", "--memory", "3G"], "--secure 4G does not fit in --memory 3G"),
         (["reboot", "--guest-memory", "virtual"], "invalid choice: 'virtual'"),
         (["reboot", "--clock", "cpu"], "invalid choice: 'cpu'"),
-        (["reboot", "--walk-threads", "-1"], "invalid thread count -1"),
+        (["reboot", "--walk-threads", "-1"], "invalid thread count '-1'"),
         (["reboot", "--costs", "/nonexistent/costs.toml"], "cannot read cost file"),
         (["calibrate"], "the following arguments are required: --measure"),
         (["calibrate", "--measure", "disable:8G"], "invalid measurement 'disable:8G'"),
@@ -181,10 +187,11 @@ def test_info_shows_the_kernel_profile_and_its_deltas():
 
 
 @pytest.mark.parametrize("command", ["info", "reboot", "shutdown", "compare"])
-def test_every_command_takes_kernel(capsys, command):
+def test_every_command_takes_kernel(command):
+    out = io.StringIO()
     with pytest.raises(SystemExit):
-        cli.main([command, "--help"], out=io.StringIO(), err=io.StringIO())
-    assert "--kernel NAME" in capsys.readouterr().out
+        cli.main([command, "--help"], out=out, err=io.StringIO())
+    assert "--kernel NAME" in out.getvalue()
 
 
 # ------------------------------------------------------------------ reboot
@@ -294,10 +301,14 @@ def test_compare_table_default_plot_path(tmp_path: Path, monkeypatch):
     assert (tmp_path / cli.DEFAULT_PLOT).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_compare_unwritable_plot_exits_1(tmp_path: Path):
-    code, _, err = run("compare", "--secure", "16M", "--plot", str(tmp_path / "no" / "such" / "dir.png"))
+def test_compare_unwritable_plot(tmp_path: Path, capsys):
+    # a directory that does not exist: refused before the run (bad command line)
+    err = usage_error(capsys, "compare", "--secure", "16M", "--plot", str(tmp_path / "no" / "such" / "dir.png"))
+    assert "does not exist" in err
+    # a path that cannot be written at the end (a directory): the experiment ran, writing failed
+    code, _, err = run("compare", "--secure", "16M", "--plot", str(tmp_path))
     assert code == 1
-    assert "error" in err
+    assert "pvfast compare: error:" in err
 
 
 def _trace_events(path: Path) -> list[dict]:
@@ -405,3 +416,297 @@ def test_model_clock_trace(tmp_path: Path):
     cleanup = next(t for t in r["accounting"]["teardown"] if t["thread"] == "async_cleanup")
     assert perform["dur"] == pytest.approx(cleanup["model_seconds"] * 1e6, rel=1e-6)
     assert any(ev["ph"] == "C" and ev["name"] == "guest memory (MiB)" for ev in doc["traceEvents"])
+
+
+# ------------------------------------------------------------------ logs
+
+
+def test_log_kvm_uv_shows_the_debug_log():
+    logger = logging.getLogger("pvfast.kvm_uv")
+    level = logger.level
+    code, _, err = run("reboot", *SMALL, "--log", "kvm_uv")
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if line.startswith("kvm_uv: vm ")]
+    assert any("PROTVIRT CREATE VM: handle " in line for line in lines)
+    assert any("PROTVIRT DESTROY VM FAST: rc 1 rrc 0" in line for line in lines)
+    assert any("PROTVIRT SET ASIDE: handle 0 fast 1" in line for line in lines)
+    assert logger.level == level  # put back after the command
+    code, _, err = run("reboot", *SMALL)
+    assert code == 0
+    assert "PROTVIRT" not in err  # not without --log
+
+
+def test_verbose_is_every_log():
+    code, out, err = run("shutdown", *SMALL, "--no-helper", "-v", "--json")
+    assert code == 0, err
+    assert "kvm_uv: vm " in err
+    json.loads(out)  # the logs stay off stdout
+    assert cli.build_parser().parse_args(["reboot", "--log", "all"]).log == [list(cli.LOGGERS)]
+
+
+def test_log_names_are_checked(capsys):
+    assert "invalid log name 'kvm'" in usage_error(capsys, "reboot", "--log", "kvm")
+
+
+def test_kernel_warnings_reach_stderr_without_flags():
+    err = io.StringIO()
+    with cli.logging_to(err, [], None):
+        logging.getLogger("pvfast.kvm_uv").warning("vm %s: %s", "1:a", "destroy failed: rc 20 rrc 0")
+        logging.getLogger("pvfast.kvm_uv").debug("vm %s: not shown", "1:a")
+    assert err.getvalue() == "kvm_uv warning: vm 1:a: destroy failed: rc 20 rrc 0\n"
+
+
+# ------------------------------------------------------------------ walk threads, repeat
+
+
+def test_walk_threads_reach_the_host_and_leave_modelled_times_alone():
+    one = run_json("reboot", *SMALL, "--walk-threads", "1")
+    two = run_json("reboot", *SMALL, "--walk-threads", "2")
+    assert (one["host"]["walk_threads"], two["host"]["walk_threads"]) == (1, 2)
+    assert one["model"] == two["model"]
+
+
+def test_reboot_repeat_json_and_table():
+    doc = run_json("reboot", *SMALL, "--repeat", "3")
+    assert doc["repeat"] == 3
+    assert len(doc["runs"]) == 3
+    median = doc["runs"][doc["median_run"]]
+    for clock, pick in (("wall", lambda r: r), ("model", lambda r: r["model"])):
+        for key, s in doc["summary"][clock].items():
+            values = sorted(pick(r)[key] for r in doc["runs"])
+            assert (s["min"], s["median"], s["max"]) == (values[0], values[1], values[2])
+    assert median["running_seconds"] == doc["summary"]["wall"]["running_seconds"]["median"]
+    assert all(r["mode"] == "async" and r["secure_pages_left"] == 0 for r in doc["runs"])
+    code, out, _ = run("reboot", *SMALL, "--repeat", "2", "--sync")
+    assert code == 0
+    assert "the median run of 2" in out
+    assert "over 2 reboots, each on a fresh host (median [min - max])" in out
+    assert "sync in 2 of 2 runs" in out
+
+
+# ------------------------------------------------------------------ CSV
+
+
+def read_csv(*argv: str) -> list[dict[str, str]]:
+    code, out, err = run(*argv, "--csv")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split(",") == cli.CSV_COLUMNS[argv[0]]
+    return list(csv.DictReader(io.StringIO(out)))
+
+
+def test_reboot_csv():
+    rows = read_csv("reboot", *SMALL, "--repeat", "2", "--async")
+    assert [r["run"] for r in rows] == ["1", "2"]
+    for r in rows:
+        assert (r["experiment"], r["mode_requested"], r["mode"], r["fallback"], r["error"]) == (
+            "reboot",
+            "async",
+            "async",
+            "",
+            "",
+        )
+        assert int(r["secure"]) == 64 * MiB
+        assert int(r["memory"]) == 3 * GiB
+        assert r["destroy_fast"] == "true"
+        assert r["perform_rc"] == "0"
+        assert float(r["model_cleanup_seconds"]) > float(r["model_running_seconds"]) > 0
+        assert f"DESTR_SEC_STOR={r['uvcs'].split('DESTR_SEC_STOR=')[1].split()[0]}" in r["uvcs"]
+        assert int(r["secure_pages_left"]) == 0
+    sync = read_csv("reboot", *SMALL, "--sync")[0]
+    assert (sync["mode"], sync["perform_rc"], sync["perform_rrc"]) == ("sync", "", "")
+
+
+def test_shutdown_csv():
+    rows = read_csv("shutdown", *SMALL)
+    assert [r["helper"] for r in rows] == ["false", "true"]
+    without, with_ = rows
+    assert without["helper_exit_seconds"] == ""
+    assert without["model_helper_exit_seconds"] == ""
+    assert float(with_["helper_exit_seconds"]) > 0
+    assert float(with_["model_held_after_vmm_exit_seconds"]) > 0
+    assert all(r["secure_pages_left"] == "0" and r["leaked"] == "0" for r in rows)
+
+
+def test_compare_csv():
+    rows = read_csv("compare", "--secure", "16M,32M", "--repeat", "2", "--no-plot")
+    assert [int(r["secure"]) for r in rows] == [16 * MiB, 32 * MiB]
+    for r in rows:
+        assert r["repeat"] == "2"
+        assert r["async_mode"] == "async"
+        for key in ("sync_running_seconds", "async_cleanup_seconds", "model_async_running_seconds"):
+            assert float(r[f"{key}_min"]) <= float(r[key]) <= float(r[f"{key}_max"])
+
+
+def test_csv_and_json_exclude_each_other(capsys):
+    assert "not allowed with argument" in usage_error(capsys, "reboot", "--csv", "--json")
+
+
+# ------------------------------------------------------------------ provenance
+
+
+def test_every_json_document_says_what_produced_it():
+    for argv in (
+        ("info",),
+        ("reboot", *SMALL, "--no-misc", "--walk-threads", "1"),
+        ("shutdown", *SMALL, "--helper"),
+        ("compare", "--secure", "16M", "--no-plot"),
+        ("calibrate", "--measure", "disable:8G=3.2"),
+    ):
+        doc = run_json(*argv)
+        assert doc["command"] == shlex.join(["pvfast", *argv, "--json"])
+        assert doc["pvfast"]["version"] == pvfast.__version__
+        assert doc["pvfast"]["build_profile"] == pvfast.build_profile
+        assert "kernel" not in doc["pvfast"] or doc["pvfast"]["kernel"]
+        assert doc["machine"]["cpus"] == os.cpu_count()
+        assert doc["machine"]["ram_bytes"] > 0
+        assert set(doc["host"]) >= {"async_destroy", "destroy_fast", "feature_misc", "guest_memory", "costs"}
+    doc = run_json("reboot", *SMALL, "--no-misc", "--walk-threads", "1")
+    assert (doc["host"]["feature_misc"], doc["host"]["walk_threads"]) == (False, 1)
+
+
+def test_kernel_profile_is_reported_when_the_host_has_one(monkeypatch: pytest.MonkeyPatch):
+    from pvfast.host import Host
+
+    if not hasattr(Host(), "kernel"):  # until hosts have kernel profiles: a stand-in profile
+        monkeypatch.setattr(Host, "kernel", type("Profile", (), {"name": "v6.6+"})(), raising=False)
+    expected = experiments.about(Host())["kernel"]
+    assert isinstance(expected, str)
+    assert expected
+    assert run_json("reboot", *SMALL)["pvfast"]["kernel"] == expected
+    assert read_csv("reboot", *SMALL)[0]["kernel"] == expected
+
+
+# ------------------------------------------------------------------ small guests, nothing dirtied
+
+
+def test_small_guest_async_reboot_is_qemus_fallback_not_an_error():
+    code, out, err = run("reboot", "--memory", "2G", "--secure", "4K", "--async")
+    assert code == 0, err
+    assert "must be at least" not in out + err
+    assert "QEMU's fallback from the asynchronous reboot" in out
+    assert "not larger than 2G" in out
+    assert "error" not in out
+    r = run_json("reboot", "--memory", "2G", "--secure", "4K", "--async")
+    assert (r["mode_requested"], r["mode"]) == ("async", "sync")
+    assert "not larger than 2G" in r["fallback"]
+    assert "error" not in r
+    assert r["uvcs_unprotect"].get("DESTROY_SEC_CONF") == 1  # DISABLE, not PREPARE
+    assert r["secure_pages_left"] == 0
+    auto = run_json("reboot", "--memory", "1G", "--secure", "4K")
+    assert auto["mode"] == "sync"
+    assert auto["fallback"]
+    assert run_json("reboot", *SMALL)["fallback"] is None
+    assert run_json("reboot", *SMALL, "--sync")["fallback"] is None  # asked for DISABLE: no fallback
+
+
+def test_async_reboot_the_host_cannot_take_is_still_an_error():
+    r = run_json_code(1, "reboot", *SMALL, "--async", "--async-destroy", "0")
+    assert r["mode"] == "sync"
+    assert "capability 224" in r["fallback"]
+    assert "capability 224" in r["error"]
+
+
+def run_json_code(expected: int, *argv: str) -> dict:
+    code, out, err = run(*argv, "--json")
+    assert code == expected, err
+    return json.loads(out)
+
+
+@pytest.mark.parametrize("mode", ["--sync", "--async"])
+def test_secure_0_is_a_guest_that_dirtied_nothing(mode: str):
+    r = run_json("reboot", "--memory", "3G", "--secure", "0", mode)
+    assert r["secure"] == 0
+    assert r["mode"] == mode.lstrip("-")
+    assert 0 < r["secure_pages_before"] < 100  # the boot image only
+    assert r["secure_pages_left"] == 0
+    code, out, _ = run("reboot", "--memory", "3G", "--secure", "0", mode)
+    assert code == 0
+    assert "with 0 of secure memory" in out
+
+
+def test_secure_0_in_shutdown_and_compare():
+    doc = run_json("shutdown", "--memory", "3G", "--secure", "0")
+    assert [r["secure_pages_left"] for r in doc["runs"]] == [0, 0]
+    rows = run_json("compare", "--secure", "0,16M", "--no-plot")["rows"]
+    assert [row["secure"] for row in rows] == [0, 16 * MiB]
+    assert rows[0]["memory"] == experiments.auto_memory(0)
+
+
+# ------------------------------------------------------------------ plots
+
+
+def test_plot_titles_say_guest_machine_and_profile(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    titles: list[str] = []
+    monkeypatch.setattr(cli, "plot_memory", lambda *a, title="", **k: titles.append(title))
+    assert run("reboot", *SMALL, "--plot", str(tmp_path / "r.png"))[0] == 0
+    assert run("shutdown", *SMALL, "--helper", "--plot", str(tmp_path / "s.png"))[0] == 0
+    for title in titles:
+        assert "3G guest" in title
+        assert f"{os.cpu_count()} CPUs" in title
+        assert f"pvfast {pvfast.__version__} ({pvfast.build_profile} build)" in title
+
+
+def test_compare_plot_shows_the_spread_of_the_median(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    from matplotlib.axes import Axes
+
+    bars: list[object] = []
+    errorbar = Axes.errorbar
+
+    def counted(self: Axes, *args: object, **kwargs: object) -> object:
+        bars.append(kwargs)
+        return errorbar(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Axes, "errorbar", counted)
+    doc = run_json("compare", "--secure", "16M,32M", "--repeat", "3", "--plot", str(tmp_path / "c.png"))
+    assert len(bars) == 6  # three curves on each of the two panels
+    title = experiments.compare_title(doc)
+    assert "median of 3 runs, bars min–max" in title
+    assert "guest = secure + 3G" in title
+    assert f"{os.cpu_count()} CPUs" in title
+    assert f"{pvfast.build_profile} build" in title
+    assert "guest 8G" in experiments.compare_title({**doc, "memory": 8 * GiB, "repeat": 1})
+    assert "one run each" in experiments.compare_title({**doc, "repeat": 1})
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ------------------------------------------------------------------ documented command lines
+
+
+def documented_command_lines() -> list[str]:
+    """The ``pvfast COMMAND ...`` lines of the README's and docs' shell blocks and code spans."""
+    root = Path(__file__).resolve().parents[1]
+    lines: list[str] = []
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        in_block = False
+        for raw in doc.read_text(encoding="utf-8").splitlines():
+            if raw.startswith("```"):
+                in_block = raw.strip() in ("```sh", "```console", "```bash")
+                continue
+            candidates = [raw.lstrip("$ ")] if in_block else re.findall(r"`(pvfast [^`]+)`", raw)
+            for text in candidates:
+                text = text.split(" #")[0].strip()
+                words = text.split()
+                if (
+                    len(words) > 1
+                    and words[0] == "pvfast"
+                    and words[1] in cli.CSV_COLUMNS.keys() | {"info", "calibrate"}
+                ):
+                    lines.append(text)
+    return sorted(set(lines))
+
+
+def test_documented_command_lines_parse(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # docs/compare.png is relative to the root
+    lines = documented_command_lines()
+    assert len(lines) > 20
+    parser = cli.build_parser()
+    checked = 0
+    for line in lines:
+        if any(mark in line for mark in ("[", "\\", "|", " N", "--costs")):  # placeholders, pipes, files
+            continue
+        if line == "pvfast calibrate":  # the command's name in prose, not a command line
+            continue
+        parser.parse_args(shlex.split(line)[1:])  # SystemExit (a usage error) fails the test
+        checked += 1
+    assert checked > 20

@@ -1,4 +1,5 @@
-"""The fault model (spec §4.7, §6): imports, exports, pins, violations; the host never sees plaintext."""
+"""The fault model (the host fault handlers and export before import: arch/s390/kernel/uv.c @
+594ce0b8a998, arch/s390/mm/fault.c): imports, exports, pins, violations; the host never sees plaintext."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """API fuzzing: random and malformed arguments to every public call.
 
-Contract (shared/API.md "Errors"): misuse raises ``TypeError``/``ValueError`` naming the argument,
+Contract (pvfast's API): misuse raises ``TypeError``/``ValueError`` naming the argument,
 a failed ioctl raises ``PvError``, a UV failure outside the ioctl raises ``UvcError``; nothing may
 crash the interpreter or panic across the Rust boundary. The documented exceptions beyond those:
 ``FileNotFoundError`` (unknown sysfs path), ``PermissionError`` (0444 module parameters).

@@ -1,4 +1,5 @@
-"""KVM_S390_PV_COMMAND: prologue (§3.0) and the synchronous commands (§3.1-3.7)."""
+"""KVM_S390_PV_COMMAND: the ioctl prologue (kvm_arch_vm_ioctl) and the synchronous commands
+(kvm_s390_handle_pv: ENABLE .. DUMP; arch/s390/kvm/kvm-s390.c @ cc726886079f)."""
 
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ def test_host_rejects_bad_options():
         pvfast.Host(prot_virt="yes")  # type: ignore[arg-type]
 
 
-# ---------------------------------------------------------------- prologue (§3.0)
+# ---------------------------------------------------------------- prologue (kvm_arch_vm_ioctl)
 
 
 def test_unknown_command_is_enotty_and_sets_cpu_state_ctrl(host):
@@ -180,7 +181,7 @@ def test_asce_type_follows_memory_limit(host):
     assert vm.asce_type == "region3"
 
 
-# ---------------------------------------------------------------- ENABLE / DISABLE (§3.1, §3.2)
+# ---------------------------------------------------------------- ENABLE / DISABLE
 
 
 def test_enable_disable_roundtrip(any_host):
@@ -247,7 +248,7 @@ def test_enable_cpu_failure_undoes_cpus_and_config(host):
     st = vm.pv_state()
     assert not st.protected
     assert st.protected_count == 0
-    assert st.service_irq_masked  # set even when cpus_to_pv failed (spec §3.1 step 5)
+    assert st.service_irq_masked  # ENABLE masks service interrupts even when cpus_to_pv failed
     assert host.uv.config_handles() == set()
     assert host.uv.stats()["DESTROY_SEC_CONF"] == 1
 
@@ -280,7 +281,7 @@ def test_disable_cpu_destroy_failure_stops_and_leaks_cpu(host):
         vm.pv_command(PvCmd.DISABLE)
     st = vm.pv_state()
     assert st.protected
-    assert st.protected_count == 1  # handle kept, counter stays (spec §4.1)
+    assert st.protected_count == 1  # a failed Destroy Config keeps the handle and the count (deinit_vm)
     assert {leak["kind"] for leak in st.leaks} == {"cpu_stor", "stor_base", "stor_var", "crst"}
 
 

@@ -11,12 +11,12 @@ from types import ModuleType
 import pytest
 
 import pvfast
+from pvfast import cli, experiments, image, testing, timeline, trace, vmm
 from pvfast import host as host_module
-from pvfast import image, testing, vmm
 from pvfast.host import KernelWarning, LeakEntry, UltravisorView, UvInfo
 from pvfast.kvm import PvResult, PvState
 
-MODULES: list[ModuleType] = [pvfast, vmm, image, testing, host_module]
+MODULES: list[ModuleType] = [pvfast, vmm, image, testing, host_module, experiments, trace, timeline, cli]
 # Reached through attributes rather than a module's __all__.
 EXTRA_CLASSES: list[type] = [UltravisorView, vmm.AsyncCleanupThread, KernelWarning]
 
@@ -39,7 +39,7 @@ def public_functions() -> list[tuple[str, object]]:
             value = getattr(module, name)
             if inspect.isfunction(value):
                 out.append((f"{module.__name__}.{name}", value))
-    for module in (vmm, image):
+    for module in (vmm, image, experiments, trace, timeline, cli):
         for name, value in vars(module).items():
             if not name.startswith("_") and inspect.isfunction(value) and value.__module__ == module.__name__:
                 out.append((f"{module.__name__}.{name}", value))

@@ -1,19 +1,31 @@
 """The ``pvfast`` command: inspect the emulated host, time protected-guest reboot and shutdown on
 the wall clock and on the modelled clock, and calibrate the cost model.
 
-Each subcommand runs one experiment of ``pvfast.experiments`` and prints a table, or one JSON
-document with ``--json``. Exit status: 0 success, 1 the experiment failed, 2 bad command line.
+Each subcommand runs one experiment of ``pvfast.experiments`` and prints a table, one JSON
+document with ``--json`` or CSV rows with ``--csv`` (docs/OUTPUT.md explains every field and
+column). ``-v``/``--log NAME`` shows pvfast's logs on stderr (the kvm-uv debug log is
+``--log kvm_uv``). Exit status: 0 success, 1 the experiment failed (or its output could not be
+written), 2 bad command line; when the reader of the output goes away (``pvfast info | head -1``)
+the command stops quietly with status 141, as a command killed by SIGPIPE does in a shell.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
+import logging
+import os
+import shlex
 import sys
+import textwrap
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 from . import experiments, profiles
 from ._version import __version__
@@ -24,6 +36,13 @@ from .timeline import plot_memory
 from .trace import Tracer
 
 DEFAULT_PLOT = "pvfast-compare.png"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 2, 130, 141
+#: ``--log`` names: the loggers pvfast writes to (``kvm_uv``: the kernel's kvm-uv debug feature).
+LOGGERS: Mapping[str, str] = {
+    "kvm_uv": "pvfast.kvm_uv",
+    "vmm": "pvfast.vmm",
+    "host": "pvfast.host",
+}
 
 
 # ------------------------------------------------------------------------------------- argument types
@@ -37,12 +56,41 @@ def size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def secure_arg(text: str) -> int:
+    """argparse ``type=``: a size, or 0 (a guest that dirties nothing)."""
+    try:
+        return parse_size(text, allow_zero=True)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def size_list_arg(text: str) -> list[int]:
-    """argparse ``type=``: comma-separated sizes, e.g. ``1G,2G,4G``."""
+    """argparse ``type=``: comma-separated sizes (0 allowed), e.g. ``1G,2G,4G``."""
     items = [item for item in text.split(",") if item.strip()]
     if not items:
         raise argparse.ArgumentTypeError(f"invalid size list {text!r}: expected e.g. 1G,2G,4G")
-    return [size_arg(item) for item in items]
+    return [secure_arg(item) for item in items]
+
+
+def path_arg(text: str) -> str:
+    """argparse ``type=``: a file to write: not empty, in a directory that exists."""
+    if not text:
+        raise argparse.ArgumentTypeError("empty file name: give the path of the file to write")
+    parent = Path(text).parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: directory {str(parent)!r} does not exist")
+    return text
+
+
+def log_arg(text: str) -> list[str]:
+    """argparse ``type=``: comma-separated logger names (``LOGGERS``) or ``all``."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"invalid log name {text!r}: expected one of {', '.join(LOGGERS)} or all")
+    for name in names:
+        if name != "all" and name not in LOGGERS:
+            raise argparse.ArgumentTypeError(f"invalid log name {name!r}: expected one of {', '.join(LOGGERS)} or all")
+    return list(LOGGERS) if "all" in names else names
 
 
 def memory_arg(text: str) -> int | None:
@@ -51,29 +99,35 @@ def memory_arg(text: str) -> int | None:
 
 
 def async_destroy_arg(text: str) -> int:
+    """argparse ``type=``: the async_destroy module parameter, 0 or 1."""
     if text not in ("0", "1"):
         raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected 0 or 1")
     return int(text)
 
 
-def repeat_arg(text: str) -> int:
+def _int_arg(text: str, what: str, low: int, high: int, hint: str = "") -> int:
+    """A whole number in [low, high] for argparse, errors naming ``what`` (long input shortened)."""
+    shown = repr(text) if len(text) <= 24 else f"{text[:16]!r}... ({len(text)} characters)"
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid repeat count {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid repeat count {value}: must be at least 1")
+        raise argparse.ArgumentTypeError(f"invalid {what} {shown}: expected a whole number") from None
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"invalid {what} {shown}: expected {low}..{high}{hint}")
     return value
+
+
+MAX_REPEAT = 10_000
+
+
+def repeat_arg(text: str) -> int:
+    """argparse ``type=``: a run count, 1..``MAX_REPEAT``."""
+    return _int_arg(text, "repeat count", 1, MAX_REPEAT)
 
 
 def walk_threads_arg(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid thread count {text!r}") from None
-    if not 0 <= value <= 1024:
-        raise argparse.ArgumentTypeError(f"invalid thread count {value}: expected 0..1024 (0 = one per CPU)")
-    return value
+    """argparse ``type=``: walk threads, 0..1024 (0: one per CPU)."""
+    return _int_arg(text, "thread count", 0, 1024, " (0 = one per CPU)")
 
 
 def costs_arg(text: str) -> CostModel:
@@ -87,6 +141,7 @@ def costs_arg(text: str) -> CostModel:
 
 
 def measurement_arg(text: str) -> Measurement:
+    """argparse ``type=``: ``PHASE:SECURE[@MEMORY]=SECONDS`` (``Measurement.parse``)."""
     try:
         return Measurement.parse(text)
     except ValueError as err:
@@ -94,6 +149,7 @@ def measurement_arg(text: str) -> Measurement:
 
 
 def param_arg(text: str) -> str:
+    """argparse ``type=``: the name of a cost parameter."""
     try:
         CostModel.default().get(text)
     except ValueError as err:
@@ -102,19 +158,15 @@ def param_arg(text: str) -> str:
 
 
 def vcpus_arg(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid vCPU count {text!r}") from None
-    if not 1 <= value <= 248:
-        raise argparse.ArgumentTypeError(f"invalid vCPU count {value}: expected 1..248")
-    return value
+    """argparse ``type=``: a vCPU count, 1..248."""
+    return _int_arg(text, "vCPU count", 1, 248)
 
 
 # ------------------------------------------------------------------------------------- output helpers
 
 
 def format_seconds(seconds: float) -> str:
+    """A time for a table: ``1.23 s``, ``4.5 ms``, ``67 µs``."""
     if seconds >= 1:
         return f"{seconds:.2f} s"
     if seconds >= 1e-3:
@@ -122,11 +174,13 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds * 1e6:.0f} µs"
 
 
-def format_uvcs(uvcs: dict[str, int]) -> str:
+def format_uvcs(uvcs: Mapping[str, int]) -> str:
+    """UVC counts, the most frequent first: ``DESTR_SEC_STOR 16,384, ...`` (``none`` if empty)."""
     return ", ".join(f"{name} {count:,}" for name, count in sorted(uvcs.items(), key=lambda kv: -kv[1])) or "none"
 
 
 def kernel_arg(text: str) -> str:
+    """argparse type for ``--kernel``: the canonical profile name, or a usage error listing the valid ones."""
     try:
         return profiles.resolve(text)
     except ValueError as err:
@@ -148,10 +202,11 @@ def describe_host(host: Mapping[str, Any]) -> str:
 
 
 def format_bytes(n: int) -> str:
+    """A byte count for a table: ``0`` or a size (``264K``)."""
     return format_size(n) if n else "0"
 
 
-def print_accounting(rows: list[dict[str, Any]], out: TextIO, *, indent: str = "    ", phase: str = "") -> None:
+def print_accounting(rows: list[dict[str, Any]], out: Stream, *, indent: str = "    ", phase: str = "") -> None:
     """Where the work landed: one line per thread (UVCs, host CPU time, modelled time)."""
     w = out.write
     if not rows:
@@ -167,7 +222,7 @@ def print_accounting(rows: list[dict[str, Any]], out: TextIO, *, indent: str = "
         w(f"{' ' * len(lead)}{'':<26} UVCs: {format_uvcs(t['uvcs'])}\n")
 
 
-def print_memory_timeline(timeline: dict[str, Any] | None, out: TextIO, *, what: str) -> None:
+def print_memory_timeline(timeline: dict[str, Any] | None, out: Stream, *, what: str) -> None:
     """The marked samples of a memory timeline: both clocks, allocated, secure, held by."""
     if not timeline:
         return
@@ -184,47 +239,146 @@ def print_memory_timeline(timeline: dict[str, Any] | None, out: TextIO, *, what:
         )
 
 
+class Stream(Protocol):
+    """What the command writes its table, progress and logs to: a text stream."""
+
+    def write(self, text: str, /) -> int:
+        """Write ``text``; returns its length."""
+        ...
+
+    def flush(self) -> None:
+        """Push what was written to the file."""
+        ...
+
+    def isatty(self) -> bool:
+        """Whether the stream is a terminal."""
+        ...
+
+
+class GuardedStream:
+    """A text stream whose failures end its output, not the run: a closed, full or broken
+    stderr must not stop an experiment half-way (``None``: a closed stream, nothing is written)."""
+
+    def __init__(self, stream: Stream | None) -> None:
+        self.stream = stream
+        self.failed = stream is None
+
+    def write(self, text: str, /) -> int:
+        """Write ``text`` unless the stream has failed (then drop it)."""
+        if not self.failed and self.stream is not None:
+            try:
+                self.stream.write(text)
+            except (OSError, ValueError):
+                self.failed = True
+        return len(text)
+
+    def flush(self) -> None:
+        """Flush unless the stream has failed."""
+        if not self.failed and self.stream is not None:
+            try:
+                self.stream.flush()
+            except (OSError, ValueError):
+                self.failed = True
+
+    def isatty(self) -> bool:
+        """Whether the stream is a terminal (False once it has failed)."""
+        try:
+            return not self.failed and self.stream is not None and self.stream.isatty()
+        except (OSError, ValueError):
+            return False
+
+
 class ProgressBar:
     """A one-line progress bar on a text stream, redrawn at most ~10 times a second."""
 
     WIDTH = 30
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: Stream) -> None:
         self.stream = stream
         self.clear = "\x1b[K" if stream.isatty() else ""  # erase the rest of the line on a terminal
         self.label: str | None = None
         self.last_draw = 0.0
+        self._lock = threading.Lock()  # a log line from another thread ends the bar's line first
 
     def __call__(self, label: str, done: int, total: int, unit: str) -> None:
-        now = time.monotonic()
-        finished = done >= total
-        if label != self.label:
-            self.close()
-            self.label = label
-        elif not finished and now - self.last_draw < 0.1:
-            return
-        self.last_draw = now
-        frac = min(1.0, done / total) if total else 1.0
-        filled = int(frac * self.WIDTH)
-        if unit == "bytes":
-            amount = f"{format_size(done) if done else '0'}/{format_size(total)}"
-        else:
-            amount = f"{done:,}/{total:,} {unit}"
-        bar = "#" * filled + "." * (self.WIDTH - filled)
-        self.stream.write(f"\r[{bar}] {frac * 100:5.1f}% {amount} {label}{self.clear}")
-        self.stream.flush()
+        with self._lock:
+            now = time.monotonic()
+            finished = done >= total
+            if label != self.label:
+                self._end_line()
+                self.label = label
+            elif not finished and now - self.last_draw < 0.1:
+                return
+            self.last_draw = now
+            frac = min(1.0, done / total) if total else 1.0
+            filled = int(frac * self.WIDTH)
+            if unit == "bytes":
+                amount = f"{format_size(done) if done else '0'}/{format_size(total)}"
+            else:
+                amount = f"{done:,}/{total:,} {unit}"
+            bar = "#" * filled + "." * (self.WIDTH - filled)
+            self.stream.write(f"\r[{bar}] {frac * 100:5.1f}% {amount} {label}{self.clear}")
+            self.stream.flush()
 
-    def close(self) -> None:
+    def _end_line(self) -> None:
         if self.label is not None:
             self.stream.write("\n")
             self.stream.flush()
             self.label = None
+
+    def close(self) -> None:
+        """End the bar's line (the next call draws a new bar)."""
+        with self._lock:
+            self._end_line()
+
+
+class LogHandler(logging.Handler):
+    """pvfast's log records on the command's stderr, one line each (``kvm_uv: vm ...``), the
+    progress bar's line ended first."""
+
+    def __init__(self, stream: Stream, bar: ProgressBar | None) -> None:
+        super().__init__(logging.DEBUG)
+        self.stream = stream
+        self.bar = bar
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Write one record."""
+        try:
+            name = record.name.removeprefix("pvfast.")
+            level = "" if record.levelno < logging.WARNING else f" {record.levelname.lower()}"
+            line = f"{name}{level}: {record.getMessage()}\n"
+            if self.bar is not None:
+                self.bar.close()
+            self.stream.write(line)  # Handler.handle holds the handler's lock
+            self.stream.flush()
+        except (TypeError, ValueError):  # a record whose arguments do not fit its format
+            self.handleError(record)
+
+
+@contextmanager
+def logging_to(stream: Stream, names: Sequence[str], bar: ProgressBar | None) -> Iterator[None]:
+    """While the ``with`` runs: pvfast's warnings, and the DEBUG lines of the loggers ``names``
+    (keys of ``LOGGERS``), go to ``stream``; levels and handlers are put back after."""
+    handler = LogHandler(stream, bar)
+    top = logging.getLogger("pvfast")
+    loggers = [logging.getLogger(LOGGERS[name]) for name in names]
+    levels = [logger.level for logger in loggers]
+    top.addHandler(handler)
+    for logger in loggers:
+        logger.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+        top.removeHandler(handler)
 
 
 # ------------------------------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``pvfast`` argument parser (every subcommand and option)."""
     host = argparse.ArgumentParser(add_help=False)
     group = host.add_argument_group("emulated host (load-time settings)")
     group.add_argument(
@@ -288,11 +442,37 @@ def build_parser() -> argparse.ArgumentParser:
         "(modelled hardware time from the cost model; the same on every machine)",
     )
 
+    diagnostics = argparse.ArgumentParser(add_help=False)
+    dg = diagnostics.add_argument_group("logs (on stderr)")
+    dg.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show every pvfast log at debug level: the kvm-uv debug log (each UV call of the PV code, "
+        "as the kernel's KVM_UV_EVENT lines), QEMU's messages (vmm) and the host's",
+    )
+    dg.add_argument(
+        "--log",
+        type=log_arg,
+        action="append",
+        default=[],
+        metavar="NAME",
+        help=f"show one log at debug level: {', '.join(LOGGERS)} or all (repeatable, or comma-separated); "
+        "kernel warnings are shown without it",
+    )
+
     output = argparse.ArgumentParser(add_help=False)
     out = output.add_argument_group("output")
-    out.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
+    fmt = out.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
+    fmt.add_argument(
+        "--csv",
+        action="store_true",
+        help="print CSV instead of the table: a header, then one row per run (docs/OUTPUT.md lists the columns)",
+    )
     out.add_argument(
         "--trace",
+        type=path_arg,
         metavar="FILE",
         help="write a Chrome/Perfetto trace (trace-event JSON) of the run: phases, PV commands, UVC counters",
     )
@@ -313,11 +493,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--secure",
-        type=size_arg,
+        type=secure_arg,
         default=parse_size("2G"),
         metavar="SIZE",
-        help="secure memory the guest dirties above 2G before the reboot/exit (default 2G); "
-        "needs SIZE + 2G <= --memory",
+        help="secure memory the guest dirties above 2G before the reboot/exit (default 2G; 0: nothing, "
+        "only the boot image is secure); what does not fit above 2G goes below it; at most --memory",
     )
     g.add_argument(
         "--vcpus",
@@ -325,6 +505,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=experiments.DEFAULT_VCPUS,
         metavar="N",
         help=f"vCPUs of the guest (default {experiments.DEFAULT_VCPUS})",
+    )
+    g.add_argument(
+        "--no-memory-check",
+        dest="memory_check",
+        action="store_false",
+        help="run even if the guest's dirtied memory needs more RAM than the machine has available "
+        "(MemAvailable in /proc/meminfo); without it such a run is refused before it starts",
     )
 
     parser = argparse.ArgumentParser(
@@ -338,11 +525,12 @@ def build_parser() -> argparse.ArgumentParser:
             "sizes take binary suffixes K, M, G, T (8G = 8 GiB). examples:\n"
             "  pvfast info\n"
             "  pvfast info --kernel 6.2\n"
-            "  pvfast reboot --memory 64G --secure 8G --async\n"
+            "  pvfast reboot --memory 64G --secure 8G --async --repeat 5 --csv\n"
             "  pvfast shutdown --memory 16G --secure 4G\n"
             "  pvfast compare --secure 1G,2G,4G --plot compare.png\n"
             "  pvfast reboot --guest-memory state --memory 4T --secure 4T --async --clock model\n"
             "  pvfast calibrate --measure disable:8G=3.2\n"
+            "  pvfast reboot --memory 4G --secure 1G --log kvm_uv    # the kvm-uv debug log on stderr\n"
             "run 'pvfast COMMAND --help' for the options of a command."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -362,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     reboot = sub.add_parser(
         "reboot",
-        parents=[host, model, guest, clocks, output],
+        parents=[host, model, guest, clocks, output, diagnostics],
         help="reboot a protected guest the way QEMU does and time it",
         description="Boot a protected guest, let it dirty --secure bytes above 2G, then reboot it as "
         "QEMU's s390_machine_unprotect does (PREPARE + an async_cleanup thread running "
@@ -372,7 +560,19 @@ def build_parser() -> argparse.ArgumentParser:
         "guest's memory over time.",
     )
     reboot.add_argument(
-        "--plot", metavar="FILE.png", default=None, help="write a plot of the old guest's memory over time"
+        "--plot",
+        type=path_arg,
+        metavar="FILE.png",
+        default=None,
+        help="write a plot of the old guest's memory over time (with --repeat: of the median run)",
+    )
+    reboot.add_argument(
+        "--repeat",
+        type=repeat_arg,
+        default=1,
+        metavar="N",
+        help="reboot N times, each on a fresh host, and report the median run with the spread "
+        "(median, min, max) of every time (default 1)",
     )
     mode = reboot.add_mutually_exclusive_group()
     mode.add_argument(
@@ -383,13 +583,15 @@ def build_parser() -> argparse.ArgumentParser:
         dest="mode",
         action="store_const",
         const="async",
-        help="require the asynchronous reboot; fail if QEMU would not take it",
+        help="the asynchronous reboot (PREPARE + PERFORM) where QEMU takes it: for a guest of 2G or "
+        "less QEMU falls back to DISABLE, and the output says so; exit status 1 if the host cannot "
+        "go asynchronous (capability 224 is 0, e.g. --async-destroy 0)",
     )
     reboot.set_defaults(mode="auto", run=cmd_reboot, command_parser=reboot)
 
     shutdown = sub.add_parser(
         "shutdown",
-        parents=[host, model, guest, clocks, output],
+        parents=[host, model, guest, clocks, output, diagnostics],
         help="exit the VMM with and without QEMU's async-teardown helper",
         description="Boot a protected guest, let it dirty --secure bytes, then exit the VMM process, "
         "with and/or without the CLONE_VM helper of '-run-with async-teardown=on'. Reports "
@@ -398,6 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shutdown.add_argument(
         "--plot",
+        type=path_arg,
         metavar="FILE.png",
         default=None,
         help="write a plot of the dead guest's memory over time (with --helper/--no-helper: that run; "
@@ -413,7 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = sub.add_parser(
         "compare",
-        parents=[host, model, clocks, output],
+        parents=[host, model, clocks, output, diagnostics],
         help="sync against async reboot over several sizes; table and plot",
         description="Reboot protected guests synchronously (DISABLE) and asynchronously (PREPARE + "
         "PERFORM) for each --secure size, print a table and write a PNG plot of the time "
@@ -424,7 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=size_list_arg,
         default=size_list_arg("1G,2G,4G"),
         metavar="LIST",
-        help="comma-separated secure sizes (default 1G,2G,4G)",
+        help="comma-separated secure sizes (default 1G,2G,4G; 0 allowed)",
     )
     compare.add_argument(
         "--memory",
@@ -445,17 +648,27 @@ def build_parser() -> argparse.ArgumentParser:
         type=repeat_arg,
         default=1,
         metavar="N",
-        help="run each reboot N times and report medians (default 1)",
+        help="run each reboot N times and report medians with their spread (min, max) (default 1)",
     )
     compare.add_argument(
-        "--plot", metavar="FILE.png", default=DEFAULT_PLOT, help=f"where to write the plot (default {DEFAULT_PLOT})"
+        "--no-memory-check",
+        dest="memory_check",
+        action="store_false",
+        help="run even if the largest guest needs more RAM than the machine has available (MemAvailable)",
+    )
+    compare.add_argument(
+        "--plot",
+        type=path_arg,
+        metavar="FILE.png",
+        default=DEFAULT_PLOT,
+        help=f"where to write the plot (default {DEFAULT_PLOT})",
     )
     compare.add_argument("--no-plot", dest="plot", action="store_const", const=None, help="do not write a plot")
     compare.set_defaults(run=cmd_compare, command_parser=compare)
 
     calibrate = sub.add_parser(
         "calibrate",
-        parents=[host],
+        parents=[host, diagnostics],
         help="fit the cost model to times you measured on real hardware",
         description="Fit cost parameters so that the modelled times of the phases you measured match "
         "your measurements, and print the cost model as TOML (for --costs). Each --measure is "
@@ -490,7 +703,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="cost model to start from (default: the built-in table); what is not fitted is kept",
     )
-    calibrate.add_argument("--output", "-o", metavar="FILE", default=None, help="write the fitted TOML here")
+    calibrate.add_argument(
+        "--output", "-o", type=path_arg, metavar="FILE", default=None, help="write the fitted TOML here"
+    )
     calibrate.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     calibrate.set_defaults(run=cmd_calibrate, command_parser=calibrate)
     return parser
@@ -500,6 +715,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def host_options(args: argparse.Namespace) -> HostOptions:
+    """The emulated host the command line asks for."""
     return HostOptions(
         async_destroy=args.async_destroy,
         destroy_fast=args.destroy_fast,
@@ -511,11 +727,11 @@ def host_options(args: argparse.Namespace) -> HostOptions:
     )
 
 
-def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
+def cmd_info(args: argparse.Namespace, out: Stream) -> int:
+    """``pvfast info``: the emulated host as a VMM sees it (the table; main prints --json)."""
     info = experiments.host_info(host_options(args))
     if args.json:
-        json.dump(info, out, indent=2)
-        out.write("\n")
+        _dump_json(info, args, out)
         return 0
     w = out.write
     host = describe_host(host_options(args).as_dict())
@@ -554,10 +770,33 @@ def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _guest_sizes(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    try:
-        experiments.check_sizes(args.memory, args.secure)
-    except ValueError as err:
-        parser.error(str(err))
+    sizes = [(args.memory, args.secure)]
+    if args.command == "compare":
+        sizes = [(args.memory if args.memory is not None else experiments.auto_memory(s), s) for s in args.secure]
+    for memory, secure in sizes:
+        try:
+            experiments.check_sizes(memory, secure)
+        except ValueError as err:
+            parser.error(str(err))
+    if not args.memory_check:
+        return
+    mode = args.guest_memory
+    secure = max(s for _, s in sizes)
+    need, have = experiments.ram_needed(secure, mode), experiments.mem_available()
+    if have is None or need <= have:
+        return
+    hint = (
+        f"--guest-memory state (a dirtied page then costs its 4-byte state word: about "
+        f"{format_size(experiments.ram_needed(secure, 'state'))} in all), a smaller --secure"
+        if mode == "real"
+        else "a smaller --secure"
+    )
+    parser.error(
+        f"--secure {format_size(secure)} needs about {format_size(need)} of RAM with --guest-memory {mode} "
+        f"({'every page the guest dirties is a page of host RAM' if mode == 'real' else '4 bytes per dirtied page'}), "
+        f"and this machine has {format_size(have)} available (MemAvailable in /proc/meminfo): use {hint}, "
+        "or --no-memory-check to run it anyway"
+    )
 
 
 def _times(r: dict[str, Any], key: str, clock: str) -> str:
@@ -568,7 +807,8 @@ def _times(r: dict[str, Any], key: str, clock: str) -> str:
     return f"{format_seconds(wall):>10}   (modelled {format_seconds(model)})"
 
 
-def print_reboot(r: dict[str, Any], out: TextIO, *, clock: str = "wall") -> None:
+def print_reboot(r: dict[str, Any], out: Stream, *, clock: str = "wall") -> None:
+    """The table of one reboot result (``experiments.reboot``)."""
     w = out.write
     how = (
         "asynchronous: KVM_PV_ASYNC_CLEANUP_PREPARE, then PERFORM in the async_cleanup thread"
@@ -576,10 +816,13 @@ def print_reboot(r: dict[str, Any], out: TextIO, *, clock: str = "wall") -> None
         else "synchronous: KVM_PV_DISABLE"
     )
     w(
-        f"reboot of a {format_size(r['memory'])} protected guest with {format_size(r['secure'])} of secure "
+        f"reboot of a {format_size(r['memory'])} protected guest with {format_bytes(r['secure'])} of secure "
         f"memory, {r['vcpus']} vCPUs\n"
     )
     w(f"  reboot path             {how}\n")
+    if r.get("fallback"):
+        text = f"QEMU's fallback from the asynchronous reboot: {r['fallback']}"
+        w("".join(f"{'':26}{line}\n" for line in textwrap.wrap(text, 74)))
     w(f"  host                    {describe_host(r['host'])}\n")
     w(f"  clock                   {_clock_line(r, clock)}\n")
     w(f"  boot + guest dirtying   {format_seconds(r['boot_seconds'])} (setup, not part of the reboot)\n\n")
@@ -615,12 +858,39 @@ def _clock_line(r: dict[str, Any], clock: str) -> str:
     return f"wall, modelled time beside (cost model: {costs})"
 
 
-def print_shutdown(results: list[dict[str, Any]], out: TextIO, *, clock: str = "wall") -> None:
+def print_reboot_summary(doc: dict[str, Any], out: Stream, *, clock: str = "wall") -> None:
+    """The spread of a repeated reboot (``experiments.reboot_repeated``): per time the median,
+    minimum and maximum over the runs, on both clocks."""
+    w = out.write
+    n = doc["repeat"]
+    w(f"\nover {n} reboots, each on a fresh host (median [min - max]):\n")
+    labels = {
+        "unprotect_seconds": "unprotect returned",
+        "running_seconds": "guest running again",
+        "cleanup_seconds": "old guest's memory clean",
+    }
+    lead, other = ("model", "wall") if clock == "model" else ("wall", "model")
+    for key, label in labels.items():
+        a, b = doc["summary"][lead][key], doc["summary"][other][key]
+        w(
+            f"    {label:<28} {format_seconds(a['median']):>10} [{format_seconds(a['min'])} - "
+            f"{format_seconds(a['max'])}]   ({'modelled' if other == 'model' else 'wall'} "
+            f"{format_seconds(b['median'])} [{format_seconds(b['min'])} - {format_seconds(b['max'])}])\n"
+        )
+    modes = sorted({r["mode"] for r in doc["runs"]})
+    w(f"    reboot path taken            {', '.join(modes)} in {n} of {n} runs\n" if len(modes) == 1 else "")
+    if len(modes) > 1:
+        counts = {m: sum(r["mode"] == m for r in doc["runs"]) for m in modes}
+        w(f"    reboot path taken            {', '.join(f'{m} {c}x' for m, c in counts.items())}\n")
+
+
+def print_shutdown(results: list[dict[str, Any]], out: Stream, *, clock: str = "wall") -> None:
+    """The table of the shutdown results (``experiments.shutdown``; one or both variants)."""
     w = out.write
     first = results[0]
     w(
         f"VMM exit with a running {format_size(first['memory'])} protected guest, "
-        f"{format_size(first['secure'])} secure memory, {first['vcpus']} vCPUs\n"
+        f"{format_bytes(first['secure'])} secure memory, {first['vcpus']} vCPUs\n"
     )
     w(f"  host: {describe_host(first['host'])}\n")
     w(f"  clock: {_clock_line(first, clock)}\n\n")
@@ -669,7 +939,8 @@ def print_shutdown(results: list[dict[str, Any]], out: TextIO, *, clock: str = "
         )
 
 
-def print_compare(result: dict[str, Any], out: TextIO, *, clock: str = "wall") -> None:
+def print_compare(result: dict[str, Any], out: Stream, *, clock: str = "wall") -> None:
+    """The table of a compare result (``experiments.compare``)."""
     w = out.write
     repeat = result.get("repeat", 1)
     p = "model_" if clock == "model" else ""
@@ -688,13 +959,24 @@ def print_compare(result: dict[str, Any], out: TextIO, *, clock: str = "wall") -
     for row in result["rows"]:
         ratio_value = row[p + "ratio"]
         ratio = f"{ratio_value:.0f}x" if ratio_value is not None else "-"
-        note = "" if row["async_mode"] == "async" else "  (async not possible: went sync)"
+        note = "" if row["async_mode"] == "async" else "  (QEMU's fallback: went sync)"
         w(
-            f"{format_size(row['secure']):>7} {format_size(row['memory']):>7}  "
+            f"{format_bytes(row['secure']):>7} {format_size(row['memory']):>7}  "
             f"{format_seconds(row[p + 'sync_running_seconds']):>14}  "
             f"{format_seconds(row[p + 'async_running_seconds']):>15}  "
             f"{format_seconds(row[p + 'async_cleanup_seconds']):>15}  {ratio:>10}{note}\n"
         )
+    if repeat > 1:
+        w(f"\nspread over the {repeat} runs of each (min - max):\n")
+        for row in result["rows"]:
+            cells = []
+            for key in ("sync_running_seconds", "async_running_seconds", "async_cleanup_seconds"):
+                lo, hi = row["spread"][p + key]["min"], row["spread"][p + key]["max"]
+                cells.append(f"{format_seconds(lo)} - {format_seconds(hi)}")
+            w(f"{format_bytes(row['secure']):>7} {format_size(row['memory']):>7}  " + "   ".join(cells) + "\n")
+    fallback = next((row["fallback"] for row in result["rows"] if row.get("fallback")), None)
+    if fallback:
+        w("\n" + textwrap.fill(f"QEMU's fallback: {fallback}", 100) + "\n")
     growth = result.get(p + "seconds_per_gib")
     if growth:
         w("\ngrowth with secure memory (least-squares slope):\n")
@@ -705,7 +987,8 @@ def print_compare(result: dict[str, Any], out: TextIO, *, clock: str = "wall") -
         w(f"\nplot written to {result['plot']}\n")
 
 
-def print_calibrate(report: dict[str, Any], out: TextIO) -> None:
+def print_calibrate(report: dict[str, Any], out: Stream) -> None:
+    """The table of a calibration report (``experiments.calibrate``)."""
     w = out.write
     w(f"cost model fitted to {len(report['measurements'])} measurement(s), starting from {report['base']}\n\n")
     for param, value in report["fitted"].items():
@@ -720,17 +1003,226 @@ def print_calibrate(report: dict[str, Any], out: TextIO) -> None:
         w(f"\nfitted cost model written to {report['output']} (use it with --costs)\n")
 
 
-class Session:
-    """What every measuring command shares: progress bar, optional tracer, output."""
+# ------------------------------------------------------------------------------------- CSV
 
-    def __init__(self, args: argparse.Namespace, err: TextIO) -> None:
-        show = getattr(args, "progress", False) or (err.isatty() and not args.json)
+
+def _csv_value(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Mapping):
+        return " ".join(f"{k}={v}" for k, v in value.items())
+    return value
+
+
+def _common_row(r: Mapping[str, Any]) -> dict[str, Any]:
+    meta, host = r.get("pvfast", {}), r["host"]
+    return {
+        "experiment": r["experiment"],
+        "pvfast_version": meta.get("version"),
+        "build_profile": meta.get("build_profile"),
+        "kernel": meta.get("kernel"),
+        "async_destroy": host["async_destroy"],
+        "destroy_fast": host["destroy_fast"],
+        "feature_misc": host["feature_misc"],
+        "guest_memory": host["guest_memory"],
+        "walk_threads": host["walk_threads"],
+        "costs": host["costs"],
+        "vcpus": r["vcpus"],
+    }
+
+
+def reboot_row(r: Mapping[str, Any], run: int = 1) -> dict[str, Any]:
+    """One CSV row of a reboot result (``CSV_COLUMNS["reboot"]``)."""
+    perform = r.get("perform") or {}
+    row = {
+        **_common_row(r),
+        "run": run,
+        "memory": r["memory"],
+        "secure": r["secure"],
+        "mode_requested": r["mode_requested"],
+        "mode": r["mode"],
+        "fallback": r.get("fallback"),
+        "boot_seconds": r["boot_seconds"],
+        **{key: r[key] for key in experiments.REBOOT_TIMES},
+        **{f"model_{key}": r["model"][key] for key in experiments.REBOOT_TIMES},
+        "secure_pages_before": r["secure_pages_before"],
+        "secure_pages_left": r["secure_pages_left"],
+        "secure_pages_now": r["secure_pages_now"],
+        "uvcs_unprotect": r["uvcs_unprotect"],
+        "uvcs": r["uvcs"],
+        "perform_rc": perform.get("rc"),
+        "perform_rrc": perform.get("rrc"),
+        "peak_rss_bytes": r["peak_rss_bytes"],
+        "error": r.get("error") or perform.get("error"),
+    }
+    return row
+
+
+def shutdown_row(r: Mapping[str, Any]) -> dict[str, Any]:
+    """One CSV row of a shutdown result (``CSV_COLUMNS["shutdown"]``)."""
+    helper = r.get("helper_exit") or {}
+    return {
+        **_common_row(r),
+        "memory": r["memory"],
+        "secure": r["secure"],
+        "helper": r["helper"],
+        "boot_seconds": r["boot_seconds"],
+        "vmm_exit_seconds": r["vmm_exit"]["seconds"],
+        "vmm_exit_wall_seconds": r["vmm_exit"]["wall_seconds"],
+        "model_vmm_exit_seconds": r["model"]["vmm_exit_seconds"],
+        "helper_exit_seconds": helper.get("seconds"),
+        "helper_exit_wall_seconds": helper.get("wall_seconds"),
+        "model_helper_exit_seconds": r["model"]["helper_exit_seconds"] if r["helper"] else None,
+        "total_seconds": r["total_seconds"],
+        "model_total_seconds": r["model"]["total_seconds"],
+        "vmm_share": r["vmm_share"],
+        "model_held_after_vmm_exit_seconds": r["model"]["held_after_vmm_exit_seconds"],
+        "secure_pages_before": r["secure_pages_before"],
+        "secure_pages_left": r["secure_pages_left"],
+        "configs_left": r["configs_left"],
+        "leaked": r["leaked"],
+        "vmm_exit_uvcs": r["vmm_exit"]["uvcs"],
+        "helper_exit_uvcs": helper.get("uvcs"),
+        "peak_rss_bytes": r["peak_rss_bytes"],
+    }
+
+
+_COMPARE_TIMES = (
+    "sync_running_seconds",
+    "async_running_seconds",
+    "async_cleanup_seconds",
+    "model_sync_running_seconds",
+    "model_async_running_seconds",
+    "model_async_cleanup_seconds",
+)
+
+
+def compare_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The CSV rows of a compare result, one per secure size (``CSV_COLUMNS["compare"]``)."""
+    rows = []
+    for row in result["rows"]:
+        times: dict[str, Any] = {}
+        for key in _COMPARE_TIMES:
+            times[key] = row[key]
+            times[f"{key}_min"] = row["spread"][key]["min"]
+            times[f"{key}_max"] = row["spread"][key]["max"]
+        rows.append(
+            {
+                **_common_row(result),
+                "memory": row["memory"],
+                "secure": row["secure"],
+                "repeat": row["repeat"],
+                "async_mode": row["async_mode"],
+                "fallback": row.get("fallback"),
+                **times,
+                "ratio": row["ratio"],
+                "model_ratio": row["model_ratio"],
+            }
+        )
+    return rows
+
+
+_COMMON_COLUMNS = list(
+    _common_row({"experiment": "", "host": dict.fromkeys(HostOptions().as_dict()), "vcpus": 0}).keys()
+)
+#: The CSV columns of each command, in order: the same whatever the options (an empty cell
+#: where a value does not apply). docs/OUTPUT.md explains each.
+CSV_COLUMNS: Mapping[str, list[str]] = {
+    "reboot": [
+        *_COMMON_COLUMNS,
+        "run",
+        "memory",
+        "secure",
+        "mode_requested",
+        "mode",
+        "fallback",
+        "boot_seconds",
+        *experiments.REBOOT_TIMES,
+        *(f"model_{key}" for key in experiments.REBOOT_TIMES),
+        "secure_pages_before",
+        "secure_pages_left",
+        "secure_pages_now",
+        "uvcs_unprotect",
+        "uvcs",
+        "perform_rc",
+        "perform_rrc",
+        "peak_rss_bytes",
+        "error",
+    ],
+    "shutdown": [
+        *_COMMON_COLUMNS,
+        "memory",
+        "secure",
+        "helper",
+        "boot_seconds",
+        "vmm_exit_seconds",
+        "vmm_exit_wall_seconds",
+        "model_vmm_exit_seconds",
+        "helper_exit_seconds",
+        "helper_exit_wall_seconds",
+        "model_helper_exit_seconds",
+        "total_seconds",
+        "model_total_seconds",
+        "vmm_share",
+        "model_held_after_vmm_exit_seconds",
+        "secure_pages_before",
+        "secure_pages_left",
+        "configs_left",
+        "leaked",
+        "vmm_exit_uvcs",
+        "helper_exit_uvcs",
+        "peak_rss_bytes",
+    ],
+    "compare": [
+        *_COMMON_COLUMNS,
+        "memory",
+        "secure",
+        "repeat",
+        "async_mode",
+        "fallback",
+        *(f"{key}{end}" for key in _COMPARE_TIMES for end in ("", "_min", "_max")),
+        "ratio",
+        "model_ratio",
+    ],
+}
+
+
+def write_csv(command: str, rows: Sequence[Mapping[str, Any]], out: Stream) -> None:
+    """The header of ``command``'s columns, then ``rows`` (each exactly those columns)."""
+    columns = CSV_COLUMNS[command]
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        if list(row) != columns:
+            raise AssertionError(f"CSV row of {command} does not match its columns: {sorted(set(row) ^ set(columns))}")
+        writer.writerow([_csv_value(row[c]) for c in columns])
+
+
+# ------------------------------------------------------------------------------------- running
+
+
+class Session:
+    """What every measuring command shares: progress bar, optional tracer, logs, output."""
+
+    def __init__(self, args: argparse.Namespace, err: Stream) -> None:
+        show = getattr(args, "progress", False) or (err.isatty() and not args.json and not getattr(args, "csv", False))
         self.bar = ProgressBar(err) if show else None
         self.tracer = Tracer(clock=getattr(args, "clock", "wall")) if getattr(args, "trace", None) else None
         self.trace_path: str | None = getattr(args, "trace", None)
+        names = list(LOGGERS) if getattr(args, "verbose", False) else []
+        for group in getattr(args, "log", None) or []:
+            names += [name for name in group if name not in names]
+        self.log_names = names
         self.closed = False
 
+    def label(self, text: str) -> Any:
+        """Tracks of threads first seen inside the ``with`` carry ``text`` (see ``Tracer.labelled``)."""
+        return experiments.labelled(self.tracer, text)
+
     def close(self) -> None:
+        """End the progress bar and write the trace (once)."""
         if self.closed:
             return
         self.closed = True
@@ -740,52 +1232,75 @@ class Session:
             self.tracer.write(self.trace_path)
 
 
-def cmd_reboot(args: argparse.Namespace, out: TextIO, session: Session) -> int:
-    result = experiments.reboot(
-        args.memory,
-        args.secure,
-        mode=args.mode,
-        options=host_options(args),
-        vcpus=args.vcpus,
-        progress=session.bar,
-        tracer=session.tracer,
-    )
+def _plot_title(what: str, result: Mapping[str, Any]) -> str:
+    return f"{what}\n{experiments.provenance_line(result)}"
+
+
+def cmd_reboot(args: argparse.Namespace, out: Stream, session: Session) -> int:
+    """``pvfast reboot``: one reboot, or ``--repeat N`` of them."""
+    kw: dict[str, Any] = {
+        "mode": args.mode,
+        "options": host_options(args),
+        "vcpus": args.vcpus,
+        "progress": session.bar,
+        "tracer": session.tracer,
+    }
+    if args.repeat > 1:
+        doc = experiments.reboot_repeated(args.memory, args.secure, repeat=args.repeat, **kw)
+        runs = doc["runs"]
+        shown = runs[doc["median_run"]]
+    else:
+        doc = shown = experiments.reboot(args.memory, args.secure, **kw)
+        runs = [doc]
     session.close()
     if args.plot:
+        what = f"the median run of {args.repeat}" if args.repeat > 1 else "the old guest's memory"
         plot_memory(
-            result["memory_timeline"],
+            shown["memory_timeline"],
             args.plot,
             clock_kind=args.clock,
-            title=f"reboot ({result['mode']}) of a {format_size(args.memory)} guest, "
-            f"{format_size(args.secure)} secure: the old guest's memory",
+            title=_plot_title(
+                f"{experiments.reboot_name(shown)}: {what}" + (", the old guest's memory" if args.repeat > 1 else ""),
+                shown,
+            ),
         )
-        result["plot"] = args.plot
+        doc["plot"] = args.plot
     if args.json:
-        json.dump(result, out, indent=2)
-        out.write("\n")
+        _dump_json(doc, args, out)
+    elif args.csv:
+        write_csv("reboot", [reboot_row(r, i + 1) for i, r in enumerate(runs)], out)
     else:
-        print_reboot(result, out, clock=args.clock)
+        if args.repeat > 1:
+            out.write(f"the median run of {args.repeat} (by the time until the guest runs again):\n\n")
+        print_reboot(shown, out, clock=args.clock)
+        if args.repeat > 1:
+            print_reboot_summary(doc, out, clock=args.clock)
+            for i, r in enumerate(runs):
+                if r is not shown and (r.get("error") or (r.get("perform") or {}).get("error")):
+                    out.write(f"  run {i + 1}: error: {r.get('error') or r['perform']['error']}\n")
         if args.plot:
             out.write(f"\nplot written to {args.plot}\n")
-    if result.get("error") or (result.get("perform") or {}).get("error"):
-        return 1
-    return 0
+    failed = any(r.get("error") or (r.get("perform") or {}).get("error") for r in runs)
+    return EXIT_FAILED if failed else EXIT_OK
 
 
-def cmd_shutdown(args: argparse.Namespace, out: TextIO, session: Session) -> int:
+def cmd_shutdown(args: argparse.Namespace, out: Stream, session: Session) -> int:
+    """``pvfast shutdown``: the VMM's exit with and/or without the CLONE_VM helper."""
     variants = [False, True] if args.helper is None else [args.helper]
-    results = [
-        experiments.shutdown(
-            args.memory,
-            args.secure,
-            helper=helper,
-            options=host_options(args),
-            vcpus=args.vcpus,
-            progress=session.bar,
-            tracer=session.tracer,
-        )
-        for helper in variants
-    ]
+    results = []
+    for helper in variants:
+        with session.label("with the helper" if helper else "without a helper"):
+            results.append(
+                experiments.shutdown(
+                    args.memory,
+                    args.secure,
+                    helper=helper,
+                    options=host_options(args),
+                    vcpus=args.vcpus,
+                    progress=session.bar,
+                    tracer=session.tracer,
+                )
+            )
     session.close()
     if args.plot:
         shown = next((r for r in results if r["helper"]), results[0])
@@ -793,20 +1308,37 @@ def cmd_shutdown(args: argparse.Namespace, out: TextIO, session: Session) -> int
             shown["memory_timeline"],
             args.plot,
             clock_kind=args.clock,
-            title=f"VMM exit {'with' if shown['helper'] else 'without'} the CLONE_VM helper, "
-            f"{format_size(args.memory)} guest, {format_size(args.secure)} secure: the dead guest's memory",
+            title=_plot_title(
+                f"VMM exit {'with' if shown['helper'] else 'without'} the CLONE_VM helper, "
+                f"{format_size(args.memory)} guest, {format_bytes(args.secure)} secure: the dead guest's memory",
+                shown,
+            ),
         )
     if args.json:
-        json.dump(results[0] if len(results) == 1 else {"experiment": "shutdown", "runs": results}, out, indent=2)
-        out.write("\n")
+        first = results[0]
+        doc = (
+            first
+            if len(results) == 1
+            else {
+                "experiment": "shutdown",
+                "pvfast": first["pvfast"],
+                "machine": first["machine"],
+                "host": first["host"],
+                "runs": results,
+            }
+        )
+        _dump_json(doc, args, out)
+    elif args.csv:
+        write_csv("shutdown", [shutdown_row(r) for r in results], out)
     else:
         print_shutdown(results, out, clock=args.clock)
         if args.plot:
             out.write(f"plot written to {args.plot}\n")
-    return 0
+    return EXIT_OK
 
 
-def cmd_compare(args: argparse.Namespace, out: TextIO, session: Session) -> int:
+def cmd_compare(args: argparse.Namespace, out: Stream, session: Session) -> int:
+    """``pvfast compare``: sync against async reboot for each secure size."""
     start = time.perf_counter()
     result = experiments.compare(
         args.secure,
@@ -823,14 +1355,16 @@ def cmd_compare(args: argparse.Namespace, out: TextIO, session: Session) -> int:
         experiments.plot_compare(result, args.plot, clock_kind=args.clock)
     result["wall_seconds"] = time.perf_counter() - start
     if args.json:
-        json.dump(result, out, indent=2)
-        out.write("\n")
+        _dump_json(result, args, out)
+    elif args.csv:
+        write_csv("compare", compare_rows(result), out)
     else:
         print_compare(result, out, clock=args.clock)
-    return 0
+    return EXIT_OK
 
 
-def cmd_calibrate(args: argparse.Namespace, out: TextIO, session: Session) -> int:
+def cmd_calibrate(args: argparse.Namespace, out: Stream, session: Session) -> int:
+    """``pvfast calibrate``: fit cost parameters to measured phases."""
     options = HostOptions(
         async_destroy=args.async_destroy,
         destroy_fast=args.destroy_fast,
@@ -846,42 +1380,103 @@ def cmd_calibrate(args: argparse.Namespace, out: TextIO, session: Session) -> in
         Path(args.output).write_text(toml, encoding="utf-8")
         report["output"] = args.output
     if args.json:
-        json.dump(report, out, indent=2)
-        out.write("\n")
+        _dump_json(report, args, out)
     else:
         print_calibrate(report, out)
         if not args.output:
             out.write("\n" + toml)
-    return 0
+    return EXIT_OK
+
+
+def _dump_json(doc: dict[str, Any], args: argparse.Namespace, out: Stream) -> None:
+    """``doc`` as the command's JSON document, with the command line that made it (``command``)."""
+    doc = {"experiment": doc.get("experiment"), "command": args.command_line, **doc}
+    json.dump(doc, out, indent=2)
+    out.write("\n")
+
+
+def _silence(stream: object) -> None:
+    """Point the file descriptor under ``stream`` at /dev/null, so that what is still buffered
+    for a reader that went away (or a full disk) is dropped at exit instead of raising again."""
+    try:
+        fd = stream.fileno()  # type: ignore[attr-defined]
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except (AttributeError, OSError, ValueError):
+        return
+    try:
+        os.dup2(devnull, fd)
+    except OSError:
+        pass
+    finally:
+        os.close(devnull)
+
+
+def _deliver(text: str, out: Stream, err: Stream, command: str) -> int:
+    """Write the command's whole output; a reader that went away ends it quietly (141), any other
+    write error (a full disk) is reported (1)."""
+    try:
+        out.write(text)
+        out.flush()
+    except BrokenPipeError:
+        _silence(out)
+        return EXIT_BROKEN_PIPE
+    except (OSError, ValueError) as error:  # ValueError: the stream was closed
+        _silence(out)
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        err.write(f"{' '.join(('pvfast', command)).strip()}: error: cannot write the output: {reason}\n")
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    out = out if out is not None else sys.stdout
-    err = err if err is not None else sys.stderr
+    """Run the ``pvfast`` command line ``argv`` (default ``sys.argv[1:]``); returns the exit
+    status. A bad command line exits through ``SystemExit(2)`` (``--help``: 0), as argparse does.
+    ``out``/``err`` default to ``sys.stdout``/``sys.stderr``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    stdout: Stream | None = out if out is not None else sys.stdout  # None: stdout closed (>&-)
+    errors = GuardedStream(err if err is not None else sys.stderr)
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "info":
-        return int(args.run(args, out))
-    if args.command == "calibrate":
-        args.progress, args.trace = False, None
-    command_parser: argparse.ArgumentParser = args.command_parser
-    if args.command in ("reboot", "shutdown"):
-        _guest_sizes(args, command_parser)
-    elif args.command == "compare":
-        for size in args.secure:
-            memory = args.memory if args.memory is not None else experiments.auto_memory(size)
-            try:
-                experiments.check_sizes(memory, size)
-            except ValueError as error:
-                command_parser.error(str(error))
-    session = Session(args, err)
+    printed, capture = sys.stdout, io.StringIO()
+    sys.stdout = capture  # what argparse prints (--help, --version) is written below, like the rest
     try:
-        return int(args.run(args, out, session))
+        args = parser.parse_args(argv)
+    except SystemExit:  # --help, --version (0) or a usage error (2, already on stderr)
+        text = capture.getvalue()
+        if text and stdout is None:
+            errors.write("pvfast: error: standard output is closed: there is nowhere to write the help\n")
+            return EXIT_FAILED
+        delivered = _deliver(text, stdout, errors, "") if text and stdout is not None else EXIT_OK
+        if delivered != EXIT_OK:
+            return delivered
+        raise
+    finally:
+        sys.stdout = printed
+    args.command_line = shlex.join(["pvfast", *argv])
+    command = args.command
+    if stdout is None:
+        errors.write(f"pvfast {command}: error: standard output is closed: there is nowhere to write the result\n")
+        return EXIT_FAILED
+    if command == "info":
+        buffer = io.StringIO()
+        code = int(args.run(args, buffer))
+        delivered = _deliver(buffer.getvalue(), stdout, errors, command)
+        return delivered if delivered != EXIT_OK else code
+    if command == "calibrate":
+        args.progress, args.trace, args.csv = False, None, False
+    else:
+        _guest_sizes(args, args.command_parser)
+    session = Session(args, errors)
+    buffer = io.StringIO()
+    try:
+        with logging_to(errors, session.log_names, session.bar):
+            code = int(args.run(args, buffer, session))
     except (PvError, ValueError, OSError) as error:
         session.close()
-        print(f"pvfast {args.command}: error: {error}", file=err)
-        return 1
+        errors.write(f"pvfast {command}: error: {error}\n")
+        return EXIT_FAILED
     except KeyboardInterrupt:
         session.close()
-        print("pvfast: interrupted", file=err)
-        return 130
+        errors.write("pvfast: interrupted\n")
+        return EXIT_INTERRUPTED
+    delivered = _deliver(buffer.getvalue(), stdout, errors, command)
+    return delivered if delivered != EXIT_OK else code

@@ -13,7 +13,11 @@ allocated or secure over time, and in which process. ``progress(label, done, tot
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
+import os
+import platform
 import re
 import resource
 import statistics
@@ -21,10 +25,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 from . import _native, clock, profiles, vmm
 from . import image as _image
+from ._version import __version__
 from .accounting import AccountingSnapshot, ThreadUsage, Usage
 from .constants import PAGE_SIZE, SZ_2G, Cap, PvCmd
 from .costs import CostModel, Fit, Observation, fit
@@ -51,17 +57,31 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNOREC
 # ------------------------------------------------------------------------------------- sizes
 
 
-def parse_size(text: str) -> int:
-    """``"8G"`` → 8 GiB. Binary suffixes K/M/G/T (``KiB``/``GB`` spellings accepted), bytes without one."""
+MAX_SIZE = 1 << 64  # sizes are addresses of a 64-bit guest: nothing larger can be asked for
+
+
+def _quoted(text: str) -> str:
+    """``text`` for an error message; a very long one shortened (a 400-digit size is not echoed)."""
+    return repr(text) if len(text) <= 40 else f"{text[:24]!r}... ({len(text)} characters)"
+
+
+def parse_size(text: str, *, allow_zero: bool = False) -> int:
+    """``"8G"`` → 8 GiB. Binary suffixes K/M/G/T (``KiB``/``GB`` spellings accepted), bytes
+    without one. The number is read exactly (no float rounding); a size must be a whole number of
+    bytes, positive (or 0 with ``allow_zero``) and at most 2^64 (16777216T). ValueError otherwise."""
     match = _SIZE_RE.match(text)
     if not match:
-        raise ValueError(f"invalid size {text!r}: expected a number with an optional K/M/G/T suffix, e.g. 8G")
+        raise ValueError(f"invalid size {_quoted(text)}: expected a number with an optional K/M/G/T suffix, e.g. 8G")
     number, suffix = match.groups()
-    value = float(number) * _SUFFIX[suffix.upper()]
-    if value != int(value):
-        raise ValueError(f"invalid size {text!r}: not a whole number of bytes")
-    if value <= 0:
-        raise ValueError(f"invalid size {text!r}: must be positive")
+    if len(number.split(".")[0].lstrip("0")) > 30:  # far above 2^64 whatever the suffix
+        raise ValueError(f"invalid size {_quoted(text)}: larger than {format_size(MAX_SIZE)}")
+    value = Fraction(number) * _SUFFIX[suffix.upper()]
+    if value.denominator != 1:
+        raise ValueError(f"invalid size {_quoted(text)}: not a whole number of bytes")
+    if value > MAX_SIZE:
+        raise ValueError(f"invalid size {_quoted(text)}: larger than {format_size(MAX_SIZE)}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"invalid size {_quoted(text)}: must be positive")
     return int(value)
 
 
@@ -88,7 +108,12 @@ def dirty_start(memory: int, secure: int) -> int:
 
 def check_sizes(memory: int, secure: int) -> None:
     """The guest dirties ``secure`` bytes above 2 GiB, and what does not fit above 2 GiB below it:
-    they must fit in ``memory`` (a multiple of 1 MiB)."""
+    they must fit in ``memory`` (a multiple of 1 MiB). ``secure`` 0 is a guest that dirtied
+    nothing (only its boot image is secure)."""
+    if memory <= 0:
+        raise ValueError(f"--memory {memory} is not a positive size")
+    if secure < 0:
+        raise ValueError(f"--secure {secure} is negative")
     if memory % MiB:
         raise ValueError(f"--memory {format_size(memory)} is not a multiple of 1M")
     if secure % PAGE_SIZE:
@@ -98,6 +123,108 @@ def check_sizes(memory: int, secure: int) -> None:
             f"--secure {format_size(secure)} does not fit in --memory {format_size(memory)}: "
             f"the guest can make at most all of its memory secure"
         )
+
+
+# ------------------------------------------------------------------------------------- the machine
+
+#: What a run costs in host RAM beside its guest's pages: the interpreter, the native tables, the
+#: boot image and one configuration's UV storage.
+RAM_OVERHEAD = 128 * MiB
+
+
+def _meminfo() -> dict[str, int]:
+    """/proc/meminfo in bytes ({} where it cannot be read: not Linux, no /proc)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as file:
+            lines = file.read().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return {}
+    values: dict[str, int] = {}
+    for line in lines:
+        name, _, rest = line.partition(":")
+        fields = rest.split()
+        if fields and fields[0].isdigit():
+            values[name] = int(fields[0]) * (KiB if fields[1:] == ["kB"] else 1)
+    return values
+
+
+def mem_available() -> int | None:
+    """``MemAvailable`` of /proc/meminfo in bytes: what the machine can give a run without
+    swapping (None where it is not known)."""
+    return _meminfo().get("MemAvailable")
+
+
+def ram_needed(secure: int, guest_memory: str = "real") -> int:
+    """Host RAM, about, that a reboot or shutdown of a guest dirtying ``secure`` bytes needs:
+    with real guest memory every page the guest dirties is a page of host RAM; in state-only
+    memory (``guest_memory="state"``) it costs its 4-byte state word. Plus ``RAM_OVERHEAD``.
+    The guest's size does not count: what it does not touch is only reserved."""
+    pages = -(-secure // PAGE_SIZE)
+    return (secure if guest_memory == "real" else 0) + 4 * pages + RAM_OVERHEAD
+
+
+@functools.lru_cache(maxsize=1)
+def machine_info() -> dict[str, Any]:
+    """The machine a run measures on: CPUs, CPU model, RAM, architecture, OS and Python (for
+    reading a figure later: wall times depend on all of them, modelled times on none)."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as file:
+            for line in file:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "cpu model", "machine", "Model"):
+                    model = " ".join(value.split())
+                    break
+    except OSError:
+        pass
+    return {
+        "cpus": os.cpu_count() or 1,
+        "cpu_model": model or platform.processor() or platform.machine(),
+        "ram_bytes": _meminfo().get("MemTotal"),
+        "arch": platform.machine(),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+    }
+
+
+def describe_machine(machine: Mapping[str, Any]) -> str:
+    """One line for a machine (``machine_info()``), e.g. for a plot's title."""
+    ram = machine.get("ram_bytes")
+    return ", ".join(
+        part
+        for part in (
+            f"{machine.get('cpus', '?')} CPUs",
+            str(machine.get("cpu_model") or ""),
+            f"{format_size(ram)} RAM" if ram else "",
+            str(machine.get("arch") or ""),
+        )
+        if part
+    )
+
+
+def _kernel_profile(host: Host | None) -> str | None:
+    """The host's kernel profile, where the host has one (``host.kernel``), as a name."""
+    kernel = getattr(host, "kernel", None)
+    if kernel is None:
+        return None
+    name = getattr(kernel, "name", None)
+    return str(name if isinstance(name, str) else kernel)
+
+
+def about(host: Host | None = None) -> dict[str, Any]:
+    """What produced a result: pvfast's version, the native module's build profile (``release``
+    or ``debug``: a debug build is many times slower) and, where the host has one, its kernel
+    profile."""
+    meta: dict[str, Any] = {"version": __version__, "build_profile": _build_profile()}
+    kernel = _kernel_profile(host)
+    if kernel is not None:
+        meta["kernel"] = kernel
+    return meta
+
+
+def _provenance(host: Host | None, options: HostOptions) -> dict[str, Any]:
+    """The fields every result starts with after ``experiment``: ``pvfast``, ``machine``, ``host``."""
+    return {"pvfast": about(host), "machine": machine_info(), "host": options.as_dict()}
 
 
 # ------------------------------------------------------------------------------------- host
@@ -124,6 +251,7 @@ class HostOptions:
             )
 
     def build(self) -> Host:
+        """A fresh emulated host with these settings."""
         return Host(
             kernel=self.kernel,
             async_destroy=self.async_destroy,
@@ -136,9 +264,11 @@ class HostOptions:
 
     @property
     def cost_model(self) -> CostModel:
+        """The cost model of the modelled clock (the built-in default when ``costs`` is None)."""
         return self.costs if self.costs is not None else CostModel.default()
 
     def as_dict(self) -> dict[str, Any]:
+        """The settings as a result's ``host`` section (the cost model by name)."""
         return {
             "kernel": self.kernel,
             "async_destroy": self.async_destroy,
@@ -155,7 +285,8 @@ def host_info(options: HostOptions = HostOptions()) -> dict[str, Any]:
     host = options.build()
     uv = host.uv.info()
     return {
-        "host": options.as_dict(),
+        "experiment": "info",
+        **_provenance(host, options),
         "capabilities": {cap.name: {"cap": int(cap), "value": host.check_extension(cap)} for cap in Cap},
         "module_params": dict(host.module_params),
         "sysfs": {path: host.read_sysfs(path).rstrip("\n") for path in host.sysfs_paths()},
@@ -217,6 +348,11 @@ def traced_vm(vm: Vm, tracer: Tracer | None) -> Vm:
 
 def _span(tracer: Tracer | None, name: str, **args: Any) -> Any:
     return tracer.span(name, **args) if tracer is not None else _NULL_SPAN
+
+
+def _machine_start(tracer: Tracer | None) -> contextlib.AbstractContextManager[int]:
+    """``tracer.machine()``: the run on a fresh host starts here on the trace (0 without one)."""
+    return tracer.machine() if tracer is not None else contextlib.nullcontext(0)
 
 
 class _NullSpan:
@@ -284,8 +420,14 @@ def _main_key(proc: Process) -> tuple[int, str]:
 
 def _counters(tracer: Tracer | None, host: Host, base: Mapping[str, int]) -> None:
     if tracer is not None:
-        tracer.counter("UVCs", uvc_delta(host.uv.stats(), base) or {"none": 0})
+        tracer.counter("UVCs", uvc_delta(host.uv.stats(), base))  # nothing before the first UVC
         tracer.counter("secure pages", {"secure pages": host.uv.secure_pages()})
+
+
+def labelled(tracer: Tracer | None, label: str) -> contextlib.AbstractContextManager[None]:
+    """With a tracer, the threads first seen inside the ``with`` get ``label`` in their track
+    names (``async_cleanup [4G async, run 2]``): each run's threads are told apart."""
+    return tracer.labelled(label) if tracer is not None else contextlib.nullcontext()
 
 
 # ------------------------------------------------------------------------------------- reboot
@@ -307,26 +449,61 @@ def reboot(
     """Reboot a protected guest as QEMU does and time it.
 
     ``mode``: ``"auto"`` is QEMU's ``s390_machine_unprotect`` (async when the host allows it),
-    ``"sync"`` forces KVM_PV_DISABLE, ``"async"`` is ``auto`` but reports an error result if QEMU
-    would not have gone asynchronous. Times are from the start of the unprotect:
-    ``unprotect_seconds`` (the reset path can go on), ``running_seconds`` (the new protected guest
-    runs: image loaded, ENABLE..VERIFY done; ``load_seconds`` + ``protect_seconds`` after the
-    unprotect), ``cleanup_seconds`` (the old guest's memory is clean). ``model`` has the same on
-    the modelled clock; ``accounting`` the work of the teardown (main thread's unprotect and the
-    async_cleanup thread) and of the new guest's boot, per thread; ``memory`` the old guest's
-    memory over time (``timeline=False`` skips the sampler).
+    ``"sync"`` forces KVM_PV_DISABLE, ``"async"`` asks for the asynchronous path: where QEMU
+    falls back to DISABLE because the guest is not larger than 2 GiB, the result says so
+    (``fallback``) and is no error; where the host cannot go asynchronous (capability 224 is 0,
+    or PREPARE failed) the result carries an ``error``. Times are from the start of the
+    unprotect: ``unprotect_seconds`` (the reset path can go on), ``running_seconds`` (the new
+    protected guest runs: image loaded, ENABLE..VERIFY done; ``load_seconds`` +
+    ``protect_seconds`` after the unprotect), ``cleanup_seconds`` (the old guest's memory is
+    clean). ``model`` has the same on the modelled clock; ``accounting`` the work of the teardown
+    (main thread's unprotect and the async_cleanup thread) and of the new guest's boot, per
+    thread; ``memory_timeline`` the old guest's memory over time (``timeline=False`` skips the
+    sampler). docs/OUTPUT.md explains every field.
     """
     if mode not in ("auto", "sync", "async"):
         raise ValueError(f"mode: expected 'auto', 'sync' or 'async', got {mode!r}")
     check_sizes(memory, secure)
     host = options.build()
     proc = host.spawn_process("qemu")
-    try:
-        with _span(tracer, f"reboot {mode} {format_size(secure)}", memory=memory, secure=secure):
-            return _reboot(host, proc, memory, secure, mode, options, vcpus, progress, tracer, timeline)
-    finally:
-        with _span(tracer, "process exit (not measured)"):
-            proc.exit()
+    with _machine_start(tracer) as start:
+        name = f"reboot of a {format_size(memory)} guest, {format_size(secure)} secure (failed)"
+        try:
+            result = _reboot(host, proc, memory, secure, mode, options, vcpus, progress, tracer, timeline)
+            name = reboot_name(result)
+            return result
+        finally:
+            if tracer is not None:
+                args = {"memory": memory, "secure": secure, "mode": mode}
+                tracer.complete(name, start, tracer.now_ns(), args=args)
+            with _span(tracer, "process exit (not measured)"):
+                proc.exit()
+
+
+def reboot_name(result: Mapping[str, Any]) -> str:
+    """What a reboot result was, in a few words: the path taken, why, and the guest."""
+    guest = f"{format_size(result['memory'])} guest, {format_size(result['secure'])} secure"
+    if result["mode"] == "async":
+        return f"async reboot (PREPARE, PERFORM in async_cleanup) of a {guest}"
+    if result.get("fallback"):
+        return f"sync reboot (DISABLE: QEMU's fallback from async) of a {guest}"
+    return f"sync reboot (DISABLE) of a {guest}"
+
+
+def _fallback(host: Host, vm: Vm) -> str:
+    """Why QEMU's s390_machine_unprotect did not go asynchronous for ``vm``."""
+    if vm.memory_limit <= SZ_2G:
+        return (
+            f"the guest's memory ({format_size(vm.memory_limit)}) is not larger than 2G, so QEMU "
+            "(s390_pv_vm_try_disable_async) does not try KVM_PV_ASYNC_CLEANUP_PREPARE and issues "
+            "KVM_PV_DISABLE"
+        )
+    if not host.check_extension(Cap.S390_PROTECTED_ASYNC_DISABLE):
+        return (
+            "capability 224 (KVM_CAP_S390_PROTECTED_ASYNC_DISABLE) is 0 on this host "
+            f"(async_destroy={host.module_params.get('async_destroy')}): QEMU issues KVM_PV_DISABLE"
+        )
+    return "KVM_PV_ASYNC_CLEANUP_PREPARE failed: QEMU logs the error and issues KVM_PV_DISABLE"
 
 
 def _reboot(
@@ -416,6 +593,7 @@ def _reboot(
     _counters(tracer, host, stats0)
 
     went_async = thread is not None
+    fallback = _fallback(host, vm) if mode != "sync" and not went_async else None
     main = _main_key(proc)
     # The teardown: everything in the unprotect (only the main thread runs then; async_cleanup
     # waits for `counted`), and everything the other threads did until the end.
@@ -423,12 +601,13 @@ def _reboot(
     boot_new = _only(acc2 - acc1, lambda t: t.key == main).busy().threads
     result: dict[str, Any] = {
         "experiment": "reboot",
-        "host": options.as_dict(),
+        **_provenance(host, options),
         "memory": memory,
         "secure": secure,
         "vcpus": vcpus,
         "mode_requested": mode,
         "mode": "async" if went_async else "sync",
+        "fallback": fallback,
         "boot_seconds": boot_seconds,
         "unprotect_seconds": t1 - t0,
         "load_seconds": t_loaded - t1,
@@ -466,12 +645,81 @@ def _reboot(
     }
     if timeline is not None:
         result["memory_timeline"] = timeline.as_dict()
-    if mode == "async" and not went_async:
-        result["error"] = (
-            "the reboot was synchronous: QEMU goes asynchronous only with capability 224 "
-            f"(= {host.check_extension(Cap.S390_PROTECTED_ASYNC_DISABLE)}) and a memory limit above 2G"
-        )
+    if mode == "async" and fallback is not None and vm.memory_limit > SZ_2G:
+        # The guest could have gone asynchronous; the host did not let it.
+        result["error"] = f"the reboot was synchronous, not the asynchronous one asked for: {fallback}"
     return result
+
+
+def reboot_repeated(
+    memory: int,
+    secure: int,
+    *,
+    repeat: int,
+    mode: str = "auto",
+    options: HostOptions = HostOptions(),
+    vcpus: int = DEFAULT_VCPUS,
+    progress: Progress | None = None,
+    tracer: Tracer | None = None,
+    timeline: bool = True,
+) -> dict[str, Any]:
+    """``reboot`` ``repeat`` times, each on a fresh host: every run (``runs``), the run whose time
+    until the guest runs again is the (lower) median (``median_run``, an index into ``runs``), and
+    per time its median, minimum and maximum on both clocks (``summary``)."""
+    if repeat < 1:
+        raise ValueError(f"repeat: must be at least 1, got {repeat}")
+    check_sizes(memory, secure)
+    runs = []
+    for i in range(repeat):
+        with labelled(tracer, f"run {i + 1} of {repeat}"):
+            runs.append(
+                reboot(
+                    memory,
+                    secure,
+                    mode=mode,
+                    options=options,
+                    vcpus=vcpus,
+                    progress=progress,
+                    tracer=tracer,
+                    timeline=timeline,
+                )
+            )
+    median = _median_run(runs, "running_seconds")
+    first = runs[0]
+    return {
+        "experiment": "reboot",
+        "pvfast": first["pvfast"],
+        "machine": first["machine"],
+        "host": first["host"],
+        "memory": memory,
+        "secure": secure,
+        "vcpus": vcpus,
+        "mode_requested": mode,
+        "repeat": repeat,
+        "median_run": runs.index(median),
+        "summary": {
+            "wall": {key: spread([r[key] for r in runs]) for key in REBOOT_TIMES},
+            "model": {key: spread([r["model"][key] for r in runs]) for key in REBOOT_TIMES},
+        },
+        "runs": runs,
+    }
+
+
+#: The times of a reboot result (wall; the same keys under ``model``).
+REBOOT_TIMES = (
+    "unprotect_seconds",
+    "load_seconds",
+    "protect_seconds",
+    "running_seconds",
+    "cleanup_seconds",
+    "background_seconds",
+)
+
+
+def spread(values: Iterable[float]) -> dict[str, float]:
+    """Median, minimum and maximum of some samples (the spread of a median of N)."""
+    xs = list(values)
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
 
 # ------------------------------------------------------------------------------------- shutdown
@@ -498,7 +746,11 @@ def shutdown(
     host = options.build()
     proc = host.spawn_process("qemu")
     helper_proc = proc.clone_vm() if helper else None  # QEMU clones at start-up, before KVM exists
-    with _span(tracer, f"shutdown {'with' if helper else 'without'} helper {format_size(secure)}"):
+    what = "with the CLONE_VM helper" if helper else "without a helper"
+    with (
+        _machine_start(tracer) as start,
+        _span(tracer, f"VMM exit {what}: {format_size(memory)} guest, {format_size(secure)} secure", start_ns=start),
+    ):
         t_boot = time.perf_counter()
         vm = boot_guest(proc, memory, secure, vcpus=vcpus, progress=progress, tracer=tracer)
         boot_seconds = time.perf_counter() - t_boot
@@ -565,7 +817,7 @@ def shutdown(
     total = sum(phase["seconds"] for phase in phases.values())
     result: dict[str, Any] = {
         "experiment": "shutdown",
-        "host": options.as_dict(),
+        **_provenance(host, options),
         "memory": memory,
         "secure": secure,
         "vcpus": vcpus,
@@ -611,60 +863,75 @@ def compare(
 ) -> dict[str, Any]:
     """Sync (DISABLE) against async (PREPARE + PERFORM) reboot for each secure size, one fresh host
     per run. ``memory`` None: ``auto_memory(size)`` per guest. With ``repeat`` > 1 each reboot runs
-    that many times (sync and async alternating) and the row reports medians. ``model_*`` columns
-    are the same times on the modelled clock."""
+    that many times (sync and async alternating) and the row reports medians, with every sample
+    (``samples``) and their minimum and maximum (``spread``). ``model_*`` columns are the same
+    times on the modelled clock."""
     sizes = list(sizes)
+    if not sizes:
+        raise ValueError("sizes: give at least one secure size")
     if repeat < 1:
         raise ValueError(f"repeat: must be at least 1, got {repeat}")
     for size in sizes:
         check_sizes(memory if memory is not None else auto_memory(size), size)
     rows = []
+    first: dict[str, Any] | None = None
     for size in sizes:
         mem = memory if memory is not None else auto_memory(size)
         syncs, asyncs = [], []
-        with _span(tracer, f"compare {format_size(size)}"):
-            for _ in range(repeat):
-                kw: dict[str, Any] = {
-                    "options": options,
-                    "vcpus": vcpus,
-                    "progress": progress,
-                    "tracer": tracer,
-                    "timeline": tracer is not None,  # the sampler feeds the trace's counters
-                }
-                syncs.append(reboot(mem, size, mode="sync", **kw))
-                asyncs.append(reboot(mem, size, mode="auto", **kw))
-        sync_running = statistics.median(r["running_seconds"] for r in syncs)
-        async_running = statistics.median(r["running_seconds"] for r in asyncs)
-        model_sync = statistics.median(r["model"]["running_seconds"] for r in syncs)
-        model_async = statistics.median(r["model"]["running_seconds"] for r in asyncs)
+        kw: dict[str, Any] = {
+            "options": options,
+            "vcpus": vcpus,
+            "progress": progress,
+            "tracer": tracer,
+            "timeline": tracer is not None,  # the sampler feeds the trace's counters
+        }
+        where = f"{format_size(size)} secure, {format_size(mem)} guest"
+        start = tracer.frontier_ns() if tracer is not None else 0
+        with _span(tracer, f"compare {where}: sync and async reboot, {repeat} run(s) each", start_ns=start):
+            for i in range(repeat):
+                run = f", run {i + 1}" if repeat > 1 else ""
+                with labelled(tracer, f"{format_size(size)} sync{run}"):
+                    syncs.append(reboot(mem, size, mode="sync", **kw))
+                with labelled(tracer, f"{format_size(size)} async{run}"):
+                    asyncs.append(reboot(mem, size, mode="auto", **kw))
+        first = first or syncs[0]
+        samples = {
+            "sync_running_seconds": [r["running_seconds"] for r in syncs],
+            "async_running_seconds": [r["running_seconds"] for r in asyncs],
+            "async_cleanup_seconds": [r["cleanup_seconds"] for r in asyncs],
+            "model_sync_running_seconds": [r["model"]["running_seconds"] for r in syncs],
+            "model_async_running_seconds": [r["model"]["running_seconds"] for r in asyncs],
+            "model_async_cleanup_seconds": [r["model"]["cleanup_seconds"] for r in asyncs],
+        }
+        med = {key: statistics.median(values) for key, values in samples.items()}
         row = {
             "secure": size,
             "memory": mem,
             "repeat": repeat,
-            "sync_running_seconds": sync_running,
-            "async_running_seconds": async_running,
-            "async_cleanup_seconds": statistics.median(r["cleanup_seconds"] for r in asyncs),
-            "model_sync_running_seconds": model_sync,
-            "model_async_running_seconds": model_async,
-            "model_async_cleanup_seconds": statistics.median(r["model"]["cleanup_seconds"] for r in asyncs),
+            **med,
             "async_mode": "async" if all(r["mode"] == "async" for r in asyncs) else "sync",
-            "ratio": sync_running / async_running if async_running else None,
-            "model_ratio": model_sync / model_async if model_async else None,
+            "fallback": next((r["fallback"] for r in asyncs if r["fallback"]), None),
+            "ratio": med["sync_running_seconds"] / med["async_running_seconds"]
+            if med["async_running_seconds"]
+            else None,
+            "model_ratio": med["model_sync_running_seconds"] / med["model_async_running_seconds"]
+            if med["model_async_running_seconds"]
+            else None,
+            "spread": {key: {"min": min(values), "max": max(values)} for key, values in samples.items()},
+            "samples": samples,
             "sync": _median_run(syncs, "running_seconds"),
             "async": _median_run(asyncs, "running_seconds"),
         }
-        if repeat > 1:
-            row["samples"] = {
-                "sync_running_seconds": [r["running_seconds"] for r in syncs],
-                "async_running_seconds": [r["running_seconds"] for r in asyncs],
-                "async_cleanup_seconds": [r["cleanup_seconds"] for r in asyncs],
-            }
         rows.append(row)
         if on_row is not None:
             on_row(row)
+    assert first is not None
     return {
         "experiment": "compare",
+        "pvfast": first["pvfast"],
+        "machine": first["machine"],
         "host": options.as_dict(),
+        "memory": memory,
         "vcpus": vcpus,
         "repeat": repeat,
         "rows": rows,
@@ -742,7 +1009,7 @@ class Measurement:
         if self.phase not in PHASES:
             raise ValueError(f"phase: {self.phase!r} is not one of {', '.join(PHASES)}")
         check_sizes(self.memory if self.memory is not None else auto_memory(self.secure), self.secure)
-        if not self.seconds > 0:
+        if not (self.seconds > 0 and math.isfinite(self.seconds)):
             raise ValueError(f"seconds: {self.seconds} is not a positive time")
 
     @classmethod
@@ -763,6 +1030,7 @@ class Measurement:
 
     @property
     def label(self) -> str:
+        """The measurement as ``PHASE:SECURE[@MEMORY]`` (without the time)."""
         where = format_size(self.secure) + (f"@{format_size(self.memory)}" if self.memory else "")
         return f"{self.phase}:{where}"
 
@@ -833,6 +1101,7 @@ def calibrate(
     result = fit(observations, names, base=model)
     report = {
         "experiment": "calibrate",
+        **_provenance(options.build(), options),
         "base": model.name,
         "fitted": dict(result.values),
         "defaults": {p: model.get(p) for p in names},
@@ -875,10 +1144,16 @@ def plot_compare(result: Mapping[str, Any], path: str, *, clock_kind: str = "wal
         ),
         ("async_cleanup_seconds", "^--", "tab:blue", "async reboot: old guest's memory clean (async_cleanup done)"),
     ]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), dpi=110)
+    repeat = result.get("repeat", 1)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.2), dpi=110)
     for ax, log in zip(axes, (False, True), strict=True):
         for key, style, color, label in curves:
-            ax.plot(xs, [row[prefix + key] for row in rows], style, color=color, label=label)
+            ys = [row[prefix + key] for row in rows]
+            ax.plot(xs, ys, style, color=color, label=label)
+            if repeat > 1 and all("spread" in row for row in rows):
+                low = [y - row["spread"][prefix + key]["min"] for y, row in zip(ys, rows, strict=True)]
+                high = [row["spread"][prefix + key]["max"] - y for y, row in zip(ys, rows, strict=True)]
+                ax.errorbar(xs, ys, yerr=[low, high], fmt="none", ecolor=color, elinewidth=1, capsize=3)
         if log:
             ax.set_yscale("log")
             ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
@@ -891,27 +1166,45 @@ def plot_compare(result: Mapping[str, Any], path: str, *, clock_kind: str = "wal
         ax.xaxis.set_minor_locator(NullLocator())
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: format_size(round(v * GiB))))
         ax.yaxis.set_major_formatter(FuncFormatter(_seconds_label))
-        ax.set_xlim(0, max(xs) * 1.05)
+        ax.set_xlim(0, max(xs) * 1.05 or 1.0)
         ax.set_xlabel("secure guest memory above 2 GiB, dirtied before the reboot")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel(("modelled " if clock_kind == "model" else "") + "time from the start of the reboot")
-    host = result.get("host", {})
-    flags = [f"async_destroy={host.get('async_destroy', 1)}"]
-    flags.append("Destroy-Fast" if host.get("destroy_fast", True) else "no Destroy-Fast")
-    flags.append("MISC" if host.get("feature_misc", True) else "no MISC")
-    if clock_kind == "model":
-        flags.append(f"modelled clock, costs: {host.get('costs', 'default')}")
-    repeat = result.get("repeat", 1)
-    fig.suptitle(
-        f"pvfast compare: protected-guest reboot, sync vs async ({', '.join(flags)}"
-        + (f"; median of {repeat}" if repeat > 1 else "")
-        + ")"
-    )
+    fig.suptitle(compare_title(result, clock_kind=clock_kind), fontsize=10)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8.5, frameon=False)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, format="png")
     plt.close(fig)
+
+
+def compare_title(result: Mapping[str, Any], *, clock_kind: str = "wall") -> str:
+    """The title of a compare plot: what ran (guest size, vCPUs, host options, clock), how often
+    (median of N with its min–max bars) and where (machine, build and kernel profile)."""
+    host = result.get("host", {})
+    flags = [f"async_destroy={host.get('async_destroy', 1)}"]
+    flags.append("Destroy-Fast" if host.get("destroy_fast", True) else "no Destroy-Fast")
+    flags.append("MISC" if host.get("feature_misc", True) else "no MISC")
+    if host.get("guest_memory", "real") != "real":
+        flags.append(f"{host['guest_memory']} guest memory")
+    memory = result.get("memory")
+    guest = f"guest {format_size(memory)}" if memory else "guest = secure + 3G (2G below, 1G untouched)"
+    runs = f"median of {result['repeat']} runs, bars min–max" if result.get("repeat", 1) > 1 else "one run each"
+    clock_text = f"modelled clock (costs: {host.get('costs', 'default')})" if clock_kind == "model" else "wall clock"
+    line1 = f"pvfast compare: protected-guest reboot, sync vs async; {guest}, {result.get('vcpus', '?')} vCPUs"
+    line2 = f"{', '.join(flags)}; {clock_text}; {runs}"
+    return f"{line1}\n{line2}\n{provenance_line(result)}"
+
+
+def provenance_line(result: Mapping[str, Any]) -> str:
+    """Where a result was measured, for a plot's title: the machine, pvfast's version and build
+    profile, and the kernel profile where there is one."""
+    meta = result.get("pvfast", {})
+    text = f"{describe_machine(result.get('machine', {}))}; pvfast {meta.get('version', '?')}"
+    text += f" ({meta.get('build_profile', '?')} build)"
+    if meta.get("kernel"):
+        text += f", kernel profile {meta['kernel']}"
+    return text
 
 
 def _seconds_label(value: float, _pos: object) -> str:

@@ -48,6 +48,7 @@ class MemorySample:
     event: str = ""
 
     def as_dict(self) -> dict[str, Any]:
+        """The sample as JSON-serialisable data (a ``memory_timeline`` entry)."""
         return {
             "wall_seconds": self.wall_seconds,
             "model_seconds": self.model_seconds,
@@ -145,7 +146,7 @@ class MemoryTimeline:
             f"{t.process}/{t.thread}": t.usage.uvc_total - self._uvcs0.get(t.key, 0)
             for t in self.host.accounting.snapshot().threads
         }
-        tracer.counter("UVCs by thread", {k: v for k, v in uvcs.items() if v} or {"none": 0}, ts_ns=ts)
+        tracer.counter("UVCs by thread", {k: v for k, v in uvcs.items() if v}, ts_ns=ts)  # none yet: no sample
 
     # -- control --
     def start(self) -> MemoryTimeline:
@@ -181,10 +182,12 @@ class MemoryTimeline:
 
     # -- results --
     def events(self) -> tuple[MemorySample, ...]:
+        """The marked samples (those with an ``event``), in order."""
         with self._lock:
             return tuple(s for s in self.samples if s.event)
 
     def as_dict(self) -> dict[str, Any]:
+        """The timeline as JSON-serialisable data: the interval, the marked and all samples."""
         with self._lock:
             samples = list(self.samples)
         return {
@@ -207,7 +210,7 @@ def plot_memory(timeline: dict[str, Any], path: str, *, clock_kind: str = "wall"
     samples: Sequence[dict[str, Any]] = sorted(timeline["samples"], key=lambda s: (s[key], s["wall_seconds"]))
     xs = [s[key] for s in samples]
     gib = float(1 << 30)
-    fig, ax = plt.subplots(figsize=(9, 4.4), dpi=110)
+    fig, ax = plt.subplots(figsize=(9, 4.8), dpi=110)
     ax.step(xs, [s["allocated_bytes"] / gib for s in samples], where="post", label="allocated (still mapped)")
     ax.step(xs, [s["secure_bytes"] / gib for s in samples], where="post", label="still secure")
     ax.axvspan(0, 0, color="tab:red", alpha=0.12, lw=0, label="held only by the CLONE_VM helper (VMM gone)")
@@ -218,14 +221,15 @@ def plot_memory(timeline: dict[str, Any], path: str, *, clock_kind: str = "wall"
     for s in samples:
         if s["event"] and s["event"] != "start":
             ax.axvline(s[key], color="grey", lw=0.6, ls=":")
-            ax.text(s[key], top * 1.02, s["event"], rotation=90, fontsize=7, va="bottom", ha="right")
+            ax.text(s[key], top * 1.58, s["event"], rotation=90, fontsize=7, va="top", ha="right")
     ax.set_xlabel("modelled time (s)" if clock_kind == "model" else "wall time (s)")
     ax.set_ylabel("GiB of the guest's memory")
-    ax.set_ylim(0, top * 1.35)
+    ax.set_ylim(0, top * 1.6)  # room above the curves for the event labels
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper right", fontsize=8)
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)  # below: no label under it
     if title:
         ax.set_title(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, format="png")
     plt.close(fig)

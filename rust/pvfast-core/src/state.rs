@@ -125,7 +125,9 @@ impl UvInfo {
         }
     }
 
-    /// Variable storage a configuration of `guest_len` bytes needs (spec §2.3).
+    /// Variable storage a configuration of `guest_len` bytes needs: `guest_virt_var_stor_len`
+    /// per MiB of guest memory, rounded up to whole pages, plus `guest_virt_base_stor_len`
+    /// (the length `kvm_s390_pv_alloc_vm` allocates, arch/s390/kvm/pv.c @ f7866f582b1c).
     pub fn var_stor_len(&self, guest_len: u64) -> u64 {
         let per = self.guest_virt_var_stor_len.saturating_mul(guest_len / MIB);
         per.div_ceil(PAGE_SIZE as u64)

@@ -3,7 +3,8 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-/// Condition code of the UVC instruction (spec §1.2).
+/// Condition code of the UVC instruction: 0 done, 1 error (see the rc), 2 busy and 3 partial (the
+/// kernel's call helpers issue the call again for 2 and 3; arch/s390/include/asm/uv.h, v6.2).
 pub const CC_OK: u8 = 0;
 pub const CC_ERROR: u8 = 1;
 
@@ -181,7 +182,8 @@ impl UvcStatus {
 
 macro_rules! uvcs {
     ($( $variant:ident = $code:literal, $name:literal, $bit:expr; )*) => {
-        /// Every UVC the emulator knows, with its command code (spec §1.3).
+        /// Every UVC the emulator knows, with its command code (the `UVC_CMD_*` values of
+        /// arch/s390/include/asm/uv.h, v6.2).
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
         #[repr(u16)]
         pub enum Uvc { $( $variant = $code, )* }
