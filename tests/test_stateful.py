@@ -6,9 +6,9 @@ into claim + finish with a real thread, vCPU hotplug, guest/host memory accesses
 2 GiB, guest shares, injected UV failures, kill/exit, CLONE_VM helpers, VM close) and compares,
 after every step, every observable both sides expose: errno/rc/rrc of each command, the
 ``pv_state()`` fields, the UV's configurations (through a handle map), secure pages per owner, the
-state of every touched page, and the per-step deltas of the UVC counters. The spec §7 invariants
-are checked on both sides after every step (the model's ``check_invariants`` plus checks on
-pvfast's own state).
+state of every touched page, and the per-step deltas of the UVC counters. The invariants of
+docs/VERIFICATION.md §8 are checked on both sides after every step (the model's
+``check_invariants`` plus checks on pvfast's own state).
 
 Deliberate differences between the two (each explained in docs/VERIFICATION.md §1) are applied
 in ``_expected_stats_delta``/``_compare``; everything else must match exactly.
@@ -112,13 +112,14 @@ def boot_image(high: bool) -> tuple[Any, list[bytes]]:
 
 
 class ComparedModel(pm.Model):
-    """The reference model with pvfast's documented choice where the spec is ambiguous.
+    """The reference model with pvfast's documented choice where the kernel's behaviour is ambiguous.
 
     Each override names the item of docs/VERIFICATION.md §1 it implements. D2: a protected guest
-    touching a page that another live configuration has made SHARED. Spec §2.5 says such an
-    access raises no exception, so the model does nothing; pvfast (API.md "resolves pages owned
-    by another configuration", _native.pyi import_range) treats it like any foreign page:
-    export-before-import when §6 says so, then import (which the UV allows only with MISC).
+    touching a page that another live configuration has made SHARED. Such an access raises no
+    exception (a shared page does not fault), so the model does nothing; pvfast (``Vm.guest_access``
+    "resolves pages owned by another configuration", _native.pyi import_range) treats it like any
+    foreign page: export-before-import when should_export_before_import says so, then import (which
+    the UV allows only with MISC).
     """
 
     def guest_access(self, vm_id, page, n=1, write=True, vcpu=0):
@@ -133,7 +134,7 @@ class ComparedModel(pm.Model):
             if owner == vm.handle and state in (pm.SECURE, pm.SHARED):
                 continue
             if state in (pm.SECURE, pm.ORPHANED):
-                # secure-storage violation: destroy page, export if that fails (§4.7)
+                # secure-storage violation: destroy page, export if that fails (gmap_destroy_page)
                 cc, _, _, _ = self.uv.destroy_page(key, "violation")
                 if cc:
                     self.uv.export_page(key, "violation")
@@ -184,7 +185,8 @@ class VmPair:
 
 @dataclass
 class GatedPerform:
-    """A PERFORM in its own thread, stopped between the claim and the walk (spec §3.9 a→c)."""
+    """A PERFORM in its own thread, stopped between the claim and the walk (kvm_s390_pv_deinit_aside_vm
+    has taken the record under kvm->lock and dropped the lock, its walk has not started)."""
 
     pair: VmPair
     rc_in: int
@@ -277,8 +279,9 @@ class PvMachine(RuleBasedStateMachine):
 
     def _wrap_model_create(self) -> None:
         """D7: an injected Create Config failure whose rc carries 0x8000 (NEED_DESTROY) creates a
-        configuration in pvfast (the rc says "a handle exists anyway, destroy it", spec §1.2,
-        §3.1 e); the model keeps "change nothing" and returns handle 0. Follow pvfast here."""
+        configuration in pvfast (the rc says "a handle exists anyway, destroy it": UVC_RC_NEED_DESTROY,
+        which kvm_s390_pv_init_vm answers with a Destroy Config); the model keeps "change nothing" and
+        returns handle 0. Follow pvfast here."""
         model = self.model
         assert model is not None
         uv = model.uv
@@ -323,9 +326,10 @@ class PvMachine(RuleBasedStateMachine):
 
     def _wrap_model_dump(self) -> None:
         """M2: the model's UV keeps no per-configuration dump state, so after DUMP_INIT, DISABLE and
-        ENABLE (the kernel's ``dumping`` flag survives, §3.7) it lets the *new* configuration run
-        DUMP_CONF_STOR_STATE/DUMP_COMPLETE. pvfast's UV refuses them for a configuration that never
-        saw DUMP_INIT (rc 0x0003). Give the model's UV that per-configuration state."""
+        ENABLE (the kernel's ``dumping`` flag survives them up to 6.6: kvm_s390_clear_pv_state) it
+        lets the *new* configuration run DUMP_CONF_STOR_STATE/DUMP_COMPLETE. pvfast's UV refuses them
+        for a configuration that never saw DUMP_INIT (rc 0x0003). Give the model's UV that
+        per-configuration state."""
         model = self.model
         assert model is not None
         uv = model.uv
@@ -473,7 +477,8 @@ class PvMachine(RuleBasedStateMachine):
             self.model.exit(p.pid)
         assert not p.proc.alive
         assert not self.model.process_alive(p.pid)
-        for g in gates:  # interrupted PERFORMs: rc 1 / rrc 42, record on need_cleanup (§3.9 e)
+        # interrupted PERFORMs: rc 1 / rrc 42, record on need_cleanup (kvm_s390_pv_deinit_aside_vm)
+        for g in gates:
             self._join(g)
             assert g.result == (0, pm.UVC_RC_EXECUTED, pm.RRC_KVM_SYNTHETIC), g.result
             self.gates.remove(g)
@@ -600,7 +605,7 @@ class PvMachine(RuleBasedStateMachine):
         assert s.set_aside
         assert not any(s.vcpu_handles)
         assert not s.service_irq_masked
-        assert s.guest_handle == 0  # v6.2 zeroes gmap->guest_handle in set_aside (§3.8 d)
+        assert s.guest_handle == 0  # v6.2 zeroes gmap->guest_handle in kvm_s390_pv_set_aside
         if self.injected:
             return  # a failed CPU destroy keeps the UV CPU, so the [0, 2 GiB) destroys are refused
         end = min(v.vm.memory_size // PAGE, LOW_LIMIT_PAGES)
@@ -669,8 +674,8 @@ class PvMachine(RuleBasedStateMachine):
     @rule(i=st.integers(0, 99), load=st.booleans())
     def protect(self, i: int, load: bool) -> None:
         """vmm.protect's sequence on a protected VM: load the image (host writes), SET_SEC_PARMS,
-        UNPACK of each component (§3.4, with §6 export-before-import), VERIFY; then the guest
-        reads its plaintext back."""
+        UNPACK of each component (kvm_s390_pv_unpack, with export-before-import), VERIFY; then the
+        guest reads its plaintext back."""
         assert self.model is not None
         v = self._pick(self._vms_where(lambda pv: pv.handle and pv.handle not in self.booted), i)
         self.booted.add(v.vm.pv.handle)
@@ -931,7 +936,7 @@ class PvMachine(RuleBasedStateMachine):
                     assert rs == ms_.lower(), f"vm {v.vid} page {page}: pvfast {rs} model {ms_}"
                     if ms_ != pm.NONSECURE:
                         assert ro == self._real(mo), f"vm {v.vid} page {page} owner"
-        # --- §7 invariants
+        # --- the invariants of docs/VERIFICATION.md §8
         problems = pm.check_invariants(model)
         assert not problems, problems
         self._check_pvfast_invariants()
@@ -944,12 +949,13 @@ class PvMachine(RuleBasedStateMachine):
             assert s.set_aside_fast == self.host.destroy_fast_available
 
     def _check_pvfast_invariants(self) -> None:
-        """§7 on pvfast's own state (independent of the model)."""
+        """The invariants (docs/VERIFICATION.md §8) on pvfast's own state (independent of the model)."""
         host = self.host
         assert host is not None
         clean = not self.injected
         if not host.async_destroy:
-            for v in self._open_vms():  # §5: nothing can ever be set aside
+            # async_destroy=0 (a read-only module parameter): nothing can ever be set aside
+            for v in self._open_vms():
                 s = v.vm.pv_state()
                 assert not s.set_aside
                 assert s.need_cleanup == 0
@@ -1050,7 +1056,8 @@ def test_pv_state_machine(request: pytest.FixtureRequest) -> None:
 
 
 def _hold_perform(mm: Any) -> tuple[threading.Event, threading.Event]:
-    """Stop the next PERFORM walk on ``mm`` between its claim and its walk (spec §3.9 a→c)."""
+    """Stop the next PERFORM walk on ``mm`` between its claim and its walk (kvm_s390_pv_deinit_aside_vm
+    has taken the record under kvm->lock and dropped the lock, its walk has not started)."""
     entered, release = threading.Event(), threading.Event()
     real = mm._destroy_range
 
@@ -1067,9 +1074,9 @@ def _hold_perform(mm: Any) -> tuple[threading.Event, threading.Event]:
 
 
 def test_close_while_perform_runs_defers_vm_destroy() -> None:
-    """B1: an ioctl in flight holds the file (fdget), so kvm_arch_destroy_vm (§4.8 E) runs only
-    when PERFORM returns. pvfast used to run it at once, destroying the current configuration
-    under the running PERFORM."""
+    """B1: an ioctl in flight holds the file (fdget), so kvm_arch_destroy_vm (arch/s390/kvm/kvm-s390.c
+    @ cc726886079f) runs only when PERFORM returns. pvfast used to run it at once, destroying the
+    current configuration under the running PERFORM."""
     host = pvfast.Host(destroy_fast=False)
     proc = host.spawn_process()
     vm = proc.create_vm(3 * GiB, 1)
@@ -1095,9 +1102,9 @@ def test_close_while_perform_runs_defers_vm_destroy() -> None:
 
 
 def test_guest_access_fails_when_page_cannot_be_made_accessible() -> None:
-    """B2, §4.7 / invariant 16: a guest that does not run protected and touches a secure (here
-    orphaned) page makes the host export it; if that export fails the access cannot proceed (the
-    model returns EFAULT). pvfast used to return normally with the page still orphaned."""
+    """B2, arch_make_page_accessible / invariant 16: a guest that does not run protected and touches
+    a secure (here orphaned) page makes the host export it; if that export fails the access cannot
+    proceed (the model returns EFAULT). pvfast used to return normally with the page still orphaned."""
     host = pvfast.Host(destroy_fast=True)
     proc = host.spawn_process()
     vm = proc.create_vm(3 * GiB, 1)
@@ -1113,8 +1120,8 @@ def test_guest_access_fails_when_page_cannot_be_made_accessible() -> None:
 
 
 def test_mm_teardown_destroys_every_present_page() -> None:
-    """D1, §4.7 page-table teardown: for each present PTE of a protected mm, destroy page (a no-op
-    success on non-secure pages, but still one UVC). pvfast used to skip the non-secure ones, so
+    """D1, page-table teardown (ptep_get_and_clear_full): for each present PTE of a protected mm,
+    destroy page (a no-op success on non-secure pages, but still one UVC). pvfast used to skip the non-secure ones, so
     stats()["DESTR_SEC_STOR"] was lower than the kernel's count."""
     host = pvfast.Host(destroy_fast=False)
     proc = host.spawn_process()
@@ -1129,7 +1136,8 @@ def test_mm_teardown_destroys_every_present_page() -> None:
 
 def test_guest_share_needs_a_secure_vcpu() -> None:
     """Fixed in d605118: after DISABLE fails on a CPU the handle stays but no vCPU runs protected;
-    such a guest cannot issue the guest-side SET_SHARED_ACCESS (§2.3 sdf, §3.2 step 1)."""
+    such a guest cannot issue the guest-side SET_SHARED_ACCESS (its vCPUs have sdf 0 after
+    kvm_s390_cpus_from_pv, DISABLE's first step)."""
     host = pvfast.Host()
     proc = host.spawn_process()
     vm = proc.create_vm(3 * GiB, 1)
@@ -1183,10 +1191,10 @@ def test_close_while_enable_runs_defers_vm_destroy() -> None:
 
 
 def test_disable_reports_the_failing_leftover_when_the_current_destroy_succeeds() -> None:
-    """Invariant 21 / §4.5 step 5: the current VM's Destroy Config succeeds, a leftover's fails:
-    DISABLE gives EIO with the leftover's rc/rrc. (The leftover is made undestroyable by giving
-    its configuration a CPU through the raw UV, which only a test can do; found by mutation
-    testing of deinit_cleanup_all, docs/VERIFICATION.md §4.2.)"""
+    """Invariant 21 / kvm_s390_pv_deinit_cleanup_all's leftover loop: the current VM's Destroy
+    Config succeeds, a leftover's fails: DISABLE gives EIO with the leftover's rc/rrc. (The
+    leftover is made undestroyable by giving its configuration a CPU through the raw UV, which only
+    a test can do; found by mutation testing of deinit_cleanup_all, docs/VERIFICATION.md §4.2.)"""
     host = pvfast.Host(destroy_fast=False)
     proc = host.spawn_process()
     vm = proc.create_vm(3 * GiB, 1)
@@ -1206,7 +1214,8 @@ def test_disable_reports_the_failing_leftover_when_the_current_destroy_succeeds(
     assert not st.protected
     assert not st.set_aside
     assert st.need_cleanup == 0
-    assert st.protected_count == 1  # the failed leftover keeps its reference for good (§4.2)
+    # the failed leftover keeps its reference for good (kvm_s390_pv_dispose_one_leftover)
+    assert st.protected_count == 1
     assert host.uv.config_handles() == {old}
     host.uv.native.destroy_cpu(cpu)
     proc.exit()
@@ -1214,10 +1223,10 @@ def test_disable_reports_the_failing_leftover_when_the_current_destroy_succeeds(
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "slow"])
 def test_close_zaps_only_when_there_was_something_to_clean(fast: bool) -> None:
-    """§4.5 steps 3-6 (need_zap): closing a VM that has only a set-aside record (no current
-    configuration) still zaps the address space while it lives, so the old guest's pages are
-    destroyed; closing a VM that never had anything issues no destroy-page at all, even though
-    the mm is protected (another VM). (Found by mutation testing, §4.2.)"""
+    """kvm_s390_pv_deinit_cleanup_all's need_zap: closing a VM that has only a set-aside record (no
+    current configuration) still zaps the address space while it lives, so the old guest's pages
+    are destroyed; closing a VM that never had anything issues no destroy-page at all, even though
+    the mm is protected (another VM). (Found by mutation testing, docs/VERIFICATION.md §4.2.)"""
     host = pvfast.Host(destroy_fast=fast)
     proc = host.spawn_process()
     keep = proc.create_vm(3 * GiB, 1)

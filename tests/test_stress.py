@@ -3,10 +3,10 @@ through ``pvfast.vmm.unprotect``'s ``async_cleanup`` thread) and kills on a few 
 
 Checked: no deadlock (every thread joins within a timeout; ``faulthandler`` dumps all stacks and
 aborts the run if the process hangs), no exception other than the API's (``PvError``,
-``UvcError``, ``ValueError`` for a closed VM or an exited process), the spec §7 counting
-invariants once the threads have stopped, and after every process has exited: no secure or
-orphaned page, no configuration, no kernel memory, an empty leak ledger (invariant 13), unless
-failures were injected.
+``UvcError``, ``ValueError`` for a closed VM or an exited process), the counting invariants of
+docs/VERIFICATION.md §8 once the threads have stopped, and after every process has exited: no
+secure or orphaned page, no configuration, no kernel memory, an empty leak ledger (invariant 13),
+unless failures were injected.
 
 Duration: ``PVFAST_STRESS_SECONDS`` in total over the three tests (default 5 s, for CI).
 ``PVFAST_STRESS_REPORT=<file>`` appends the figures (ops, ops/s, PERFORMs, kills).
@@ -110,8 +110,9 @@ def worker(fleet: Fleet, seed: int, deadline: float, stats: Counter, errors: lis
                 proc = fleet.pick_proc(rng)
                 if proc is not None:
                     (proc.kill if rng.random() < 0.5 else proc.exit)()
-                    # QEMU's async-teardown helper exits once QEMU is gone (§4.8 C): mostly at
-                    # once here, sometimes later (the next kill of anything, or the end)
+                    # QEMU's async-teardown helper (a CLONE_VM child that ends as the last user of
+                    # the mm) exits once QEMU is gone: mostly at once here, sometimes later (the
+                    # next kill of anything, or the end)
                     with fleet.lock:
                         helpers = [h for h in fleet.helpers if h.alive and (h.helper_of is proc or rng.random() < 0.2)]
                     for h in helpers:
@@ -178,7 +179,7 @@ def worker(fleet: Fleet, seed: int, deadline: float, stats: Counter, errors: lis
 
 
 def check_quiescent(host: pvfast.Host, fleet: Fleet, clean: bool) -> None:
-    """§7 invariants 1, 8, 9 once no thread runs (invariant 8 exact only without failures)."""
+    """Invariants 1, 8, 9 (docs/VERIFICATION.md §8) once no thread runs (8 exact only without failures)."""
     by_mm: dict[int, list[pvfast.Vm]] = {}
     for vm in fleet.vms:
         if vm.process.alive and not vm.closed:

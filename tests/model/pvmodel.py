@@ -1,8 +1,11 @@
-"""Reference model of KVM s390 PV teardown + the Ultravisor, written only from the spec.
+"""Reference model of KVM s390 PV teardown + the Ultravisor, written only from the kernel sources.
 
-Sources: shared/spec/kernel-pv-teardown.md and shared/API.md.  Section numbers in comments
-("§4.5") refer to kernel-pv-teardown.md.  Two kernel profiles: ``Model(kernel="latest")`` (the
-default: the spec's "v6.6+" plus its [Δlatest] items: walks over the VM's own memory with an
+Sources: a reading of arch/s390/kvm/pv.c @ f7866f582b1c and arch/s390/kvm/kvm-s390.c @ cc726886079f
+(the v6.2 state), arch/s390/mm/gmap.c @ 292a7d6fca33, arch/s390/kernel/uv.c @ 594ce0b8a998 and the
+v6.2 arch/s390/include/asm/uv.h, plus the public API as documented in docs/ and
+python/pvfast/__init__.py.  Comments name the kernel function a step follows.  Two kernel
+profiles: ``Model(kernel="latest")`` (the default: v6.2 with the fixes of v6.4 to v6.6, plus the
+changes of the newest tree read, listed in docs/KERNEL.md: walks over the VM's own memory with an
 export when a destroy is refused, imports with the VM's handle, 1 MiB SE headers, the dump reset
 in kvm_s390_clear_pv_state) and ``Model(kernel="6.2")`` (v6.2 as merged: segment-ASCE VMs may
 PREPARE, walks over the whole address space with refusals ignored, imports with
@@ -14,11 +17,13 @@ or the native module's: a wrong constant on either side then shows up as a diffe
 
 Modelling choices that a comparator must know (details and the full list in docs/MODEL.md):
 
-* Leak ledger (§2.6).  ``pv_state(vm)["leaked"]`` is the number of resources *currently* on the
-  ledger of that VM, one entry per resource: each CPU donation, each base storage, each variable
-  storage and each top-level table counts 1.  A failed Destroy Config of the *current* VM keeps
-  the handle and the donation pointers (§4.1), so a later successful Destroy Config / Destroy-Fast
-  of that same handle frees the base and variable storage and removes those two entries again.
+* Leak ledger (emulator-only: the kernel keeps no counter, it WARNs and leaks what the UV may
+  still use).  ``pv_state(vm)["leaked"]`` is the number of resources *currently* on the ledger of
+  that VM, one entry per resource: each CPU donation, each base storage, each variable storage and
+  each top-level table counts 1.  A failed Destroy Config of the *current* VM keeps the handle
+  and the donation pointers (kvm_s390_pv_deinit_vm), so a later successful Destroy Config /
+  Destroy-Fast of that same handle frees the base and variable storage and removes those two
+  entries again.
   Everything else on the ledger (CPU donations, unlisted tables, a failed leftover's resources)
   stays there for good.
 * Pages: a dict ``(vm_id, page_index) -> (state, owner_handle)`` in the UV for pages that are not
@@ -28,9 +33,9 @@ Modelling choices that a comparator must know (details and the full list in docs
   away only with the address space (Model(unmap_on_close=True) changes that).
 * Injected failures change nothing: an injected Create Config failure returns handle 0 even when
   the injected rc carries 0x8000 (NEED_DESTROY).
-* UV refusals the spec does not give a code for (destroy page / destroy config of a config that has
-  CPUs, import of a page owned by another config, unknown handle) answer cc 1 with
-  rc = UVC_RC_INV_STATE (0x0003), rrc 0.
+* UV refusals for which the kernel sources give no code (destroy page / destroy config of a
+  config that has CPUs, import of a page owned by another config, unknown handle) answer cc 1
+  with rc = UVC_RC_INV_STATE (0x0003), rrc 0.
 """
 
 from __future__ import annotations
@@ -40,7 +45,8 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 
 # --------------------------------------------------------------------------------------------
-# Constants (§1).  Plain ints on purpose: no dependency on pvfast or on the errno module.
+# Constants (include/uapi/linux/kvm.h @ 8c516b25d6e9, arch/s390/include/asm/uv.h of v6.2).
+# Plain ints on purpose: no dependency on pvfast or on the errno module.
 
 EIO = 5
 ENXIO = 6
@@ -53,7 +59,7 @@ ENOTTY = 25
 PAGE_SIZE = 4096
 SZ_1M = 1 << 20
 SZ_2G = 1 << 31
-BATCH_PAGES = 32  # GATHER_GET_PAGES, §1.5
+BATCH_PAGES = 32  # GATHER_GET_PAGES, arch/s390/mm/gmap.c @ 292a7d6fca33
 LOW_PAGES = SZ_2G // PAGE_SIZE  # PREPARE destroys guest pages [0, 2 GiB) synchronously
 SEC_PARMS_MAX = 2 * PAGE_SIZE  # 8 KiB in v6.2..v6.6
 SEC_PARMS_MAX_LATEST = 1 << 20  # 1 MiB in Δlatest
@@ -93,10 +99,11 @@ UVC_RC_INV_LEN = 0x0005
 UVC_RC_NO_RESUME = 0x0007
 UVC_RC_NEED_DESTROY = 0x8000
 UVC_RC_DESTROY_FAST_APQN = 0x0104  # Δ6.6: no warning
-UVC_RC_SEC_PARMS_BAD_HEADER = 0x0108  # the rc QEMU annotates for SET_SEC_PARMS (userspace §1.2)
+# The rc QEMU annotates for SET_SEC_PARMS (s390_pv_set_sec_parms, target/s390x/kvm/pv.c @ 06b40d250ecf).
+UVC_RC_SEC_PARMS_BAD_HEADER = 0x0108
 RRC_KVM_SYNTHETIC = 42
 
-# UVC name -> command code (§1.3).  Names are the kernel's UVC_CMD_* without the prefix.
+# UVC name -> command code (arch/s390/include/asm/uv.h of v6.2).  Names are the kernel's UVC_CMD_* without the prefix.
 UVC_CODES = {
     "QUI": 0x0001,
     "INIT_UV": 0x000F,
@@ -128,7 +135,8 @@ UVC_CODES = {
 }
 UVC_NAMES = {code: name for name, code in UVC_CODES.items()}
 
-# Installed-calls bits (MSB-0) of §1.3.  Bit 23 (Destroy-Fast) depends on the host option.
+# Installed-calls bits (MSB-0, enum uv_cmds_inst of arch/s390/include/asm/uv.h, v6.2).
+# Bit 23 (Destroy-Fast) depends on the host option.
 UVC_INSTALLED_BITS = {
     "QUI": 0,
     "INIT_UV": 1,
@@ -160,7 +168,8 @@ UVC_INSTALLED_BITS = {
 BIT_UV_FEAT_MISC = 0
 BIT_UV_FEAT_AIV = 1
 
-# Page states of the UV (§2.5).  A page with no entry is NONSECURE.
+# Page states of the UV (inferred from the kernel's comments and commit texts; pvfast's are in
+# docs/UV.md).  A page with no entry is NONSECURE.
 NONSECURE = "NONSECURE"
 EXPORTED = "EXPORTED"  # non-secure, encrypted, tagged with its former owner
 SECURE = "SECURE"
@@ -170,7 +179,7 @@ SECURE_STATES = (SECURE, SHARED, ORPHANED)  # what uv.secure_pages() counts
 
 
 def msb0_words(bits):
-    """Four u64 words with the given MSB-0 bit numbers set (test_bit_inv numbering, §1.3)."""
+    """Four u64 words with the given MSB-0 bit numbers set (test_bit_inv numbering, arch/s390/include/asm/uv.h)."""
     words = [0, 0, 0, 0]
     for bit in bits:
         words[bit // 64] |= 1 << (63 - bit % 64)
@@ -178,7 +187,7 @@ def msb0_words(bits):
 
 
 def asce_type_for_limit(memory_limit):
-    """§1.5: the gmap limit is memory_limit - 1; segment < 2^31, region3 < 2^42, region2 < 2^53."""
+    """gmap_alloc (arch/s390/mm/gmap.c): limit = memory_limit - 1; segment < 2^31, region3 < 2^42, region2 < 2^53."""
     limit = memory_limit - 1
     if limit < 1 << 31:
         return "segment"
@@ -221,7 +230,7 @@ class Cmd:
 
 
 # --------------------------------------------------------------------------------------------
-# The Ultravisor (§2.5).
+# The Ultravisor (page states inferred from the kernel's comments and commit texts).
 
 
 @dataclass
@@ -240,7 +249,7 @@ class UvcEvent:
     rc: int
     rrc: int
     reason: str = ""  # why the kernel issued it ("ebi" = export before import, "walk", ...)
-    ebi_rule: bool | None = None  # for imports: did §6 say "export first" at that moment?
+    ebi_rule: bool | None = None  # for imports: did should_export_before_import say "export first" at that moment?
 
 
 @dataclass
@@ -369,7 +378,7 @@ class Ultravisor:
                 if owner != handle:
                     continue
                 if fast and state in (SECURE, SHARED):
-                    self.pages[key] = (ORPHANED, owner)  # memory is not cleaned (§2.5)
+                    self.pages[key] = (ORPHANED, owner)  # Destroy-Fast does not clean memory
                 elif not fast or state == EXPORTED:
                     del self.pages[key]  # Destroy Config cleans the config's pages itself
             del self.configs[handle]
@@ -419,7 +428,7 @@ class Ultravisor:
             if state in (NONSECURE, EXPORTED):
                 return self._ok()
             if state in (SECURE, SHARED) and self._owner_has_cpus(owner):
-                return self._refused()  # §3.9: must refuse, or PERFORM corrupts the running VM
+                return self._refused()  # must refuse: PERFORM's walk also visits the running VM's pages
             del self.pages[key]
             return self._ok()
 
@@ -509,7 +518,7 @@ class Vcpu:
 
 @dataclass
 class Record:
-    """struct pv_vm_to_be_destroyed (§2.4).  handle 0 = made by Destroy-Fast."""
+    """struct pv_vm_to_be_destroyed (arch/s390/kvm/pv.c @ f7866f582b1c).  handle 0 = made by Destroy-Fast."""
 
     handle: int = 0
     stor_base: int | None = None
@@ -661,7 +670,7 @@ class Model:
     def inject_failure(self, uvc_name, rc, rrc=0, count=1, after=0):
         self.uv.inject_failure(uvc_name, rc, rrc, count, after)
 
-    # ---- resources and the leak ledger (§2.6, invariant 12) ----
+    # ---- resources and the leak ledger (the kernel only WARNs and leaks; invariant 12) ----
     def _alloc(self, kind, guard=0):
         rid = next(self._res_ids)
         self.resources[rid] = Resource(kind, "held", guard)
@@ -697,7 +706,7 @@ class Model:
         return pid
 
     def clone_vm(self, pid, name=None):
-        """A CLONE_VM helper: shares the address space, holds no fds (§4.8 C)."""
+        """A CLONE_VM helper: shares the address space, holds no fds (QEMU's -async-teardown helper)."""
         parent = self._live_process(pid)
         parent.mm.users += 1
         child = next(self._pids)
@@ -770,7 +779,7 @@ class Model:
         """(state, owner handle) of one guest page, as the UV sees it."""
         return self.uv.page_state((vm_id, page))
 
-    # ---- vCPU helpers (§3.0) ----
+    # ---- vCPU helpers (kvm_s390_cpus_to_pv/_from_pv, kvm_s390_pv_create_cpu/_destroy_cpu) ----
     def _destroy_cpu(self, vm, vcpu, out):
         if not vcpu.handle:
             return 0
@@ -836,7 +845,7 @@ class Model:
             raise ValueError(f"vcpu: no vCPU {vcpu} (the VM has {len(vm.vcpus)})")
         return vm.vcpus[vcpu]
 
-    # ---- gmap table helpers (§4.6) ----
+    # ---- gmap table helpers (s390_unlist_old_asce, s390_replace_asce: arch/s390/mm/gmap.c @ 292a7d6fca33) ----
     def _unlist_old_asce(self, vm):
         """Returns the table that was unlisted now, or None if it already was (safe twice)."""
         if not vm.table_listed:
@@ -853,7 +862,7 @@ class Model:
         vm.table_listed = True
         return 0, unlisted
 
-    # ---- teardown machinery (§4) ----
+    # ---- teardown machinery (arch/s390/kvm/pv.c @ f7866f582b1c) ----
     def _clear_pv_state(self, vm):
         """kvm_s390_clear_pv_state (Δlatest also ends a dump in progress)."""
         vm.handle = 0
@@ -863,7 +872,7 @@ class Model:
             vm.dumping = False
 
     def _deinit_vm(self, vm, out):
-        """§4.1: Destroy Config of the current VM, no memory walk."""
+        """kvm_s390_pv_deinit_vm: Destroy Config of the current VM, no memory walk."""
         cc, rc, rrc, _ = self.uv.destroy_conf(vm.handle)
         out.set(rc, rrc)
         vm.guest_handle = 0  # zeroed whatever the result
@@ -882,7 +891,7 @@ class Model:
         return EIO
 
     def _deinit_vm_fast(self, vm, out):
-        """§4.3: Destroy-Fast of the current VM.  protected_count is not touched."""
+        """kvm_s390_pv_deinit_vm_fast: Destroy-Fast of the current VM.  protected_count is not touched."""
         cc, rc, rrc, _ = self.uv.destroy_conf_fast(vm.handle)
         out.set(rc, rrc)
         vm.guest_handle = 0  # zeroed whatever the result
@@ -894,7 +903,7 @@ class Model:
         return 0
 
     def _dispose_one_leftover(self, vm, rec, out):
-        """§4.2.  rc/rrc written only for a real handle."""
+        """kvm_s390_pv_dispose_one_leftover.  rc/rrc written only for a real handle."""
         if rec.handle == 0:
             vm.mm.protected_count -= 1
             return 0
@@ -930,7 +939,7 @@ class Model:
         return self._walk_keys(vm.mm, vm if self.own_memory_walks else None)
 
     def _deinit_cleanup_all(self, vm, out):
-        """§4.5 with the Δ6.5 zero check."""
+        """kvm_s390_pv_deinit_cleanup_all with the Δ6.5 zero check (5ff92181577a)."""
         mm = vm.mm
         if mm.protected_count == 0:
             return 0
@@ -959,7 +968,7 @@ class Model:
         return ret
 
     def _set_aside(self, vm, out):
-        """§3.8 step 2 (v6.2 + Δ6.4)."""
+        """kvm_s390_pv_set_aside, PREPARE after the CPUs are gone (v6.2 + Δ6.4, 292a7d6fca33)."""
         if vm.set_aside is not None:
             return EINVAL
         if vm.asce_type == "segment" and self.segment_refused:
@@ -988,7 +997,7 @@ class Model:
         out.set(UVC_RC_EXECUTED, RRC_KVM_SYNTHETIC)
         return 0
 
-    # ---- the ioctl (§3.0) ----
+    # ---- the ioctl (kvm_arch_vm_ioctl, kvm_s390_handle_pv: arch/s390/kvm/kvm-s390.c @ cc726886079f) ----
     def pv_command(self, vm_id, cmd, rc_in=0, rrc_in=0, flags=0, **data):
         """KVM_S390_PV_COMMAND.  Returns PvResult(errno or 0, rc, rrc) as copied back."""
         vm = self._open_vm(vm_id)
@@ -1021,7 +1030,7 @@ class Model:
         return PvResult(ret, out.rc, out.rrc, result_data)
 
     def _pv_enable(self, vm, out, data):
-        """§3.1."""
+        """KVM_PV_ENABLE: kvm_s390_handle_pv, kvm_s390_pv_init_vm."""
         if vm.handle:
             return EINVAL, None
         # init_vm
@@ -1061,7 +1070,7 @@ class Model:
         return ret, None
 
     def _pv_disable(self, vm, out, data):
-        """§3.2."""
+        """KVM_PV_DISABLE: kvm_s390_handle_pv."""
         if not vm.handle:
             return EINVAL, None
         if self._cpus_from_pv(vm, out):
@@ -1071,7 +1080,7 @@ class Model:
         return ret, None
 
     def _pv_set_sec_parms(self, vm, out, data):
-        """§3.3 (only lengths and the UV's verdict are modelled)."""
+        """KVM_PV_SET_SEC_PARMS: kvm_s390_pv_set_sec_parms (only lengths and the UV's verdict are modelled)."""
         if not vm.handle:
             return EINVAL, None
         if "header" in data:
@@ -1089,7 +1098,9 @@ class Model:
         return (EINVAL if cc else 0), None
 
     def _should_export_before_import(self, mm):
-        """§6 (the UNPIN_PAGE_SHARED exclusion never applies: it is not modelled)."""
+        """should_export_before_import (arch/s390/kernel/uv.c @ 594ce0b8a998).
+
+        Its UNPIN_PAGE_SHARED exclusion never applies: that UVC is not modelled."""
         return not self.feature_misc and mm.protected_count > 1
 
     def _make_secure(self, vm, page, name, out):
@@ -1105,7 +1116,7 @@ class Model:
         return EINVAL if cc else 0
 
     def _pv_unpack(self, vm, out, data):
-        """§3.4."""
+        """KVM_PV_UNPACK: kvm_s390_pv_unpack."""
         if not vm.handle or vm.mm.protected_count == 0:
             return EINVAL, None
         if "addr" not in data or "size" not in data:
@@ -1123,7 +1134,7 @@ class Model:
         return 0, None
 
     def _nodata_cmd(self, vm, out, name):
-        """§3.5: one nodata UVC; a UV error gives -EINVAL (invariant 22)."""
+        """VERIFY, PREP_RESET, UNSHARE_ALL: one nodata UVC (uv_cmd_nodata); a UV error gives -EINVAL (invariant 22)."""
         if not vm.handle:
             return EINVAL, None
         cc, rc, rrc, _ = self.uv.nodata(name, vm.handle)
@@ -1140,7 +1151,7 @@ class Model:
         return self._nodata_cmd(vm, out, "SET_UNSHARE_ALL")
 
     def _pv_info(self, vm, out, data):
-        """§3.6: works protected or not; rc/rrc untouched."""
+        """KVM_PV_INFO (kvm_s390_handle_pv_info): works protected or not; rc/rrc untouched."""
         if "id" not in data or "len_max" not in data:
             return EFAULT, None
         info_id, len_max = data["id"], data["len_max"]
@@ -1167,7 +1178,7 @@ class Model:
         return EINVAL, None
 
     def _pv_dump(self, vm, out, data):
-        """§3.7."""
+        """KVM_PV_DUMP: kvm_s390_pv_dmp, kvm_s390_pv_dump_stor_state, kvm_s390_pv_dump_complete."""
         if not vm.handle:
             return EINVAL, None
         if "subcmd" not in data:
@@ -1212,7 +1223,7 @@ class Model:
         return ENOTTY, None  # DUMP_CPU included: only via the vCPU ioctl
 
     def _pv_prepare(self, vm, out, data):
-        """§3.8.  kvm->lock held throughout."""
+        """KVM_PV_ASYNC_CLEANUP_PREPARE: kvm_s390_handle_pv.  kvm->lock held throughout."""
         if not vm.handle or not self.async_destroy:
             return EINVAL, None
         if self._cpus_from_pv(vm, out):
@@ -1221,7 +1232,7 @@ class Model:
         vm.service_irq_masked = False  # whatever set_aside returned
         return ret, None
 
-    # ---- PERFORM (§3.9), split so interleavings can be modelled ----
+    # ---- PERFORM (kvm_s390_pv_deinit_aside_vm), split so interleavings can be modelled ----
     def perform_claim(self, vm_id, rc_in=0, rrc_in=0, flags=0):
         """Prologue + step a/b of deinit_aside_vm.  PvResult.token is set on a claim."""
         vm = self._open_vm(vm_id)
@@ -1274,13 +1285,13 @@ class Model:
         vm.vcpus.append(vcpu)
         return PvResult(0, out.rc, out.rrc, data=vcpu.index)
 
-    # ---- memory access fault model (§4.7, §6) ----
+    # ---- memory access fault model (the storage-exception handlers, should_export_before_import) ----
     def _check_range(self, vm, page, n):
         if page < 0 or n < 0 or page + n > vm.pages:
             raise ValueError("page range outside guest memory")
 
     def _host_fault(self, key):
-        """Secure-storage-access exception: pin-shared first, then export (§4.7)."""
+        """Secure-storage-access exception: pin-shared first, then export (arch_make_page_accessible)."""
         state, _ = self.uv.page_state(key)
         if state in (SECURE, ORPHANED):
             cc, _, _, _ = self.uv.pin_shared(key)
@@ -1318,7 +1329,7 @@ class Model:
             if owner == vm.handle and state in (SECURE, SHARED):
                 continue
             if state == SHARED:
-                continue  # §2.5: another guest's shared page raises no exception
+                continue  # another guest's shared page raises no exception
             if state in (SECURE, ORPHANED):
                 # secure-storage violation: gmap_destroy_page, fallback export, guest retries
                 cc, _, _, _ = self.uv.destroy_page(key, "violation")
@@ -1346,7 +1357,7 @@ class Model:
                 return EINVAL
         return 0
 
-    # ---- VM destroy, mm teardown, process exit (§4.7, §4.8) ----
+    # ---- VM destroy, mm teardown, process exit (kvm_arch_destroy_vm, the mm-release notifier, exit_mmap) ----
     def _notifier_release(self, vm):
         """kvm_s390_pv_mmu_notifier_release: runs once per subscription."""
         vm.mm.notifiers.remove(vm.id)
@@ -1357,7 +1368,7 @@ class Model:
                 vm.stuck.append("notifier destroy-fast (count not decremented)")
 
     def _kvm_arch_destroy_vm(self, vm):
-        """§4.8 E."""
+        """kvm_arch_destroy_vm (arch/s390/kvm/kvm-s390.c @ cc726886079f)."""
         mm = vm.mm
         for vcpu in vm.vcpus:
             self._destroy_cpu(vm, vcpu, Cmd())
@@ -1372,7 +1383,7 @@ class Model:
         if self.unmap_on_close and mm.alive:
             keys = self._walk_keys(mm, vm)
             if mm.protected_count > 0:
-                for key in keys:  # partial unmap of a protected mm: export (§4.7)
+                for key in keys:  # partial unmap of a protected mm: export (ptep_get_and_clear_full)
                     self.uv.export_page(key, "unmap")
             self._drop_pages(mm, keys)
 
@@ -1439,11 +1450,11 @@ class Model:
 
 
 # --------------------------------------------------------------------------------------------
-# Invariants (§7).
+# Invariants, numbered as in docs/VERIFICATION.md §8.
 
 
 def check_invariants(model):
-    """Return violations of the §7 invariants that can be checked on a state (as text)."""
+    """Return violations of the invariants (docs/VERIFICATION.md §8) that can be checked on a state (as text)."""
     problems = list(model.violations)
     uv = model.uv
     clean = uv.injected_fired == 0

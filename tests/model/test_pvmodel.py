@@ -1,6 +1,9 @@
-"""Tests of the reference model itself against the worked examples of the spec.
+"""Tests of the reference model itself against worked examples of the kernel's behaviour.
 
-Spec: shared/spec/kernel-pv-teardown.md (§ numbers below) and userspace-protocol.md (§1.6).
+Sources: the kernel functions named in tests/model/pvmodel.py (arch/s390/kvm/pv.c @ f7866f582b1c,
+arch/s390/kvm/kvm-s390.c @ cc726886079f) and, for the double-reboot race, QEMU's
+s390_pv_vm_try_disable_async (target/s390x/kvm/pv.c @ 06b40d250ecf; docs/EXAMPLES.md §3).
+Invariant numbers are those of docs/VERIFICATION.md §8.
 """
 
 import pytest
@@ -82,7 +85,8 @@ def count(m, vm):
 
 
 # ------------------------------------------------------------------------------------------
-# §4.9 counter walkthrough
+# protected_count walkthrough, one VM: ENABLE 0→1, PREPARE stays 1 (the record counts), ENABLE 1→2,
+# PERFORM 2→1, DISABLE 1→0 (kvm_s390_pv_init_vm, _dispose_one_leftover, _deinit_cleanup_all)
 
 
 @pytest.mark.parametrize("fast", [False, True])
@@ -167,7 +171,8 @@ def test_prepare_success_state_and_uv_work(fast):
 
 
 # ------------------------------------------------------------------------------------------
-# §3.8 CPUs destroyed even on failure (invariant 1), segment ASCE (invariant 7)
+# PREPARE destroys the CPUs even when it fails (kvm_s390_cpus_from_pv runs before
+# kvm_s390_pv_set_aside; invariant 1), segment ASCE (invariant 7)
 
 
 def test_second_prepare_fails_after_destroying_cpus():
@@ -257,7 +262,8 @@ def test_prepare_destroy_fast_0x104_stays_protected():
 
 
 # ------------------------------------------------------------------------------------------
-# userspace-protocol §1.6: quick double reboot
+# QEMU's quick double reboot (s390_pv_vm_try_disable_async, target/s390x/kvm/pv.c @ 06b40d250ecf;
+# docs/EXAMPLES.md §3)
 
 
 @pytest.mark.parametrize("fast", [False, True])
@@ -483,7 +489,8 @@ def test_disable_cpu_failure_stops_before_config_destroy():
 
 
 # ------------------------------------------------------------------------------------------
-# ENABLE failure paths (§3.1, invariant 8 note)
+# ENABLE failure paths (kvm_s390_pv_init_vm; invariant 8: the count goes up at the Create Config attempt
+# and comes back down on every path except a failed destroy of a NEED_DESTROY handle)
 
 
 def test_enable_create_config_failure():
@@ -543,7 +550,7 @@ def test_vcpu_hotplug_while_protected():
 
 
 # ------------------------------------------------------------------------------------------
-# errno of every command's preconditions (§3.0 .. §3.9)
+# errno of every command's preconditions (kvm_arch_vm_ioctl's prologue, kvm_s390_handle_pv; docs/COMMANDS.md)
 
 NEEDS_PROTECTED = [
     (KVM_PV_DISABLE, {}),
@@ -686,7 +693,7 @@ def test_dumping_survives_disable_literal():
     m, _, vm = protected_vm(kernel="6.2")
     assert m.pv_command(vm, KVM_PV_DUMP, subcmd=KVM_PV_DUMP_INIT) == (0, 1, 0)
     assert m.pv_command(vm, KVM_PV_DISABLE) == (0, 1, 0)
-    assert m.pv_state(vm)["dumping"]  # kvm_s390_clear_pv_state does not reset it (§3.7)
+    assert m.pv_state(vm)["dumping"]  # v6.2's kvm_s390_clear_pv_state does not reset it
     assert m.pv_command(vm, KVM_PV_ENABLE) == (0, 1, 0)
     assert m.pv_command(vm, KVM_PV_DUMP, subcmd=KVM_PV_DUMP_INIT).err == EINVAL
     assert m.pv_command(vm, PREPARE) == (0, 1, 42)
@@ -713,7 +720,7 @@ def test_capabilities():
 
 
 # ------------------------------------------------------------------------------------------
-# Export before import (§6, invariant 23) and the fault model (§4.7)
+# Export before import (should_export_before_import, invariant 23) and the fault model (docs/KERNEL.md)
 
 
 @pytest.mark.parametrize("misc", [False, True])
@@ -811,7 +818,8 @@ def test_destroy_is_idempotent():
 
 
 # ------------------------------------------------------------------------------------------
-# §4.8 C/D/E: exit, helper, kill, VM destroy
+# exit (do_exit drops the mm before the files), the CLONE_VM helper, kill (PERFORM interrupted),
+# VM destroy (kvm_arch_destroy_vm)
 
 
 @pytest.mark.parametrize("fast", [False, True])
