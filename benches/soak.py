@@ -7,15 +7,16 @@ phase 2 creates a VM, protects it, has the guest write a page and closes it (the
 protected VM down, with Destroy-Fast and orphaned pages when the host has it). At the start
 (after a warm-up), the middle and the end of each phase it prints the process RSS, the UV's
 configuration tables (records kept, dead ones kept for their pages, id slots ever used, free
-ids, CPUs) and the emulated host's process registry and kernel memory, then whether they stayed
-flat.
+ids, CPUs), the emulated host's process registry, kernel memory and accounts, then whether they
+stayed flat (accounts: within the bound ``host.accounting`` keeps).
 
     python benches/soak.py                 # 10**6 ENABLE/DISABLE cycles, 10**5 VMs
     python benches/soak.py --quick         # 2,000 and 500: a few seconds
     python benches/soak.py --cycles N --vms M
 
 Exit status 1 if something grew: a table size or the registry between the start and the end,
-or the RSS by more than --rss-slack MiB between the middle and the end.
+or the RSS by more than --rss-slack MiB between the middle and the end, or the accounts past
+their bound.
 """
 
 from __future__ import annotations
@@ -29,9 +30,13 @@ from dataclasses import dataclass
 
 import pvfast
 from pvfast import PvCmd
+from pvfast.accounting import Accounting
 
 MiB = 1 << 20
 PAGE = 4096
+# Accounting keeps at most RETAIN_DEAD dead threads and as many closed VMs, PRUNE_EVERY more
+# between two prunes, and a few live ones.
+ACCOUNTS_BOUND = 2 * Accounting.RETAIN_DEAD + Accounting.PRUNE_EVERY + 16
 
 
 def rss_mib() -> float:
@@ -49,6 +54,7 @@ class Sample:
     tables: dict[str, int]
     processes: int
     kernel_memory: int
+    accounts: int  # emulated threads and VM accounts host.accounting keeps
 
     def line(self) -> str:
         t = self.tables
@@ -56,7 +62,7 @@ class Sample:
             f"{self.label:<16} {self.done:>9} cycles {self.seconds:8.1f} s  rss {self.rss:7.1f} MiB  "
             f"configs {t['configs']} (live {t['live']}, dead {t['dead']})  id_slots {t['id_slots']} "
             f"free_ids {t['free_ids']}  cpus {t['cpus']}  processes {self.processes}  "
-            f"kernel_memory {self.kernel_memory}"
+            f"kernel_memory {self.kernel_memory}  accounts {self.accounts}"
         )
 
 
@@ -70,6 +76,7 @@ def sample(host: pvfast.Host, label: str, done: int, start: float) -> Sample:
         tables=host.uv.native.table_sizes(),
         processes=len(host.processes),
         kernel_memory=host.kernel_memory(),
+        accounts=len(host.accounting.emulated_threads()) + len(host.accounting.snapshot().vms),
     )
 
 
@@ -115,6 +122,8 @@ def flat(samples: list[Sample], rss_slack: float) -> list[str]:
         grew.append(f"processes {first.processes} -> {last.processes}")
     if last.kernel_memory > first.kernel_memory:
         grew.append(f"kernel_memory {first.kernel_memory} -> {last.kernel_memory}")
+    if last.accounts > ACCOUNTS_BOUND:
+        grew.append(f"accounts {last.accounts} (more than the {ACCOUNTS_BOUND} kept)")
     if last.rss - mid.rss > rss_slack:
         grew.append(f"rss {mid.rss:.1f} -> {last.rss:.1f} MiB")
     return grew

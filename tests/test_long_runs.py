@@ -6,11 +6,13 @@ from __future__ import annotations
 import gc
 import subprocess
 import sys
+import threading
 import weakref
 from pathlib import Path
 
 import pvfast
 from pvfast import PvCmd
+from pvfast.accounting import Accounting
 
 from .conftest import MiB, enable
 
@@ -68,6 +70,37 @@ def test_dead_processes_leave_the_registry(host: pvfast.Host) -> None:
     gc.collect()
     alive = [r for group in refs for r in group if r() is not None]
     assert not alive, f"{len(alive)} objects of closed VMs are still referenced"
+
+
+def test_accounts_of_exited_processes_are_folded_away(monkeypatch) -> None:
+    """host.accounting used to keep an account per emulated thread and VM forever (~1.5 KB per
+    created-and-closed VM, and a scan of all of them per new process: quadratic). Beyond
+    RETAIN_DEAD dead ones they are folded into ``retired``; totals stay exact, clocks in order."""
+    monkeypatch.setattr(Accounting, "RETAIN_DEAD", 8)
+    monkeypatch.setattr(Accounting, "PRUNE_EVERY", 8)
+    host = pvfast.Host()
+    clocks = []
+    pids = []
+    for i in range(100):
+        vm = host.create_vm(16 * MiB)
+        pids.append(vm.process.pid)
+        enable(vm)
+        vm.guest_write(i % 4 * 4096, b"x")
+        vm.close()
+        clocks.append(host.accounting.thread_clock_ps(threading.current_thread()) or 0)
+    snap = host.accounting.snapshot()
+    assert len(host.accounting.emulated_threads()) <= 8 + 8 + 2  # kept + between prunes + live
+    assert len(snap.vms) <= 8 + 8 + 1
+    assert snap.retired.uvcs["CREATE_SEC_CONF"] > 50
+    assert snap.total.uvcs == {k: v for k, v in host.uv.stats().items() if v}
+    assert clocks[0] > 0
+    assert clocks == sorted(clocks)  # program order survives the folding
+    assert clocks[-1] > clocks[50]
+    kept = {t.pid for t in snap.threads}
+    assert pids[-1] in kept  # the newest stay
+    assert pids[0] not in kept  # the oldest go
+    host.accounting.reset()
+    assert host.accounting.snapshot().total.uvc_total == 0
 
 
 def test_soak_quick() -> None:

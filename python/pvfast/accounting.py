@@ -222,6 +222,9 @@ class AccountingSnapshot:
     threads: tuple[ThreadUsage, ...]
     vms: tuple[VmUsage, ...]
     unattributed: Usage = field(default_factory=Usage)
+    #: work of exited processes' threads that were folded together to bound memory in long runs
+    #: (``Accounting.RETAIN_DEAD``); counted in ``total``
+    retired: Usage = field(default_factory=Usage)
 
     @property
     def processes(self) -> tuple[ProcessUsage, ...]:
@@ -239,8 +242,8 @@ class AccountingSnapshot:
 
     @property
     def total(self) -> Usage:
-        """Everything the host's UV did: every thread plus the unattributed work."""
-        total = self.unattributed
+        """Everything the host's UV did: every thread, the retired threads and the unattributed work."""
+        total = self.unattributed + self.retired
         for t in self.threads:
             total = total + t.usage
         return total
@@ -283,12 +286,17 @@ class AccountingSnapshot:
         for v in self.vms:
             prev_vm = old_vms.get((v.pid, v.vm))
             vms.append(VmUsage(v.vm, v.pid, v.usage - prev_vm.usage if prev_vm is not None else v.usage))
-        return AccountingSnapshot(tuple(threads), tuple(vms), self.unattributed - before.unattributed)
+        return AccountingSnapshot(
+            tuple(threads), tuple(vms), self.unattributed - before.unattributed, self.retired - before.retired
+        )
 
     def busy(self) -> AccountingSnapshot:
         """Only the threads and VMs that did some work."""
         return AccountingSnapshot(
-            tuple(t for t in self.threads if t.usage), tuple(v for v in self.vms if v.usage), self.unattributed
+            tuple(t for t in self.threads if t.usage),
+            tuple(v for v in self.vms if v.usage),
+            self.unattributed,
+            self.retired,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -298,6 +306,7 @@ class AccountingSnapshot:
             "processes": [p.as_dict() for p in self.processes],
             "vms": [v.as_dict() for v in self.vms],
             "unattributed": self.unattributed.as_dict(),
+            "retired": self.retired.as_dict(),
         }
 
 
@@ -320,7 +329,16 @@ class EmulatedThread:
 
 
 class Accounting:
-    """``host.accounting``: the accounts of one host's emulated threads and VMs."""
+    """``host.accounting``: the accounts of one host's emulated threads and VMs.
+
+    The accounts of exited processes and closed VMs stay readable (a snapshot after a shutdown
+    shows the helper's work), up to ``RETAIN_DEAD`` threads and as many VMs; beyond that the
+    oldest are folded into the snapshot's ``retired`` usage (threads; a closed VM's usage is
+    already in its threads'), so a long run of created-and-exited processes stays flat.
+    """
+
+    RETAIN_DEAD = 1024  # dead threads kept (and as many closed VMs)
+    PRUNE_EVERY = 256  # new accounts between two prunes (amortises the scan)
 
     def __init__(self, uv: _native.Ultravisor, costs: CostModel) -> None:
         self._uv = uv
@@ -328,32 +346,105 @@ class Accounting:
         uv.set_costs(**costs.native_table())
         self._lock = threading.Lock()
         self._threads: dict[tuple[int, int], EmulatedThread] = {}  # (id(process), thread ident)
-        self._all: list[EmulatedThread] = []
+        self._all: list[EmulatedThread] = []  # in the order they first entered the kernel
+        # Python thread ident -> its emulated threads of live processes (by id(et))
+        self._by_thread: dict[int, dict[int, EmulatedThread]] = {}
+        self._by_process: dict[int, list[EmulatedThread]] = {}  # id(process) -> its emulated threads
+        # Python thread ident -> (the thread, the latest clock of its retired emulated threads)
+        self._retired_clock: dict[int, tuple[weakref.ref[threading.Thread], int]] = {}
+        self._retired = Usage()
         self._vms: weakref.WeakKeyDictionary[File, tuple[str, int, _native.Account]] = weakref.WeakKeyDictionary()
-        self._vm_list: list[tuple[str, int, _native.Account]] = []
+        self._vm_list: list[tuple[weakref.ref[File], tuple[str, int, _native.Account]]] = []
+        self._prune_at = 2 * self.RETAIN_DEAD + self.PRUNE_EVERY
 
     # -- binding (the slow path of mm._fdget; also close(2) and process exit) --
     def bind(self, process: Process, file: File | None) -> None:
         """The calling thread works for ``process`` (on ``file``, a VM fd, if given) from now on."""
         me = threading.current_thread()
-        key = (id(process), threading.get_ident())
+        ident = threading.get_ident()
+        key = (id(process), ident)
         with self._lock:
             et = self._threads.get(key)
             if et is None or et.thread() is not me or et.process() is not process:
                 et = EmulatedThread(process, me, self._uv.new_account(self._start_ps(process, me)))
                 self._threads[key] = et
                 self._all.append(et)
+                self._by_thread.setdefault(ident, {})[id(et)] = et
+                self._by_process.setdefault(id(process), []).append(et)
             vm_account = None
             if file is not None:
                 entry = self._vms.get(file)
                 if entry is None:
                     entry = (str(getattr(file, "name", repr(file))), process.pid, self._uv.new_account())
                     self._vms[file] = entry
-                    self._vm_list.append(entry)
+                    self._vm_list.append((weakref.ref(file), entry))
                 vm_account = entry[2]
+            if len(self._all) + len(self._vm_list) > self._prune_at:
+                self._prune()
         _native.bind_accounts(et.account, vm_account)
         _context.set(file if file is not None else process)
         _inherited.accounting = self
+
+    def _prune(self) -> None:
+        """Fold the oldest dead accounts beyond RETAIN_DEAD (threads of exited processes, closed
+        VMs) away. Called with the lock held, amortised: once per PRUNE_EVERY new accounts."""
+
+        def dead_thread(et: EmulatedThread) -> bool:
+            proc = et.process()
+            return proc is None or not proc.alive
+
+        dead = [et for et in self._all if dead_thread(et)]
+        retire = {id(et) for et in dead[: max(0, len(dead) - self.RETAIN_DEAD)]}
+        if retire:
+            for et in self._all:
+                if id(et) not in retire:
+                    continue
+                self._retired = self._retired + Usage.from_native(et.account.snapshot())
+                self._hold_clock(et)
+            self._all = [et for et in self._all if id(et) not in retire]
+            for k in list(self._by_process):
+                kept = [et for et in self._by_process[k] if id(et) not in retire]
+                if kept:
+                    self._by_process[k] = kept
+                else:
+                    del self._by_process[k]
+            for k in list(self._by_thread):
+                mine = self._by_thread[k]
+                for i in retire & mine.keys():
+                    del mine[i]
+                if not mine:
+                    del self._by_thread[k]
+            self._threads = {k: et for k, et in self._threads.items() if id(et) not in retire}
+            self._retired_clock = {k: v for k, v in self._retired_clock.items() if v[0]() is not None}
+        dead_vms = [i for i, (ref, _) in enumerate(self._vm_list) if (f := ref()) is None or f.closed]
+        drop = set(dead_vms[: max(0, len(dead_vms) - self.RETAIN_DEAD)])
+        if drop:
+            self._vm_list = [v for i, v in enumerate(self._vm_list) if i not in drop]
+        self._prune_at = len(self._all) + len(self._vm_list) + self.PRUNE_EVERY
+
+    def _hold_clock(self, et: EmulatedThread) -> None:
+        """Keep ``et``'s (final) clock as a floor for its Python thread's later work (program order)."""
+        thread = et.thread()
+        if thread is not None:
+            ident = thread.ident or 0
+            held = self._retired_clock.get(ident)
+            floor = held[1] if held is not None and held[0]() is thread else 0
+            self._retired_clock[ident] = (et.thread, max(floor, et.clock_ps))
+
+    def process_exited(self, process: Process) -> None:
+        """``process`` has exited: its emulated threads do no more work, so their clocks are final.
+        They stop being scanned for their Python threads' next clocks (a floor holds them)."""
+        with self._lock:
+            for et in self._by_process.get(id(process), ()):
+                thread = et.thread()
+                if thread is None or et.process() is not process:
+                    continue
+                ident = thread.ident or 0
+                mine = self._by_thread.get(ident)
+                if mine is not None and mine.pop(id(et), None) is not None:
+                    self._hold_clock(et)
+                    if not mine:
+                        del self._by_thread[ident]
 
     def _start_ps(self, process: Process, me: threading.Thread) -> int:
         """Where a new emulated thread's clock starts: where ``clock.inherit`` said, else after
@@ -364,22 +455,32 @@ class Accounting:
         if inherited is not None and getattr(_inherited, "accounting", self) is self:
             _inherited.ps = None
             return inherited
-        mine = [et.clock_ps for et in self._all if et.thread() is me]
-        theirs = [et.clock_ps for et in self._all if et.process() is process]
-        return max([0, *mine, *theirs])
+        mine = self._thread_clock(me)
+        theirs = [et.clock_ps for et in self._by_process.get(id(process), ()) if et.process() is process]
+        return max([0 if mine is None else mine, *theirs])
+
+    def _thread_clock(self, thread: threading.Thread) -> int | None:
+        mine = self._by_thread.get(thread.ident or 0, {})
+        clocks = [et.clock_ps for et in mine.values() if et.thread() is thread]
+        held = self._retired_clock.get(thread.ident or 0)
+        if held is not None and held[0]() is thread:
+            clocks.append(held[1])
+        return max(clocks) if clocks else None
 
     # -- clocks --
     def thread_clock_ps(self, thread: threading.Thread) -> int | None:
         """The latest modelled clock of ``thread``'s emulated threads here (None: it has none)."""
-        clocks = [et.clock_ps for et in self._all if et.thread() is thread]
-        return max(clocks) if clocks else None
+        with self._lock:
+            return self._thread_clock(thread)
 
     def process_clock_ps(self, process: Process) -> int:
         """The latest modelled clock of the process's emulated threads (0 if none)."""
-        return max([0, *(et.clock_ps for et in self._all if et.process() is process)])
+        with self._lock:
+            ets = list(self._by_process.get(id(process), ()))
+        return max([0, *(et.clock_ps for et in ets if et.process() is process)])
 
     def emulated_threads(self, process: Process | None = None) -> list[EmulatedThread]:
-        """The emulated threads seen so far (of ``process``, or of every process)."""
+        """The emulated threads kept (of ``process``, or of every process; see ``RETAIN_DEAD``)."""
         with self._lock:
             return [et for et in self._all if process is None or et.process() is process]
 
@@ -389,7 +490,8 @@ class Accounting:
         summed, in the order they first entered the kernel)."""
         with self._lock:
             threads = list(self._all)
-            vms = list(self._vm_list)
+            vms = [entry for _, entry in self._vm_list]
+            retired = self._retired
         merged: dict[tuple[int, str], ThreadUsage] = {}
         for et in threads:
             native = et.account.snapshot()
@@ -407,12 +509,14 @@ class Accounting:
             threads=tuple(merged.values()),
             vms=vm_usage,
             unattributed=Usage.from_native(self._uv.unattributed().snapshot()),
+            retired=retired,
         )
 
     def reset(self) -> None:
         """Zero every usage counter (the modelled clocks stay: they are positions in time)."""
         with self._lock:
-            accounts = [et.account for et in self._all] + [acct for _, _, acct in self._vm_list]
+            accounts = [et.account for et in self._all] + [entry[2] for _, entry in self._vm_list]
+            self._retired = Usage()
         for acct in [*accounts, self._uv.unattributed()]:
             acct.reset()
 
@@ -427,6 +531,12 @@ def bind(process: Process, file: File | None) -> None:
     a thread enters the emulated kernel; ``current() is file`` means nothing changed."""
     host: Host = process.host
     host.accounting.bind(process, file)
+
+
+def process_exited(process: Process) -> None:
+    """mm.py calls it when ``process``'s exit is complete (see ``Accounting.process_exited``)."""
+    host: Host = process.host
+    host.accounting.process_exited(process)
 
 
 def thread_clock_ps(thread: threading.Thread) -> int | None:

@@ -26,6 +26,7 @@ from . import _native
 from ._util import check_int
 from .accounting import bind as _bind_account
 from .accounting import current as _accounting_context
+from .accounting import process_exited as _account_exited
 from .clock import join_process
 from .errors import EINTR, ENOMEM, ClosedFdError
 from .host import check_vm_args, register_copy_process
@@ -532,6 +533,7 @@ class Process:
                     _bind_account(self, file)
                     file._release()
                 self.alive = False
+                _account_exited(self)
                 self.host._remove_process(self)
                 self.exit_seconds = time.perf_counter() - start
         finally:
