@@ -10,8 +10,10 @@ import threading
 import weakref
 from pathlib import Path
 
+import pytest
+
 import pvfast
-from pvfast import PvCmd
+from pvfast import PvCmd, clock
 from pvfast.accounting import Accounting
 
 from .conftest import MiB, enable
@@ -114,3 +116,113 @@ def test_soak_quick() -> None:
     )
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.count(": flat") == 2, res.stdout
+
+
+# Folding keeps clocks and deltas right (found in review of the folding; each failed before).
+
+
+@pytest.fixture
+def small_retention(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Accounting, "RETAIN_DEAD", 2)
+    monkeypatch.setattr(Accounting, "PRUNE_EVERY", 1)
+
+
+def _short_vm(host: pvfast.Host) -> None:
+    vm = host.create_vm(16 * MiB)
+    enable(vm)
+    vm.close()
+
+
+@pytest.mark.usefixtures("small_retention")
+def test_a_wait_after_an_exit_still_orders_the_next_process() -> None:
+    """The thread stays bound to the exited process's account; a wait moves that account's clock,
+    and the thread's next process starts after it (not at the clock the exit ended with)."""
+    host = pvfast.Host()
+    p1 = host.spawn_process("p1")
+    enable(p1.create_vm(16 * MiB))
+    p1.exit()
+    target = clock.now_ps() + 10**12
+    clock.wait_until(target)
+    assert host.accounting.thread_clock_ps(threading.current_thread()) == target
+    host.spawn_process("p2").create_vm(16 * MiB)
+    assert clock.now_ps() >= target
+
+
+@pytest.mark.usefixtures("small_retention")
+def test_a_folded_parent_keeps_its_exit_clock_for_the_helper() -> None:
+    """Folding goes by exit order, whole processes; a process folded away still reports where its
+    exit ended, so its CLONE_VM helper's exit starts there."""
+    host = pvfast.Host()
+    parent = host.spawn_process("qemu")
+    helper = parent.clone_vm("cleanup")
+    enable(parent.create_vm(16 * MiB))
+    clock.wait_until(clock.now_ps() + 10**12)
+    parent.exit()
+    end = host.accounting.process_clock_ps(parent)
+    assert end >= 10**12
+    for _ in range(6):  # more dead processes than kept, on other threads: the parent is folded
+        short = threading.Thread(target=_short_vm, args=(host,), name="short")
+        short.start()
+        short.join()
+    assert parent.pid not in {t.pid for t in host.accounting.snapshot().threads}
+    assert host.accounting.process_clock_ps(parent) == end
+    ended: list[int] = []
+
+    def helper_exit() -> None:
+        helper.exit()
+        ended.append(clock.now_ps())
+
+    t = threading.Thread(target=helper_exit, name="helper-main")
+    t.start()
+    t.join()
+    assert ended[0] >= end
+
+
+@pytest.mark.usefixtures("small_retention")
+def test_floors_follow_the_thread_not_its_reused_ident() -> None:
+    """An ended thread's clock (for clock.join) and a live thread's floor do not share a slot when
+    the live thread got the ended one's ident (glibc hands C the ident A had, most runs)."""
+    host = pvfast.Host()
+    out: dict[str, int | None] = {}
+
+    def body(name: str, until: int) -> None:
+        p = host.spawn_process(name)
+        enable(p.create_vm(16 * MiB))
+        clock.wait_until(until)
+        p.exit()
+        out[name] = clock.now_ps()
+
+    a = threading.Thread(target=body, args=("pa", 10**12), name="A")
+    a.start()
+    a.join()
+
+    def c_body() -> None:
+        body("pc", 5 * 10**12)
+        out["join_a"] = host.accounting.thread_clock_ps(a)
+        for _ in range(3):
+            t = threading.Thread(target=_short_vm, args=(host,), name="filler")
+            t.start()
+            t.join()
+        host.spawn_process("pd").create_vm(16 * MiB)
+        out["c_next"] = clock.now_ps()
+
+    c = threading.Thread(target=c_body, name="C")
+    c.start()
+    c.join()
+    assert out["join_a"] == out["pa"]
+    assert out["c_next"] is not None
+    assert out["c_next"] >= 5 * 10**12
+
+
+@pytest.mark.usefixtures("small_retention")
+def test_a_delta_across_a_fold_counts_each_uvc_once() -> None:
+    host = pvfast.Host()
+    for _ in range(3):
+        _short_vm(host)
+    before = host.accounting.snapshot()
+    for _ in range(10):
+        _short_vm(host)
+    after = host.accounting.snapshot()
+    assert before.threads[0].key not in {t.key for t in after.threads}  # folded in between
+    assert (after - before).total.uvcs["CREATE_SEC_CONF"] == 10
+    assert (after - before).total == after.total - before.total

@@ -286,9 +286,14 @@ class AccountingSnapshot:
         for v in self.vms:
             prev_vm = old_vms.get((v.pid, v.vm))
             vms.append(VmUsage(v.vm, v.pid, v.usage - prev_vm.usage if prev_vm is not None else v.usage))
-        return AccountingSnapshot(
-            tuple(threads), tuple(vms), self.unattributed - before.unattributed, self.retired - before.retired
-        )
+        # Threads folded into ``retired`` in between: their whole usage moved there, of which
+        # ``before`` already had the part it saw.
+        retired = self.retired - before.retired
+        now = {t.key for t in self.threads}
+        for key, t in old.items():
+            if key not in now:
+                retired = retired - t.usage
+        return AccountingSnapshot(tuple(threads), tuple(vms), self.unattributed - before.unattributed, retired)
 
     def busy(self) -> AccountingSnapshot:
         """Only the threads and VMs that did some work."""
@@ -333,8 +338,10 @@ class Accounting:
 
     The accounts of exited processes and closed VMs stay readable (a snapshot after a shutdown
     shows the helper's work), up to ``RETAIN_DEAD`` threads and as many VMs; beyond that the
-    oldest are folded into the snapshot's ``retired`` usage (threads; a closed VM's usage is
-    already in its threads'), so a long run of created-and-exited processes stays flat.
+    processes that exited first are folded, whole, into the snapshot's ``retired`` usage (a closed
+    VM's usage is already in its threads'), so a long run of created-and-exited processes stays
+    flat. Folding keeps the modelled clocks: a process's clock is where its exit ended, a Python
+    thread's next work starts after everything it did before.
     """
 
     RETAIN_DEAD = 1024  # dead threads kept (and as many closed VMs)
@@ -347,12 +354,22 @@ class Accounting:
         self._lock = threading.Lock()
         self._threads: dict[tuple[int, int], EmulatedThread] = {}  # (id(process), thread ident)
         self._all: list[EmulatedThread] = []  # in the order they first entered the kernel
-        # Python thread ident -> its emulated threads of live processes (by id(et))
-        self._by_thread: dict[int, dict[int, EmulatedThread]] = {}
+        # Python thread -> its emulated threads of processes that have not exited (by id(et))
+        self._by_thread: weakref.WeakKeyDictionary[threading.Thread, dict[int, EmulatedThread]] = (
+            weakref.WeakKeyDictionary()
+        )
         self._by_process: dict[int, list[EmulatedThread]] = {}  # id(process) -> its emulated threads
-        # Python thread ident -> (the thread, the latest clock of its retired emulated threads)
-        self._retired_clock: dict[int, tuple[weakref.ref[threading.Thread], int]] = {}
+        # Python thread -> the account it is bound to now (its clock moves on with joins and waits
+        # even after that account's process exited)
+        self._bound: weakref.WeakKeyDictionary[threading.Thread, EmulatedThread] = weakref.WeakKeyDictionary()
+        # Python thread -> the latest clock of its emulated threads of exited processes
+        self._floor: weakref.WeakKeyDictionary[threading.Thread, int] = weakref.WeakKeyDictionary()
+        # exited process -> its clock when its exit ended
+        self._exit_clock: weakref.WeakKeyDictionary[Process, int] = weakref.WeakKeyDictionary()
+        self._dead: list[list[EmulatedThread]] = []  # per exited process, in exit order
+        self._dead_threads = 0
         self._retired = Usage()
+        self._retired_clock_ps = 0  # the latest clock among the folded accounts
         self._vms: weakref.WeakKeyDictionary[File, tuple[str, int, _native.Account]] = weakref.WeakKeyDictionary()
         self._vm_list: list[tuple[weakref.ref[File], tuple[str, int, _native.Account]]] = []
         self._prune_at = 2 * self.RETAIN_DEAD + self.PRUNE_EVERY
@@ -361,16 +378,16 @@ class Accounting:
     def bind(self, process: Process, file: File | None) -> None:
         """The calling thread works for ``process`` (on ``file``, a VM fd, if given) from now on."""
         me = threading.current_thread()
-        ident = threading.get_ident()
-        key = (id(process), ident)
+        key = (id(process), threading.get_ident())
         with self._lock:
             et = self._threads.get(key)
             if et is None or et.thread() is not me or et.process() is not process:
                 et = EmulatedThread(process, me, self._uv.new_account(self._start_ps(process, me)))
                 self._threads[key] = et
                 self._all.append(et)
-                self._by_thread.setdefault(ident, {})[id(et)] = et
+                self._by_thread.setdefault(me, {})[id(et)] = et
                 self._by_process.setdefault(id(process), []).append(et)
+            self._bound[me] = et
             vm_account = None
             if file is not None:
                 entry = self._vms.get(file)
@@ -385,66 +402,57 @@ class Accounting:
         _context.set(file if file is not None else process)
         _inherited.accounting = self
 
-    def _prune(self) -> None:
-        """Fold the oldest dead accounts beyond RETAIN_DEAD (threads of exited processes, closed
-        VMs) away. Called with the lock held, amortised: once per PRUNE_EVERY new accounts."""
-
-        def dead_thread(et: EmulatedThread) -> bool:
-            proc = et.process()
-            return proc is None or not proc.alive
-
-        dead = [et for et in self._all if dead_thread(et)]
-        retire = {id(et) for et in dead[: max(0, len(dead) - self.RETAIN_DEAD)]}
-        if retire:
-            for et in self._all:
-                if id(et) not in retire:
+    def process_exited(self, process: Process) -> None:
+        """``process``'s exit is complete: its clock is final (``process_clock_ps`` keeps it), its
+        emulated threads stop being scanned for their Python threads' next clocks (a floor per
+        Python thread keeps theirs), and it queues for folding once too many are dead."""
+        with self._lock:
+            mine = [et for et in self._by_process.get(id(process), ()) if et.process() is process]
+            self._exit_clock[process] = max([0, *(et.clock_ps for et in mine)])
+            for et in mine:
+                thread = et.thread()
+                if thread is None:
                     continue
-                self._retired = self._retired + Usage.from_native(et.account.snapshot())
-                self._hold_clock(et)
-            self._all = [et for et in self._all if id(et) not in retire]
-            for k in list(self._by_process):
-                kept = [et for et in self._by_process[k] if id(et) not in retire]
-                if kept:
-                    self._by_process[k] = kept
-                else:
-                    del self._by_process[k]
-            for k in list(self._by_thread):
-                mine = self._by_thread[k]
-                for i in retire & mine.keys():
-                    del mine[i]
-                if not mine:
-                    del self._by_thread[k]
-            self._threads = {k: et for k, et in self._threads.items() if id(et) not in retire}
-            self._retired_clock = {k: v for k, v in self._retired_clock.items() if v[0]() is not None}
+                live = self._by_thread.get(thread)
+                if live is not None and live.pop(id(et), None) is not None and not live:
+                    del self._by_thread[thread]
+                self._floor[thread] = max(self._floor.get(thread, 0), et.clock_ps)
+            self._dead.append(mine)
+            self._dead_threads += len(mine)
+
+    def _prune(self) -> None:
+        """Fold the processes that exited first, whole, while more than RETAIN_DEAD of their
+        threads are kept, and drop the oldest closed VMs beyond RETAIN_DEAD. Called with the lock
+        held, amortised: once per PRUNE_EVERY new accounts. Builds the new state in locals and
+        assigns it at the end (an exception in between changes nothing)."""
+        fold: list[EmulatedThread] = []
+        dead, dead_threads = self._dead, self._dead_threads
+        n = 0
+        while dead_threads > self.RETAIN_DEAD and n < len(dead):
+            fold += dead[n]
+            dead_threads -= len(dead[n])
+            n += 1
+        if fold:
+            retired, latest = self._retired, self._retired_clock_ps
+            for et in fold:
+                retired = retired + Usage.from_native(et.account.snapshot())
+                latest = max(latest, et.clock_ps)
+            gone = {id(et) for et in fold}
+            kept = [et for et in self._all if id(et) not in gone]
+            threads = {k: et for k, et in self._threads.items() if id(et) not in gone}
+            by_process = {}
+            for k, v in self._by_process.items():
+                left = [et for et in v if id(et) not in gone]
+                if left:
+                    by_process[k] = left
+            self._retired, self._retired_clock_ps = retired, latest
+            self._all, self._threads, self._by_process = kept, threads, by_process
+            self._dead, self._dead_threads = dead[n:], dead_threads
         dead_vms = [i for i, (ref, _) in enumerate(self._vm_list) if (f := ref()) is None or f.closed]
         drop = set(dead_vms[: max(0, len(dead_vms) - self.RETAIN_DEAD)])
         if drop:
             self._vm_list = [v for i, v in enumerate(self._vm_list) if i not in drop]
         self._prune_at = len(self._all) + len(self._vm_list) + self.PRUNE_EVERY
-
-    def _hold_clock(self, et: EmulatedThread) -> None:
-        """Keep ``et``'s (final) clock as a floor for its Python thread's later work (program order)."""
-        thread = et.thread()
-        if thread is not None:
-            ident = thread.ident or 0
-            held = self._retired_clock.get(ident)
-            floor = held[1] if held is not None and held[0]() is thread else 0
-            self._retired_clock[ident] = (et.thread, max(floor, et.clock_ps))
-
-    def process_exited(self, process: Process) -> None:
-        """``process`` has exited: its emulated threads do no more work, so their clocks are final.
-        They stop being scanned for their Python threads' next clocks (a floor holds them)."""
-        with self._lock:
-            for et in self._by_process.get(id(process), ()):
-                thread = et.thread()
-                if thread is None or et.process() is not process:
-                    continue
-                ident = thread.ident or 0
-                mine = self._by_thread.get(ident)
-                if mine is not None and mine.pop(id(et), None) is not None:
-                    self._hold_clock(et)
-                    if not mine:
-                        del self._by_thread[ident]
 
     def _start_ps(self, process: Process, me: threading.Thread) -> int:
         """Where a new emulated thread's clock starts: where ``clock.inherit`` said, else after
@@ -456,16 +464,22 @@ class Accounting:
             _inherited.ps = None
             return inherited
         mine = self._thread_clock(me)
-        theirs = [et.clock_ps for et in self._by_process.get(id(process), ()) if et.process() is process]
-        return max([0 if mine is None else mine, *theirs])
+        theirs = self._process_clock(process)
+        return max(0 if mine is None else mine, theirs)
 
     def _thread_clock(self, thread: threading.Thread) -> int | None:
-        mine = self._by_thread.get(thread.ident or 0, {})
-        clocks = [et.clock_ps for et in mine.values() if et.thread() is thread]
-        held = self._retired_clock.get(thread.ident or 0)
-        if held is not None and held[0]() is thread:
-            clocks.append(held[1])
+        clocks = [et.clock_ps for et in self._by_thread.get(thread, {}).values()]
+        bound = self._bound.get(thread)
+        if bound is not None:
+            clocks.append(bound.clock_ps)
+        floor = self._floor.get(thread)
+        if floor is not None:
+            clocks.append(floor)
         return max(clocks) if clocks else None
+
+    def _process_clock(self, process: Process) -> int:
+        clocks = [et.clock_ps for et in self._by_process.get(id(process), ()) if et.process() is process]
+        return max([self._exit_clock.get(process, 0), *clocks])
 
     # -- clocks --
     def thread_clock_ps(self, thread: threading.Thread) -> int | None:
@@ -474,10 +488,15 @@ class Accounting:
             return self._thread_clock(thread)
 
     def process_clock_ps(self, process: Process) -> int:
-        """The latest modelled clock of the process's emulated threads (0 if none)."""
+        """The latest modelled clock of the process's emulated threads (0 if none); for an exited
+        process, where its exit ended."""
         with self._lock:
-            ets = list(self._by_process.get(id(process), ()))
-        return max([0, *(et.clock_ps for et in ets if et.process() is process)])
+            return self._process_clock(process)
+
+    def latest_clock_ps(self) -> int:
+        """The latest modelled clock of any emulated thread of this host, folded ones included."""
+        with self._lock:
+            return max([self._retired_clock_ps, *(et.clock_ps for et in self._all)])
 
     def emulated_threads(self, process: Process | None = None) -> list[EmulatedThread]:
         """The emulated threads kept (of ``process``, or of every process; see ``RETAIN_DEAD``)."""
@@ -516,9 +535,9 @@ class Accounting:
         """Zero every usage counter (the modelled clocks stay: they are positions in time)."""
         with self._lock:
             accounts = [et.account for et in self._all] + [entry[2] for _, entry in self._vm_list]
+            for acct in [*accounts, self._uv.unattributed()]:
+                acct.reset()
             self._retired = Usage()
-        for acct in [*accounts, self._uv.unattributed()]:
-            acct.reset()
 
 
 def current_accounting() -> Accounting | None:

@@ -109,7 +109,7 @@ class MemoryTimeline:
         return tuple(p.name for p in procs), bool(procs) and all(p.helper_of is not None for p in procs)
 
     def _frontier_ps(self) -> int:
-        return max([0, *(et.clock_ps for et in self.host.accounting.emulated_threads())])
+        return self.host.accounting.latest_clock_ps()
 
     def _sample(self, event: str, model_ps: int | None) -> MemorySample:
         # Read the memory first and the clocks after: a read that waits for an unmap in progress
