@@ -195,6 +195,8 @@ def test_default_costs_are_documented_and_round_trip_through_toml(tmp_path: Path
         ("[uvc.QUI]\nfixed = 1", "uvc.QUI.fixed: unknown key"),
         ("pte_ns = -1", "pte_ns: -1"),
         ("pte_ns = 'x'", "pte_ns: expected a number"),
+        ("pte_ns = 1e30", "pte_ns: 1e.30 ns is more than"),
+        ("[uvc.DESTR_SEC_STOR]\nfixed_ns = 1e20", "fixed_ns: 1e.20 ns is more than"),
         ("pte_ns = ", "not valid TOML"),
     ],
 )

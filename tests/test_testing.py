@@ -88,6 +88,10 @@ def test_fixture_options_are_checked(tmp_path):
             def test_qemu(pvfast_qemu):
                 pass
 
+            @pytest.mark.pvfast_host(kernel="6.2", guest_memory="state")
+            def test_every_host_option(pvfast_host):
+                assert pvfast_host.kernel == "6.2"
+
             HOSTS = []
 
             def test_leaves_qemu_running(pvfast_qemu, pvfast_host):
@@ -113,7 +117,7 @@ def test_fixture_options_are_checked(tmp_path):
     assert "unknown option(s) bogus" in out.stdout
     assert "unknown option(s) memroy" in out.stdout
     assert "2 error" in out.stdout
-    assert "2 passed" in out.stdout  # the host fixture killed the VMM the test left running
+    assert "3 passed" in out.stdout  # kernel= works; the host fixture killed the VMM the test left running
 
 
 # ------------------------------------------------------------------ the QEMU-shaped VMM

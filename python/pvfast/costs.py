@@ -114,11 +114,19 @@ DEFAULT_SOURCES: Mapping[str, str] = MappingProxyType(
 )
 
 
+#: The largest cost of one unit (one UVC, page, PTE): 1 s, far above any published figure (the
+#: slowest default, Init UV, is 1 ms). Costs near it make long walks reach the end of the 64-bit
+#: picosecond clock, which then stays at 2**64 - 1 ps (about 213 days) instead of wrapping.
+MAX_COST_NS = 1e9
+
+
 def _check_cost(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}: expected a number of nanoseconds, got {type(value).__name__}")
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name}: {value} is not a finite, non-negative number of nanoseconds")
+    if value > MAX_COST_NS:
+        raise ValueError(f"{name}: {value} ns is more than the {MAX_COST_NS:g} ns (1 s) one unit may cost")
     return float(value)
 
 

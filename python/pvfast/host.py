@@ -476,7 +476,10 @@ class Host:
         pauses there, holding what the kernel holds at that place, until ``release()``; the
         first ``count`` hits pause (None: all), later ones pass. ``pause=False`` only records
         hits. ``action(context)`` runs in that thread when it goes on; ``raises`` makes it raise
-        that exception there (e.g. KeyboardInterrupt, to replay a Ctrl-C at that point).
+        that exception there (e.g. KeyboardInterrupt, to replay a Ctrl-C at that point), with
+        the kernel's rule for interrupts: a step the kernel does not interrupt (ENABLE,
+        DISABLE, PREPARE, cleanup-all, exit) completes first and the exception comes out when it
+        returns; PERFORM's walk unwinds as a fatal signal (docs/KERNEL.md).
         ``wait()`` returns the next hit's context. Every wait gives up after ``timeout``
         seconds with ``RaceTimeout`` (a paused thread that is never released goes on by itself
         and the point's ``close()`` / ``with`` exit raises it). Use as a context manager::

@@ -19,6 +19,7 @@ and classes. docs/EXAMPLES.md and examples/vmm_suite/ show them in use.
 from __future__ import annotations
 
 import functools
+import inspect
 import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -223,8 +224,9 @@ def assert_no_warnings(host: Host) -> None:
 
 # ------------------------------------------------------------------------- the pytest plugin
 
+# Every keyword pvfast.Host takes (kernel, guest_memory, costs, ...), read from its signature.
 _HOST_OPTIONS = frozenset(
-    {"async_destroy", "prot_virt", "destroy_fast", "feature_misc", "feature_aiv", "dump", "use_gisa", "walk_threads"}
+    name for name, p in inspect.signature(Host.__init__).parameters.items() if p.kind is p.KEYWORD_ONLY
 )
 _QEMU_OPTIONS = frozenset({"memory", "vcpus", "memory_limit", "async_teardown", "dirty", "name", "image"})
 

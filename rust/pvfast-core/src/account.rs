@@ -131,11 +131,12 @@ impl Account {
         &self.costs
     }
 
+    /// Modelled work: both counters saturate at `u64::MAX` ps (about 213 days) instead of wrapping.
     #[inline]
     fn work(&self, ps: u64) {
         if ps != 0 {
-            self.work_ps.fetch_add(ps, Ordering::Relaxed);
-            self.clock_ps.fetch_add(ps, Ordering::Relaxed);
+            saturating_add(&self.work_ps, ps);
+            saturating_add(&self.clock_ps, ps);
         }
     }
 
@@ -578,6 +579,14 @@ impl ModelMutex {
     }
 }
 
+/// `counter += ps`, saturating at `u64::MAX` (a plain `fetch_add` would wrap the clock to 0).
+#[inline]
+fn saturating_add(counter: &AtomicU64, ps: u64) {
+    let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+        Some(v.saturating_add(ps))
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -588,6 +597,20 @@ mod tests {
         c.pte = 10;
         c.zero_page = 400;
         Arc::new(c)
+    }
+
+    #[test]
+    fn modelled_work_saturates_instead_of_wrapping() {
+        let costs = CostTable {
+            pte: u64::MAX / 2,
+            ..CostTable::default()
+        };
+        let a = Account::new(0, Arc::new(costs), 0);
+        a.charge_ptes(1);
+        a.charge_ptes(1);
+        a.charge_ptes(1);
+        assert_eq!(a.clock_ps(), u64::MAX);
+        assert_eq!(a.snapshot().work_ps, u64::MAX);
     }
 
     #[test]
