@@ -305,10 +305,15 @@ def test_compare_unwritable_plot(tmp_path: Path, capsys):
     # a directory that does not exist: refused before the run (bad command line)
     err = usage_error(capsys, "compare", "--secure", "16M", "--plot", str(tmp_path / "no" / "such" / "dir.png"))
     assert "does not exist" in err
-    # a path that cannot be written at the end (a directory): the experiment ran, writing failed
-    code, _, err = run("compare", "--secure", "16M", "--plot", str(tmp_path))
-    assert code == 1
-    assert "pvfast compare: error:" in err
+    # a directory: refused before the run too (it was exit 1 after the whole run)
+    err = usage_error(capsys, "compare", "--secure", "16M", "--plot", str(tmp_path))
+    assert "argument --plot: cannot write" in err
+    assert "it is a directory" in err
+    # a file that passes the check but cannot be written at the end (a full disk): the run failed
+    if Path("/dev/full").exists():
+        code, _, err = run("compare", "--secure", "16M", "--memory", "3G", "--plot", "/dev/full")
+        assert code == 1
+        assert "pvfast compare: error:" in err
 
 
 def _trace_events(path: Path) -> list[dict]:
@@ -710,3 +715,68 @@ def test_documented_command_lines_parse(monkeypatch: pytest.MonkeyPatch):
         parser.parse_args(shlex.split(line)[1:])  # SystemExit (a usage error) fails the test
         checked += 1
     assert checked > 20
+
+
+# ------------------------------------------------------------------ docs that quote the command's output
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _accounting_key(line: str) -> tuple[str, ...]:
+    """A line of the accounting section without its host CPU times (they differ run to run)."""
+    if "host CPU" in line:
+        return ("cpu", line.split("host CPU")[0].strip(), line.rsplit("modelled", 1)[1].strip())
+    return ("line", " ".join(line.split()))
+
+
+def test_performance_section_6_sample_is_the_current_output():
+    text = (ROOT / "docs/PERFORMANCE.md").read_text(encoding="utf-8")
+    command = "$ pvfast reboot --memory 7G --secure 4G --clock model\n"
+    sample = text.split(command, 1)[1].split("```", 1)[0].splitlines()
+    # state-only memory: the same UVCs, pages and modelled times as real memory, without 4G of RAM
+    code, out, err = run(*shlex.split(command[2:])[1:], "--guest-memory", "state")
+    assert code == 0, err
+    keys = {_accounting_key(line) for line in out.splitlines() if line.strip()}
+    shown = [line for line in sample if line.strip() and line.strip() != "..."]
+    assert any("CONV_FROM_SEC_STOR" in line for line in shown)
+    for line in shown:
+        assert _accounting_key(line) in keys, line
+
+
+def test_secure_pages_now_is_documented_per_profile():
+    now = {
+        kernel: run_json("reboot", *SMALL, "--async", "--kernel", kernel)["secure_pages_now"]
+        for kernel in ("6.6", "latest")
+    }
+    sync = run_json("reboot", *SMALL, "--sync")["secure_pages_now"]
+    assert now["latest"] == 0  # PERFORM exported the new guest's image pages (walk_export_fallback)
+    assert now["6.6"] == sync > 0  # the new guest's image
+    row = next(
+        line
+        for line in (ROOT / "docs/OUTPUT.md").read_text(encoding="utf-8").splitlines()
+        if "`secure_pages_now` |" in line
+    )
+    assert "`latest`" in row
+    assert "walk_export_fallback" in row
+    assert "0 after an async reboot" in row
+
+
+def test_readme_says_what_info_kernel_prints():
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    match = re.search(r"`pvfast info --kernel 6\.2` lists the profile's deltas \((.*?)\), `--json`([^.]*)\.", readme)
+    assert match, "README no longer describes pvfast info --kernel 6.2"
+    table_claim, json_claim = match.groups()
+    code, out, _ = run("info", "--kernel", "6.2")
+    assert code == 0
+    doc = run_json("info", "--kernel", "6.2")
+    for delta in doc["kernel"]["deltas"]:
+        line = next(line for line in out.splitlines() if f" {delta['delta']} " in line)
+        if "commit" in table_claim:
+            assert delta["commit"] in line
+        if "first release" in table_claim:
+            assert delta["first"] in line
+        if "effect" in table_claim:
+            assert delta["effect"] in line
+        if "effect" in json_claim:
+            assert delta["effect"]

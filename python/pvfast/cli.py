@@ -23,15 +23,16 @@ import textwrap
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from . import experiments, profiles
 from ._version import __version__
+from .constants import MAX_GUEST_MEMORY
 from .costs import CostModel
 from .errors import PvError
-from .experiments import HostOptions, Measurement, format_size, parse_size
+from .experiments import HostOptions, Measurement, format_size, format_size_exact, parse_size
 from .timeline import plot_memory
 from .trace import Tracer
 
@@ -64,21 +65,51 @@ def secure_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _shown(text: str) -> str:
+    """``text`` for an error message, a long one shortened (a 400-digit size is not echoed)."""
+    return repr(text) if len(text) <= 40 else f"{text[:24]!r}... ({len(text)} characters)"
+
+
 def size_list_arg(text: str) -> list[int]:
-    """argparse ``type=``: comma-separated sizes (0 allowed), e.g. ``1G,2G,4G``."""
-    items = [item for item in text.split(",") if item.strip()]
-    if not items:
-        raise argparse.ArgumentTypeError(f"invalid size list {text!r}: expected e.g. 1G,2G,4G")
+    """argparse ``type=``: comma-separated sizes (0 allowed), e.g. ``1G,2G,4G``; an empty item
+    (``1G,,2G``, ``1G,``) is refused, not dropped."""
+    items = text.split(",")
+    if not any(item.strip() for item in items):
+        raise argparse.ArgumentTypeError(f"invalid size list {_shown(text)}: expected e.g. 1G,2G,4G")
+    for number, item in enumerate(items, 1):
+        if not item.strip():
+            raise argparse.ArgumentTypeError(
+                f"invalid size list {_shown(text)}: item {number} of {len(items)} is empty (expected e.g. 1G,2G,4G)"
+            )
     return [secure_arg(item) for item in items]
 
 
 def path_arg(text: str) -> str:
-    """argparse ``type=``: a file to write: not empty, in a directory that exists."""
+    """argparse ``type=``: a file to write, checked before the run: not empty, not a directory, in
+    a directory that exists, and one that can be opened for writing. The check opens it for
+    append (which changes nothing in a file that exists) and removes it again if it did not exist;
+    a device or pipe (``/dev/null``, ``/dev/stdout``) is taken as it is."""
     if not text:
         raise argparse.ArgumentTypeError("empty file name: give the path of the file to write")
-    parent = Path(text).parent
+    path = Path(text)
+    if path.is_symlink() and not path.exists():  # a dangling link: the file made is its target
+        path = path.resolve()
+    parent = path.parent
     if not parent.is_dir():
         raise argparse.ArgumentTypeError(f"cannot write {text!r}: directory {str(parent)!r} does not exist")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: it is a directory")
+    existed = path.exists()
+    if existed and not path.is_file():
+        return text
+    try:
+        with path.open("a", encoding="utf-8"):
+            pass
+    except OSError as err:
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {err.strerror or err}") from None
+    if not existed:
+        with suppress(OSError):
+            path.unlink()
     return text
 
 
@@ -141,11 +172,28 @@ def costs_arg(text: str) -> CostModel:
 
 
 def measurement_arg(text: str) -> Measurement:
-    """argparse ``type=``: ``PHASE:SECURE[@MEMORY]=SECONDS`` (``Measurement.parse``)."""
+    """argparse ``type=``: ``PHASE:SECURE[@MEMORY]=SECONDS`` (``Measurement.parse``), its guest
+    at most the ``MAX_GUEST_MEMORY`` (64T) one VM can have."""
     try:
-        return Measurement.parse(text)
+        measurement = Measurement.parse(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+    limit = format_size(MAX_GUEST_MEMORY)
+    if measurement.memory is not None and measurement.memory > MAX_GUEST_MEMORY:
+        raise argparse.ArgumentTypeError(
+            f"invalid measurement {_shown(text)}: its guest memory @{format_size_exact(measurement.memory)} "
+            f"is more than the {limit} one VM can have"
+        )
+    memory = experiments.auto_memory(measurement.secure)
+    if measurement.memory is None and memory > MAX_GUEST_MEMORY:
+        hint = (
+            f"give @MEMORY, at most {limit}" if measurement.secure <= MAX_GUEST_MEMORY else f"SECURE is at most {limit}"
+        )
+        raise argparse.ArgumentTypeError(
+            f"invalid measurement {_shown(text)}: its guest memory, SECURE + 3G = {format_size_exact(memory)}, "
+            f"is more than the {limit} one VM can have ({hint})"
+        )
+    return measurement
 
 
 def param_arg(text: str) -> str:
@@ -166,12 +214,15 @@ def vcpus_arg(text: str) -> int:
 
 
 def format_seconds(seconds: float) -> str:
-    """A time for a table: ``1.23 s``, ``4.5 ms``, ``67 µs``."""
-    if seconds >= 1:
-        return f"{seconds:.2f} s"
-    if seconds >= 1e-3:
-        return f"{seconds * 1e3:.1f} ms"
-    return f"{seconds * 1e6:.0f} µs"
+    """A time for a table: ``1.23 s``, ``4.5 ms``, ``67 µs``; a negative one (a slope that falls)
+    in the unit of its magnitude, ``-18.3 ms`` (one that rounds to zero is ``0 µs``)."""
+    sign, magnitude = ("-" if seconds < 0 else ""), abs(seconds)
+    if magnitude >= 1:
+        return f"{sign}{magnitude:.2f} s"
+    if magnitude >= 1e-3:
+        return f"{sign}{magnitude * 1e3:.1f} ms"
+    text = f"{magnitude * 1e6:.0f} µs"
+    return text if text == "0 µs" else sign + text
 
 
 def format_uvcs(uvcs: Mapping[str, int]) -> str:
@@ -707,6 +758,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", "-o", type=path_arg, metavar="FILE", default=None, help="write the fitted TOML here"
     )
     calibrate.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
+    calibrate.add_argument(
+        "--no-memory-check",
+        dest="memory_check",
+        action="store_false",
+        help="run even if the largest measured guest's page states need more RAM than is available",
+    )
     calibrate.set_defaults(run=cmd_calibrate, command_parser=calibrate)
     return parser
 
@@ -770,10 +827,21 @@ def cmd_info(args: argparse.Namespace, out: Stream) -> int:
 
 
 def _guest_sizes(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """The guest sizes of the command line, checked before the run: they fit together, no guest
+    is larger than one VM can have (``MAX_GUEST_MEMORY``), and the machine has the RAM."""
     sizes = [(args.memory, args.secure)]
     if args.command == "compare":
         sizes = [(args.memory if args.memory is not None else experiments.auto_memory(s), s) for s in args.secure]
+    limit = format_size(MAX_GUEST_MEMORY)
     for memory, secure in sizes:
+        if memory > MAX_GUEST_MEMORY:
+            if args.memory is not None:
+                parser.error(f"--memory {format_size_exact(memory)} is more than the {limit} one VM can have")
+            hint = f"--memory {limit} or a smaller --secure" if secure <= MAX_GUEST_MEMORY else "a smaller --secure"
+            parser.error(
+                f"--memory auto for --secure {format_size_exact(secure)} is secure + 3G = {format_size_exact(memory)}, "
+                f"more than the {limit} one VM can have: give {hint}"
+            )
         try:
             experiments.check_sizes(memory, secure)
         except ValueError as err:
@@ -792,10 +860,27 @@ def _guest_sizes(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
         else "a smaller --secure"
     )
     parser.error(
-        f"--secure {format_size(secure)} needs about {format_size(need)} of RAM with --guest-memory {mode} "
+        f"--secure {format_size_exact(secure)} needs about {format_size(need)} of RAM with --guest-memory {mode} "
         f"({'every page the guest dirties is a page of host RAM' if mode == 'real' else '4 bytes per dirtied page'}), "
         f"and this machine has {format_size(have)} available (MemAvailable in /proc/meminfo): use {hint}, "
         "or --no-memory-check to run it anyway"
+    )
+
+
+def _calibrate_ram(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """calibrate emulates each measured phase in state-only memory: refuse, before anything runs,
+    a measurement whose page states alone need more RAM than the machine has available."""
+    if not args.memory_check:
+        return
+    largest = max(args.measure, key=lambda m: m.secure)
+    need, have = experiments.ram_needed(largest.secure, "state"), experiments.mem_available()
+    if have is None or need <= have:
+        return
+    parser.error(
+        f"--measure {largest.label}: a guest with {format_size_exact(largest.secure)} secure needs about "
+        f"{format_size(need)} of RAM for its page states (4 bytes per secure page), and this machine has "
+        f"{format_size(have)} available (MemAvailable in /proc/meminfo): measure a smaller guest, or "
+        "--no-memory-check to run it anyway"
     )
 
 
@@ -816,8 +901,8 @@ def print_reboot(r: dict[str, Any], out: Stream, *, clock: str = "wall") -> None
         else "synchronous: KVM_PV_DISABLE"
     )
     w(
-        f"reboot of a {format_size(r['memory'])} protected guest with {format_bytes(r['secure'])} of secure "
-        f"memory, {r['vcpus']} vCPUs\n"
+        f"reboot of a {format_size_exact(r['memory'])} protected guest with {format_size_exact(r['secure'])} of "
+        f"secure memory, {r['vcpus']} vCPUs\n"
     )
     w(f"  reboot path             {how}\n")
     if r.get("fallback"):
@@ -889,8 +974,8 @@ def print_shutdown(results: list[dict[str, Any]], out: Stream, *, clock: str = "
     w = out.write
     first = results[0]
     w(
-        f"VMM exit with a running {format_size(first['memory'])} protected guest, "
-        f"{format_bytes(first['secure'])} secure memory, {first['vcpus']} vCPUs\n"
+        f"VMM exit with a running {format_size_exact(first['memory'])} protected guest, "
+        f"{format_size_exact(first['secure'])} secure memory, {first['vcpus']} vCPUs\n"
     )
     w(f"  host: {describe_host(first['host'])}\n")
     w(f"  clock: {_clock_line(first, clock)}\n\n")
@@ -961,7 +1046,7 @@ def print_compare(result: dict[str, Any], out: Stream, *, clock: str = "wall") -
         ratio = f"{ratio_value:.0f}x" if ratio_value is not None else "-"
         note = "" if row["async_mode"] == "async" else "  (QEMU's fallback: went sync)"
         w(
-            f"{format_bytes(row['secure']):>7} {format_size(row['memory']):>7}  "
+            f"{format_size_exact(row['secure']):>7} {format_size_exact(row['memory']):>7}  "
             f"{format_seconds(row[p + 'sync_running_seconds']):>14}  "
             f"{format_seconds(row[p + 'async_running_seconds']):>15}  "
             f"{format_seconds(row[p + 'async_cleanup_seconds']):>15}  {ratio:>10}{note}\n"
@@ -973,16 +1058,23 @@ def print_compare(result: dict[str, Any], out: Stream, *, clock: str = "wall") -
             for key in ("sync_running_seconds", "async_running_seconds", "async_cleanup_seconds"):
                 lo, hi = row["spread"][p + key]["min"], row["spread"][p + key]["max"]
                 cells.append(f"{format_seconds(lo)} - {format_seconds(hi)}")
-            w(f"{format_bytes(row['secure']):>7} {format_size(row['memory']):>7}  " + "   ".join(cells) + "\n")
+            w(
+                f"{format_size_exact(row['secure']):>7} {format_size_exact(row['memory']):>7}  "
+                + "   ".join(cells)
+                + "\n"
+            )
     fallback = next((row["fallback"] for row in result["rows"] if row.get("fallback")), None)
     if fallback:
         w("\n" + textwrap.fill(f"QEMU's fallback: {fallback}", 100) + "\n")
     growth = result.get(p + "seconds_per_gib")
     if growth:
         w("\ngrowth with secure memory (least-squares slope):\n")
-        w(f"  sync time until running     {format_seconds(growth['sync_running'])} per GiB\n")
-        w(f"  async time until running    {format_seconds(growth['async_running'])} per GiB\n")
-        w(f"  async background cleanup    {format_seconds(growth['async_cleanup'])} per GiB\n")
+        if growth["sync_running"] is None:
+            w("  not computed: a slope needs at least two different secure sizes (every --secure item is the same)\n")
+        else:
+            w(f"  sync time until running     {format_seconds(growth['sync_running'])} per GiB\n")
+            w(f"  async time until running    {format_seconds(growth['async_running'])} per GiB\n")
+            w(f"  async background cleanup    {format_seconds(growth['async_cleanup'])} per GiB\n")
     if result.get("plot"):
         w(f"\nplot written to {result['plot']}\n")
 
@@ -1310,7 +1402,8 @@ def cmd_shutdown(args: argparse.Namespace, out: Stream, session: Session) -> int
             clock_kind=args.clock,
             title=_plot_title(
                 f"VMM exit {'with' if shown['helper'] else 'without'} the CLONE_VM helper, "
-                f"{format_size(args.memory)} guest, {format_bytes(args.secure)} secure: the dead guest's memory",
+                f"{format_size_exact(args.memory)} guest, {format_size_exact(args.secure)} secure: "
+                "the dead guest's memory",
                 shown,
             ),
         )
@@ -1463,6 +1556,7 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
         return delivered if delivered != EXIT_OK else code
     if command == "calibrate":
         args.progress, args.trace, args.csv = False, None, False
+        _calibrate_ram(args, args.command_parser)
     else:
         _guest_sizes(args, args.command_parser)
     session = Session(args, errors)

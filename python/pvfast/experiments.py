@@ -94,6 +94,17 @@ def format_size(size: int) -> str:
     return f"{size}B"
 
 
+def format_size_exact(size: int) -> str:
+    """A size as it could be typed, never rounded: the largest unit of which it is a whole number
+    or one with up to two decimals (``"4097M"``, ``"3.25G"``), else bytes without a suffix
+    (``"5000"``); ``parse_size`` reads it back to the same number."""
+    for suffix, unit in (("T", TiB), ("G", GiB), ("M", MiB), ("K", KiB)):
+        if size >= unit and size * 100 % unit == 0:
+            whole, hundredths = divmod(size * 100 // unit, 100)
+            return f"{whole}" + (f".{hundredths:02d}".rstrip("0") if hundredths else "") + suffix
+    return f"{size}"
+
+
 def auto_memory(secure: int) -> int:
     """Guest memory for ``secure`` dirtied bytes above 2 GiB: 2 GiB below, the secure part, and 1 GiB
     more that stays reserved and untouched (it costs no RAM)."""
@@ -115,12 +126,12 @@ def check_sizes(memory: int, secure: int) -> None:
     if secure < 0:
         raise ValueError(f"--secure {secure} is negative")
     if memory % MiB:
-        raise ValueError(f"--memory {format_size(memory)} is not a multiple of 1M")
+        raise ValueError(f"--memory {format_size_exact(memory)} is not a multiple of 1M")
     if secure % PAGE_SIZE:
-        raise ValueError(f"--secure {format_size(secure)} is not a multiple of 4K")
+        raise ValueError(f"--secure {format_size_exact(secure)} is not a multiple of 4K")
     if secure > memory:
         raise ValueError(
-            f"--secure {format_size(secure)} does not fit in --memory {format_size(memory)}: "
+            f"--secure {format_size_exact(secure)} does not fit in --memory {format_size_exact(memory)}: "
             f"the guest can make at most all of its memory secure"
         )
 
@@ -946,10 +957,14 @@ def _median_run(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
 
 
 def _growth(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Least-squares slope (seconds per GiB) of each curve: how cost grows with the guest's secure memory."""
+    """Least-squares slope (seconds per GiB) of each curve: how cost grows with the guest's secure
+    memory. Nothing for one row; each slope None when every row has the same size."""
     if len(rows) < 2:
         return {}
     xs = [row["secure"] / GiB for row in rows]
+    if len(set(xs)) < 2:  # one size, measured twice or more: no slope (None, not 0)
+        curves = ("sync_running", "async_running", "async_cleanup")
+        return {"seconds_per_gib": dict.fromkeys(curves), "model_seconds_per_gib": dict.fromkeys(curves)}
 
     def slope(key: str) -> float:
         ys = [row[key] for row in rows]
