@@ -90,7 +90,7 @@ DELTAS: tuple[Delta, ...] = (
     ),
     Delta(
         "se_header_1m",
-        '"KVM: s390: Increase permitted SE header size to 1 MiB"',
+        "e3372ffb5f9e",
         "approx. v7.0",
         "kvm_s390_handle_pv (KVM_PV_SET_SEC_PARMS)",
         "SET_SEC_PARMS accepts headers up to 1 MiB; before, anything above 8 KiB was EINVAL",
