@@ -352,7 +352,6 @@ class Accounting:
         self.costs = costs
         uv.set_costs(**costs.native_table())
         self._lock = threading.Lock()
-        self._threads: dict[tuple[int, int], EmulatedThread] = {}  # (id(process), thread ident)
         self._all: list[EmulatedThread] = []  # in the order they first entered the kernel
         # Python thread -> its emulated threads of processes that have not exited (by id(et))
         self._by_thread: weakref.WeakKeyDictionary[threading.Thread, dict[int, EmulatedThread]] = (
@@ -367,7 +366,6 @@ class Accounting:
         # exited process -> its clock when its exit ended
         self._exit_clock: weakref.WeakKeyDictionary[Process, int] = weakref.WeakKeyDictionary()
         self._dead: list[list[EmulatedThread]] = []  # per exited process, in exit order
-        self._dead_threads = 0
         self._retired = Usage()
         self._retired_clock_ps = 0  # the latest clock among the folded accounts
         self._vms: weakref.WeakKeyDictionary[File, tuple[str, int, _native.Account]] = weakref.WeakKeyDictionary()
@@ -378,12 +376,11 @@ class Accounting:
     def bind(self, process: Process, file: File | None) -> None:
         """The calling thread works for ``process`` (on ``file``, a VM fd, if given) from now on."""
         me = threading.current_thread()
-        key = (id(process), threading.get_ident())
         with self._lock:
-            et = self._threads.get(key)
-            if et is None or et.thread() is not me or et.process() is not process:
+            mine = self._by_process.get(id(process), ())
+            et = next((e for e in mine if e.thread() is me and e.process() is process), None)
+            if et is None:
                 et = EmulatedThread(process, me, self._uv.new_account(self._start_ps(process, me)))
-                self._threads[key] = et
                 self._all.append(et)
                 self._by_thread.setdefault(me, {})[id(et)] = et
                 self._by_process.setdefault(id(process), []).append(et)
@@ -418,7 +415,6 @@ class Accounting:
                     del self._by_thread[thread]
                 self._floor[thread] = max(self._floor.get(thread, 0), et.clock_ps)
             self._dead.append(mine)
-            self._dead_threads += len(mine)
 
     def _prune(self) -> None:
         """Fold the processes that exited first, whole, while more than RETAIN_DEAD of their
@@ -426,7 +422,8 @@ class Accounting:
         held, amortised: once per PRUNE_EVERY new accounts. Builds the new state in locals and
         assigns it at the end (an exception in between changes nothing)."""
         fold: list[EmulatedThread] = []
-        dead, dead_threads = self._dead, self._dead_threads
+        dead = self._dead
+        dead_threads = sum(len(threads) for threads in dead)
         n = 0
         while dead_threads > self.RETAIN_DEAD and n < len(dead):
             fold += dead[n]
@@ -439,15 +436,13 @@ class Accounting:
                 latest = max(latest, et.clock_ps)
             gone = {id(et) for et in fold}
             kept = [et for et in self._all if id(et) not in gone]
-            threads = {k: et for k, et in self._threads.items() if id(et) not in gone}
             by_process = {}
             for k, v in self._by_process.items():
                 left = [et for et in v if id(et) not in gone]
                 if left:
                     by_process[k] = left
             self._retired, self._retired_clock_ps = retired, latest
-            self._all, self._threads, self._by_process = kept, threads, by_process
-            self._dead, self._dead_threads = dead[n:], dead_threads
+            self._all, self._by_process, self._dead = kept, by_process, dead[n:]
         dead_vms = [i for i, (ref, _) in enumerate(self._vm_list) if (f := ref()) is None or f.closed]
         drop = set(dead_vms[: max(0, len(dead_vms) - self.RETAIN_DEAD)])
         if drop:

@@ -32,7 +32,7 @@ from ._version import __version__
 from .constants import MAX_GUEST_MEMORY
 from .costs import CostModel
 from .errors import PvError
-from .experiments import HostOptions, Measurement, format_size, format_size_exact, parse_size
+from .experiments import HostOptions, Measurement, format_size, format_size_exact, parse_size, quote_input
 from .timeline import plot_memory
 from .trace import Tracer
 
@@ -65,21 +65,17 @@ def secure_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def _shown(text: str) -> str:
-    """``text`` for an error message, a long one shortened (a 400-digit size is not echoed)."""
-    return repr(text) if len(text) <= 40 else f"{text[:24]!r}... ({len(text)} characters)"
-
-
 def size_list_arg(text: str) -> list[int]:
     """argparse ``type=``: comma-separated sizes (0 allowed), e.g. ``1G,2G,4G``; an empty item
     (``1G,,2G``, ``1G,``) is refused, not dropped."""
     items = text.split(",")
     if not any(item.strip() for item in items):
-        raise argparse.ArgumentTypeError(f"invalid size list {_shown(text)}: expected e.g. 1G,2G,4G")
+        raise argparse.ArgumentTypeError(f"invalid size list {quote_input(text)}: expected e.g. 1G,2G,4G")
     for number, item in enumerate(items, 1):
         if not item.strip():
             raise argparse.ArgumentTypeError(
-                f"invalid size list {_shown(text)}: item {number} of {len(items)} is empty (expected e.g. 1G,2G,4G)"
+                f"invalid size list {quote_input(text)}: item {number} of {len(items)} is empty "
+                "(expected e.g. 1G,2G,4G)"
             )
     return [secure_arg(item) for item in items]
 
@@ -138,7 +134,7 @@ def async_destroy_arg(text: str) -> int:
 
 def _int_arg(text: str, what: str, low: int, high: int, hint: str = "") -> int:
     """A whole number in [low, high] for argparse, errors naming ``what`` (long input shortened)."""
-    shown = repr(text) if len(text) <= 24 else f"{text[:16]!r}... ({len(text)} characters)"
+    shown = quote_input(text)
     try:
         value = int(text)
     except ValueError:
@@ -181,7 +177,7 @@ def measurement_arg(text: str) -> Measurement:
     limit = format_size(MAX_GUEST_MEMORY)
     if measurement.memory is not None and measurement.memory > MAX_GUEST_MEMORY:
         raise argparse.ArgumentTypeError(
-            f"invalid measurement {_shown(text)}: its guest memory @{format_size_exact(measurement.memory)} "
+            f"invalid measurement {quote_input(text)}: its guest memory @{format_size_exact(measurement.memory)} "
             f"is more than the {limit} one VM can have"
         )
     memory = experiments.auto_memory(measurement.secure)
@@ -190,7 +186,7 @@ def measurement_arg(text: str) -> Measurement:
             f"give @MEMORY, at most {limit}" if measurement.secure <= MAX_GUEST_MEMORY else f"SECURE is at most {limit}"
         )
         raise argparse.ArgumentTypeError(
-            f"invalid measurement {_shown(text)}: its guest memory, SECURE + 3G = {format_size_exact(memory)}, "
+            f"invalid measurement {quote_input(text)}: its guest memory, SECURE + 3G = {format_size_exact(memory)}, "
             f"is more than the {limit} one VM can have ({hint})"
         )
     return measurement
@@ -1125,10 +1121,16 @@ def _common_row(r: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def reboot_error(r: Mapping[str, Any]) -> str | None:
+    """Why a reboot result failed: its ``error``, else its PERFORM's (None: it did not fail)."""
+    error: str | None = r.get("error") or (r.get("perform") or {}).get("error")
+    return error
+
+
 def reboot_row(r: Mapping[str, Any], run: int = 1) -> dict[str, Any]:
     """One CSV row of a reboot result (``CSV_COLUMNS["reboot"]``)."""
     perform = r.get("perform") or {}
-    row = {
+    return {
         **_common_row(r),
         "run": run,
         "memory": r["memory"],
@@ -1147,9 +1149,8 @@ def reboot_row(r: Mapping[str, Any], run: int = 1) -> dict[str, Any]:
         "perform_rc": perform.get("rc"),
         "perform_rrc": perform.get("rrc"),
         "peak_rss_bytes": r["peak_rss_bytes"],
-        "error": r.get("error") or perform.get("error"),
+        "error": reboot_error(r),
     }
-    return row
 
 
 def shutdown_row(r: Mapping[str, Any]) -> dict[str, Any]:
@@ -1368,11 +1369,11 @@ def cmd_reboot(args: argparse.Namespace, out: Stream, session: Session) -> int:
         if args.repeat > 1:
             print_reboot_summary(doc, out, clock=args.clock)
             for i, r in enumerate(runs):
-                if r is not shown and (r.get("error") or (r.get("perform") or {}).get("error")):
-                    out.write(f"  run {i + 1}: error: {r.get('error') or r['perform']['error']}\n")
+                if r is not shown and (error := reboot_error(r)):
+                    out.write(f"  run {i + 1}: error: {error}\n")
         if args.plot:
             out.write(f"\nplot written to {args.plot}\n")
-    failed = any(r.get("error") or (r.get("perform") or {}).get("error") for r in runs)
+    failed = any(reboot_error(r) for r in runs)
     return EXIT_FAILED if failed else EXIT_OK
 
 

@@ -60,8 +60,9 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNOREC
 MAX_SIZE = 1 << 64  # sizes are addresses of a 64-bit guest: nothing larger can be asked for
 
 
-def _quoted(text: str) -> str:
-    """``text`` for an error message; a very long one shortened (a 400-digit size is not echoed)."""
+def quote_input(text: str) -> str:
+    """What the user typed, for an error message; a very long input shortened (a 400-digit size
+    is not echoed)."""
     return repr(text) if len(text) <= 40 else f"{text[:24]!r}... ({len(text)} characters)"
 
 
@@ -71,17 +72,19 @@ def parse_size(text: str, *, allow_zero: bool = False) -> int:
     bytes, positive (or 0 with ``allow_zero``) and at most 2^64 (16777216T). ValueError otherwise."""
     match = _SIZE_RE.match(text)
     if not match:
-        raise ValueError(f"invalid size {_quoted(text)}: expected a number with an optional K/M/G/T suffix, e.g. 8G")
+        raise ValueError(
+            f"invalid size {quote_input(text)}: expected a number with an optional K/M/G/T suffix, e.g. 8G"
+        )
     number, suffix = match.groups()
     if len(number.split(".")[0].lstrip("0")) > 30:  # far above 2^64 whatever the suffix
-        raise ValueError(f"invalid size {_quoted(text)}: larger than {format_size(MAX_SIZE)}")
+        raise ValueError(f"invalid size {quote_input(text)}: larger than {format_size(MAX_SIZE)}")
     value = Fraction(number) * _SUFFIX[suffix.upper()]
     if value.denominator != 1:
-        raise ValueError(f"invalid size {_quoted(text)}: not a whole number of bytes")
+        raise ValueError(f"invalid size {quote_input(text)}: not a whole number of bytes")
     if value > MAX_SIZE:
-        raise ValueError(f"invalid size {_quoted(text)}: larger than {format_size(MAX_SIZE)}")
+        raise ValueError(f"invalid size {quote_input(text)}: larger than {format_size(MAX_SIZE)}")
     if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"invalid size {_quoted(text)}: must be positive")
+        raise ValueError(f"invalid size {quote_input(text)}: must be positive")
     return int(value)
 
 
